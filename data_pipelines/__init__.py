@@ -1,0 +1,1 @@
+"""Shard writers (`vlp shards build`) and webdataset loaders."""

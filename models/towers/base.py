@@ -1,0 +1,53 @@
+"""Tower contract and registries.
+
+An image tower maps images (B, C, H, W) (or volumes (B, 1, D, H, W)) to
+`{"image_embed": (B, E), "image_tokens": (B, P, E)}`; a text tower maps token ids (B, L) to
+`{"text_embed": (B, E), "text_tokens": (B, L, E), "text_mask": (B, L) bool}`. E is the shared
+`model.embed_dim`: towers own their projections, so heads never see tower widths.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from models.registry import Registry
+
+
+class TowerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str
+
+
+class Tower(nn.Module):
+    config_class: ClassVar[type[TowerConfig]] = TowerConfig
+
+    def __init__(self, config: TowerConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_dim = embed_dim
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        pass
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this tower) besides gains and biases to exempt from decay."""
+        return set()
+
+
+class ImageTower(Tower):
+    def preprocess(self, train: bool) -> Any:
+        """A picklable callable PIL image -> tensor (C, H, W), applied in loader workers."""
+        raise NotImplementedError
+
+
+class TextTower(Tower):
+    def tokenizer(self) -> Any:
+        """A picklable callable list[str] -> LongTensor (N, L), applied in loader workers."""
+        raise NotImplementedError
+
+
+IMAGE_TOWERS: Registry[type[ImageTower]] = Registry("image tower")
+TEXT_TOWERS: Registry[type[TextTower]] = Registry("text tower")

@@ -1,0 +1,146 @@
+"""Image towers: open_clip's VisionTransformer and any timm model by name."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from models.towers.base import IMAGE_TOWERS, ImageTower, TowerConfig
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class OpenClipVitConfig(TowerConfig):
+    """open_clip's `vision_cfg` (the same names as its model JSON files)."""
+
+    type: Literal["open_clip_vit"] = "open_clip_vit"
+    image_size: int = Field(224, ge=8)
+    patch_size: int = Field(16, ge=1)
+    width: int = Field(768, ge=8)
+    layers: int = Field(12, ge=1)
+    head_width: int = Field(64, ge=8)
+    mlp_ratio: float = Field(4.0, gt=0)
+    patch_dropout: float = Field(0.0, ge=0, lt=1)
+    # When set, must equal model.embed_dim (open_clip JSON files carry their own embed_dim).
+    embed_dim: Optional[int] = None
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+
+    def open_clip_cfg(self) -> dict:
+        return dict(
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            width=self.width,
+            layers=self.layers,
+            head_width=self.head_width,
+            mlp_ratio=self.mlp_ratio,
+            patch_dropout=self.patch_dropout,
+        )
+
+
+class _Preprocess:
+    """Picklable wrapper around open_clip's transform (built lazily inside each worker)."""
+
+    def __init__(self, image_size: int, train: bool, mean, std) -> None:
+        self.args = (image_size, train, tuple(mean), tuple(std))
+        self._fn = None
+
+    def __call__(self, image):
+        if self._fn is None:
+            from open_clip.transform import image_transform
+
+            size, train, mean, std = self.args
+            self._fn = image_transform(size, is_train=train, mean=mean, std=std)
+        return self._fn(image)
+
+    def __getstate__(self):
+        return {"args": self.args, "_fn": None}
+
+
+@IMAGE_TOWERS.register("open_clip_vit")
+class OpenClipVit(ImageTower):
+    config_class = OpenClipVitConfig
+
+    def __init__(self, config: OpenClipVitConfig, embed_dim: int) -> None:
+        super().__init__(config, embed_dim)
+        from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+        vision_cfg = CLIPVisionCfg(**config.open_clip_cfg(), output_tokens=True)
+        self.model = _build_vision_tower(embed_dim, vision_cfg)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled, tokens = self.model(images)  # (B, E), (B, P, W) after ln_post
+        if self.model.proj is not None:
+            tokens = tokens @ self.model.proj  # (B, P, E): the same projection as the pooled token
+        return {"image_embed": pooled, "image_tokens": tokens}
+
+    def preprocess(self, train: bool):
+        c = self.config
+        return _Preprocess(c.image_size, train, c.mean, c.std)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"model.class_embedding", "model.positional_embedding"}
+
+
+class TimmConfig(TowerConfig):
+    type: Literal["timm"] = "timm"
+    model_name: str
+    image_size: int = Field(224, ge=8)
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
+    # Extra keyword arguments for `timm.create_model` (e.g. {patch_size: 4}).
+    kwargs: dict = Field(default_factory=dict)
+    embed_dim: Optional[int] = None
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+
+
+@IMAGE_TOWERS.register("timm")
+class TimmTower(ImageTower):
+    """Any timm model without its classifier, plus a linear projection to `embed_dim`.
+
+    The timm trunk lives at `self.trunk` with timm's own parameter names, so exporting it for
+    `timm.create_model(..., pretrained_cfg_overlay=dict(file=...))` is a prefix strip.
+    """
+
+    config_class = TimmConfig
+
+    def __init__(self, config: TimmConfig, embed_dim: int) -> None:
+        super().__init__(config, embed_dim)
+        import timm
+
+        kwargs = dict(config.kwargs)
+        if "vit" in config.model_name or "deit" in config.model_name or "eva" in config.model_name:
+            kwargs.setdefault("img_size", config.image_size)
+        self.trunk = timm.create_model(
+            config.model_name, pretrained=False, num_classes=0, drop_path_rate=config.drop_path_rate, **kwargs
+        )
+        width = self.trunk.num_features
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        self.num_prefix = int(getattr(self.trunk, "num_prefix_tokens", 0))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.trunk.forward_features(images)
+        pooled = self.trunk.forward_head(features, pre_logits=True)  # (B, W)
+        if features.ndim == 4:  # CNN feature map (B, W, h, w) -> tokens (B, h*w, W)
+            tokens = features.flatten(2).transpose(1, 2)
+        else:  # ViT-style (B, prefix + P, W)
+            tokens = features[:, self.num_prefix :]
+        return {"image_embed": self.proj(pooled), "image_tokens": self.proj(tokens)}
+
+    def preprocess(self, train: bool):
+        c = self.config
+        return _Preprocess(c.image_size, train, c.mean, c.std)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        names = getattr(self.trunk, "no_weight_decay", lambda: set())()
+        return {f"trunk.{n}" for n in names}

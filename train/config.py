@@ -1,0 +1,296 @@
+"""Experiment configs: one YAML file, validated into typed objects before any work starts.
+
+Each component owns its config class (towers, heads, data, evaluators); this module assembles
+them into `ExperimentConfig`, whose tree mirrors the YAML. Component unions are built from the
+registries, so a newly registered head or tower is a valid config key with no edit here.
+
+Errors are `ConfigError` (exit code 2 at the CLI) with the dotted key path:
+    model.heads.clipp: unknown key. Did you mean "clip"?
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from data_pipelines.config import DataConfig
+from models.registry import nearest
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the file and dotted key path. The CLI exits with code 2."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="per-rank micro-batch size")
+    lr: float = Field(5e-4, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    grad_checkpointing: bool = False
+    max_nonfinite_steps: int = Field(5, ge=1, description="consecutive skipped steps before the run stops")
+    compile: bool = False
+    channels_last: bool = False
+    dist_timeout_s: float = Field(600, gt=0)
+
+    @model_validator(mode="after")
+    def _warmup_within_run(self):
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} must be below train.steps={self.steps}")
+        return self
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    # Passed through to the DeepSpeed config as is (e.g. offload settings); our keys win.
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _tagged(registry, attr: str = "config_class"):
+    """A discriminated union (on `type`) of every registered component's config."""
+    classes = tuple(getattr(cls, attr) for _, cls in registry.items())
+    if len(classes) == 1:
+        return classes[0]
+    return Annotated[Union[classes], Field(discriminator="type")]
+
+
+@functools.lru_cache(maxsize=1)
+def experiment_class() -> type[BaseModel]:
+    """Build `ExperimentConfig` from the registries (imported here so every component registers)."""
+    from models.heads import HEADS
+    from models.towers import IMAGE_TOWERS, TEXT_TOWERS
+    from train.evals import EVALUATORS
+
+    heads_fields = {name: (Optional[cls.config_class], None) for name, cls in HEADS.items()}
+    HeadsConfig = create_model("HeadsConfig", __base__=_Strict, **heads_fields)
+
+    class ModelConfig(_Strict):
+        embed_dim: int = Field(512, ge=1)
+        image: _tagged(IMAGE_TOWERS)
+        text: _tagged(TEXT_TOWERS)
+        heads: HeadsConfig
+
+        def heads_dict(self) -> dict[str, Any]:
+            return {name: cfg for name, cfg in self.heads if cfg is not None}
+
+        @model_validator(mode="after")
+        def _consistent(self):
+            if not self.heads_dict():
+                raise ValueError(f"model.heads: name at least one head ({', '.join(HEADS.names())})")
+            for tower in ("image", "text"):
+                own = getattr(getattr(self, tower), "embed_dim", None)
+                if own is not None and own != self.embed_dim:
+                    raise ValueError(
+                        f"model.{tower}.embed_dim={own} contradicts model.embed_dim={self.embed_dim}"
+                    )
+            return self
+
+    evals_union = _tagged(EVALUATORS)
+
+    class ExperimentConfig(_Strict):
+        name: str
+        seed: int = 0
+        output_dir: str = "runs"
+        data: DataConfig
+        model: ModelConfig
+        train: TrainConfig
+        deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+        evals: list[evals_union] = Field(default_factory=list)
+        export: list[Literal["open_clip", "safetensors", "timm", "monai"]] = Field(default_factory=list)
+
+        @field_validator("name")
+        @classmethod
+        def _safe_name(cls, value: str) -> str:
+            if not _NAME.match(value) or ".." in value:
+                raise ValueError(f"{value!r} must be letters, digits, '_', '.', '-' (it names the run folder)")
+            return value
+
+        @property
+        def run_dir(self) -> Path:
+            return Path(self.output_dir) / self.name
+
+    return ExperimentConfig
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if isinstance(child, list) and parts[i + 1].isdigit():
+            node = child
+            continue
+        if isinstance(node, list):
+            child = node[int(part)]
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`train.steps=200` -> ("train.steps", 200); values are parsed as YAML scalars/lists."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", key):
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({error.__class__.__name__})") from None
+        parsed.append((key, value))
+    return parsed
+
+
+def _walk_fields(model: Any, loc: tuple) -> list[str]:
+    """Valid keys at `loc` inside `model` (for 'Did you mean'), following unions by their tag."""
+    import typing
+
+    annotation: Any = model
+    for part in loc:
+        annotation = _unwrap(annotation, part)
+        if annotation is None:
+            return []
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return []
+            annotation = field.annotation
+        elif typing.get_origin(annotation) in (list, tuple, dict):
+            args = typing.get_args(annotation)
+            annotation = args[-1] if args else None
+    annotation = _unwrap(annotation, None)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any, tag: Any) -> Any:
+    import typing
+
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin is Union or (origin is not None and str(origin) == "types.UnionType"):
+            members = [a for a in typing.get_args(annotation) if a is not type(None)]
+            tagged = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+            chosen = [m for m in tagged if "type" in m.model_fields and m.model_fields["type"].default == tag]
+            annotation = chosen[0] if chosen else (members[0] if len(members) == 1 else None)
+            if annotation is None:
+                return None
+        else:
+            return annotation
+
+
+def _format(error: ValidationError, schema: type[BaseModel], source: str) -> str:
+    lines = []
+    for item in error.errors():
+        raw_loc = item["loc"]
+        # Drop union tags from the printed path (model.image.open_clip_vit.width -> model.image.width)
+        # and keep list indices.
+        path_parts, walk_loc = [], []
+        for part in raw_loc:
+            walk_loc.append(part)
+            fields = _walk_fields(schema, tuple(walk_loc[:-1]))
+            if isinstance(part, str) and fields and part not in fields and item["type"] != "extra_forbidden":
+                continue  # a union tag, not a key
+            path_parts.append(str(part))
+        path = ".".join(path_parts) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            key = str(raw_loc[-1])
+            hint = nearest(key, _walk_fields(schema, tuple(raw_loc[:-1])))
+            lines.append(f"{source}: {path}: unknown key.{hint}")
+        elif item["type"] == "missing":
+            lines.append(f"{source}: {path}: required key is missing")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            value = item.get("input")
+            shown = f" (got {value!r})" if not isinstance(value, (dict, list)) and item["type"] != "value_error" else ""
+            lines.append(f"{source}: {path}: {message}{shown}")
+    return "\n".join(lines)
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """SafeLoader that also refuses duplicate keys (a silent override is a config bug)."""
+
+
+def _no_duplicates(loader: _SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_SafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeLoader)  # noqa: S506 (safe subclass)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, tree: dict | None = None):
+    """Read, override and validate an experiment; raises `ConfigError` naming the bad key."""
+    source = str(path) if path is not None else "config"
+    tree = read_yaml(path) if tree is None else tree
+    for key, value in parse_overrides(overrides or []):
+        try:
+            _set_dotted(tree, key, value)
+        except (IndexError, ValueError, TypeError) as error:
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError(f"override {key}: {error}") from None
+    schema = experiment_class()
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format(error, schema, source)) from None
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
