@@ -34,6 +34,9 @@ class DataConfig(_Strict):
     caption_key: str = "txt"
     # Loader-side sampling of K sub-captions from a long caption (fine-grained heads).
     sub_captions: int = Field(0, ge=0)
+    # Loader-side sentence split (`data_pipelines.text.split_sentences`): at most this many
+    # sentences per sample as batch["sentences"] (B, S, L) with batch["sentence_mask"] (B, S).
+    sentences: int = Field(0, ge=0)
     # Stop the run when more than this fraction of the samples in a window of `bad_window`
     # samples were bad (corrupt image, empty caption, ...).
     max_bad_fraction: float = Field(0.5, ge=0, le=1)
