@@ -12,6 +12,10 @@ from models.objective import Objective
 from models.towers import IMAGE_TOWERS, TEXT_TOWERS
 
 
+# Extra text groups a head can ask for in `needs`: encoded key -> batch key of (B, K, L) token ids.
+EXTRA_TEXT = {"sub_text_embed": "sub_text", "sentence_embed": "sentences"}
+
+
 class VLPModel(nn.Module):
     """`forward(batch)` -> `{"loss", "logging"}`; `encode_image` / `encode_text` for evaluation.
 
@@ -33,8 +37,18 @@ class VLPModel(nn.Module):
         return self.text(token_ids)
 
     def encode(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Run each tower once for every head: image, caption and, when a head needs them, the
+        extra text groups (K sub-captions, report sentences) as one flattened text batch."""
         encoded = dict(self.encode_image(batch["image"]))
         encoded.update(self.encode_text(batch["text"]))
+        for embed_key, batch_key in EXTRA_TEXT.items():
+            if embed_key in self.objective.needs:
+                groups = batch[batch_key]  # (B, K, L)
+                b, k, length = groups.shape
+                text = self.encode_text(groups.reshape(b * k, length))
+                encoded[embed_key] = text["text_embed"].reshape(b, k, -1)  # (B, K, E)
+                encoded[embed_key.replace("_embed", "_tokens")] = text["text_tokens"].reshape(b, k, length, -1)
+                encoded[embed_key.replace("_embed", "_token_mask")] = text["text_mask"].reshape(b, k, length)
         return encoded
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:

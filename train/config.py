@@ -134,25 +134,25 @@ def experiment_class() -> type[BaseModel]:
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
+    """Set `a.b.0.c` in a tree of dicts and lists, creating missing sections."""
+    node: Any = tree
     parts = dotted.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if isinstance(child, list) and parts[i + 1].isdigit():
-            node = child
-            continue
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i]) or "(top level)"
         if isinstance(node, list):
-            child = node[int(part)]
-        if not isinstance(child, (dict, list)):
-            raise ConfigError(f"override {dotted}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        node = child
-    last = parts[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {dotted}: {where} has no item {part} (it has {len(node)})")
+            key: Any = int(part)
+        elif isinstance(node, dict):
+            key = part
+        else:
+            raise ConfigError(f"override {dotted}: {where} is a value, not a section")
+        if i == len(parts) - 1:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and node.get(key) is None:
+                node[key] = {}
+            node = node[key]
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -170,70 +170,86 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def _walk_fields(model: Any, loc: tuple) -> list[str]:
-    """Valid keys at `loc` inside `model` (for 'Did you mean'), following unions by their tag."""
-    import typing
-
-    annotation: Any = model
-    for part in loc:
-        annotation = _unwrap(annotation, part)
-        if annotation is None:
-            return []
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            field = annotation.model_fields.get(part) if isinstance(part, str) else None
-            if field is None:
-                return []
-            annotation = field.annotation
-        elif typing.get_origin(annotation) in (list, tuple, dict):
-            args = typing.get_args(annotation)
-            annotation = args[-1] if args else None
-    annotation = _unwrap(annotation, None)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return list(annotation.model_fields)
-    return []
-
-
-def _unwrap(annotation: Any, tag: Any) -> Any:
+def _strip(annotation: Any) -> Any:
+    """Unwrap Annotated[...] and Optional[...] down to the annotation that matters."""
     import typing
 
     while True:
         origin = typing.get_origin(annotation)
         if origin is Annotated:
             annotation = typing.get_args(annotation)[0]
-        elif origin is Union or (origin is not None and str(origin) == "types.UnionType"):
+        elif _is_union(annotation):
             members = [a for a in typing.get_args(annotation) if a is not type(None)]
-            tagged = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
-            chosen = [m for m in tagged if "type" in m.model_fields and m.model_fields["type"].default == tag]
-            annotation = chosen[0] if chosen else (members[0] if len(members) == 1 else None)
-            if annotation is None:
-                return None
+            if len(members) != 1:
+                return annotation
+            annotation = members[0]
         else:
             return annotation
+
+
+def _is_union(annotation: Any) -> bool:
+    import types
+    import typing
+
+    return typing.get_origin(annotation) in (Union, types.UnionType)
+
+
+def _resolve(schema: Any, loc: tuple) -> tuple[list[str], Any]:
+    """Follow a pydantic error location through the schema.
+
+    Returns the user-facing dotted parts (union tags such as `open_clip_vit` dropped) and the
+    annotation reached, so an unknown key can be matched against the valid keys at its level.
+    """
+    import typing
+
+    annotation: Any = schema
+    printed: list[str] = []
+    for part in loc:
+        annotation = _strip(annotation)
+        if _is_union(annotation):
+            members = [_strip(m) for m in typing.get_args(annotation) if m is not type(None)]
+            tagged = [
+                m for m in members
+                if isinstance(m, type) and issubclass(m, BaseModel) and "type" in m.model_fields
+                and m.model_fields["type"].default == part
+            ]
+            annotation = tagged[0] if tagged else None
+            continue  # a union tag, never a key the user wrote
+        printed.append(str(part))
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(part) if isinstance(part, str) else None
+            annotation = field.annotation if field else None
+        elif typing.get_origin(annotation) in (list, tuple, dict):
+            args = typing.get_args(annotation)
+            annotation = args[-1] if args else None
+        else:
+            annotation = None
+    return printed, _strip(annotation)
+
+
+def _keys_at(annotation: Any) -> list[str]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
 
 
 def _format(error: ValidationError, schema: type[BaseModel], source: str) -> str:
     lines = []
     for item in error.errors():
-        raw_loc = item["loc"]
-        # Drop union tags from the printed path (model.image.open_clip_vit.width -> model.image.width)
-        # and keep list indices.
-        path_parts, walk_loc = [], []
-        for part in raw_loc:
-            walk_loc.append(part)
-            fields = _walk_fields(schema, tuple(walk_loc[:-1]))
-            if isinstance(part, str) and fields and part not in fields and item["type"] != "extra_forbidden":
-                continue  # a union tag, not a key
-            path_parts.append(str(part))
-        path = ".".join(path_parts) or "(top level)"
+        loc = tuple(item["loc"])
+        printed, _ = _resolve(schema, loc)
+        path = ".".join(printed) or "(top level)"
         if item["type"] == "extra_forbidden":
-            key = str(raw_loc[-1])
-            hint = nearest(key, _walk_fields(schema, tuple(raw_loc[:-1])))
-            lines.append(f"{source}: {path}: unknown key.{hint}")
+            _, parent = _resolve(schema, loc[:-1])
+            lines.append(f"{source}: {path}: unknown key.{nearest(str(loc[-1]), _keys_at(parent))}")
         elif item["type"] == "missing":
             lines.append(f"{source}: {path}: required key is missing")
         else:
             message = item["msg"].removeprefix("Value error, ")
             value = item.get("input")
+            if item["type"] == "value_error" and message.split("=")[0].split(":")[0].startswith(path.split(".")[0]):
+                lines.append(f"{source}: {message}")  # the validator already names the key path(s)
+                continue
             shown = f" (got {value!r})" if not isinstance(value, (dict, list)) and item["type"] != "value_error" else ""
             lines.append(f"{source}: {path}: {message}{shown}")
     return "\n".join(lines)
@@ -279,12 +295,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = str(path) if path is not None else "config"
     tree = read_yaml(path) if tree is None else tree
     for key, value in parse_overrides(overrides or []):
-        try:
-            _set_dotted(tree, key, value)
-        except (IndexError, ValueError, TypeError) as error:
-            if isinstance(error, ConfigError):
-                raise
-            raise ConfigError(f"override {key}: {error}") from None
+        _set_dotted(tree, key, value)
     schema = experiment_class()
     try:
         return schema.model_validate(tree)

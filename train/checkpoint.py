@@ -1,0 +1,151 @@
+"""Checkpoints through the DeepSpeed engine, with a `latest` pointer that is never left dangling.
+
+Layout of `runs/NAME/checkpoints/`:
+    step_00000100/          DeepSpeed's own files (model, optimizer partitions per rank),
+                            client_state.json, rng_rank{r}.pt, and COMPLETE once every rank
+                            has finished writing
+    latest                  the tag of the newest COMPLETE checkpoint, replaced atomically
+
+Resume order (the one place it is written down): model + optimizer + lr schedule (DeepSpeed) ->
+client state (step, samples seen, epoch, batch position in the epoch) -> this rank's RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.distributed import barrier
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0  # global samples consumed
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` this rank has consumed
+    nonfinite_steps: int = 0  # skipped steps in a row
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if hasattr(self, key):
+                setattr(self, key, int(value))
+
+
+def rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, keep: int, rank: int) -> None:
+        self.directory = Path(directory)
+        self.keep = max(1, keep)
+        self.rank = rank
+
+    @staticmethod
+    def tag(step: int) -> str:
+        return f"step_{step:08d}"
+
+    def latest_tag(self) -> str | None:
+        pointer = self.directory / LATEST
+        if not pointer.is_file():
+            return None
+        tag = pointer.read_text().strip()
+        return tag if (self.directory / tag / COMPLETE).is_file() else None
+
+    def complete_tags(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
+
+    def save(self, engine: Any, state: TrainState, extra: dict[str, Any] | None = None) -> str:
+        """Write a checkpoint on every rank, then mark it complete and point `latest` at it."""
+        tag = self.tag(state.step)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        client = {"train_state": state.state_dict(), **(extra or {})}
+        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client, save_latest=False)
+        torch.save(rng_state(), self.directory / tag / f"rng_rank{self.rank}.pt")
+        barrier()  # every rank's shards are on disk before the checkpoint is called complete
+        if self.rank == 0:
+            (self.directory / tag / "client_state.json").write_text(json.dumps(client, indent=1, default=str))
+            (self.directory / tag / COMPLETE).write_text("ok\n")
+            tmp = self.directory / f".{LATEST}.tmp"
+            tmp.write_text(tag + "\n")
+            os.replace(tmp, self.directory / LATEST)
+            self._prune(keep_tag=tag)
+        barrier()
+        return tag
+
+    def _prune(self, keep_tag: str) -> None:
+        tags = [t for t in self.complete_tags() if t != keep_tag]
+        for old in tags[: max(0, len(tags) - (self.keep - 1))]:
+            shutil.rmtree(self.directory / old, ignore_errors=True)
+        # Partial checkpoints (a crash mid-write) are never pointed to; remove them too.
+        for path in self.directory.iterdir():
+            if path.is_dir() and not (path / COMPLETE).is_file() and path.name < keep_tag:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def resolve(self, resume: str) -> tuple[Path, str] | None:
+        """`latest` -> newest complete checkpoint (None when there is none yet); a path -> that tag.
+
+        Raises FileNotFoundError (exit 2 at the CLI) for a path that is not a complete checkpoint.
+        """
+        if resume == LATEST:
+            tag = self.latest_tag()
+            return (self.directory, tag) if tag else None
+        path = Path(resume)
+        if (path / LATEST).is_file():  # a checkpoints folder
+            tag = Checkpointer(path, 1, self.rank).latest_tag()
+            if tag:
+                return path, tag
+        if (path / "checkpoints" / LATEST).is_file():  # a run folder
+            tag = Checkpointer(path / "checkpoints", 1, self.rank).latest_tag()
+            if tag:
+                return path / "checkpoints", tag
+        if (path / COMPLETE).is_file():
+            return path.parent, path.name
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} marker found)")
+
+    def load(self, engine: Any, state: TrainState, where: tuple[Path, str]) -> dict[str, Any]:
+        directory, tag = where
+        _, client = engine.load_checkpoint(
+            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if client is None:
+            raise RuntimeError(f"{directory / tag}: DeepSpeed could not load the checkpoint")
+        state.load_state_dict(client["train_state"])
+        rng_file = directory / tag / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        return client

@@ -1,0 +1,233 @@
+"""`vlp`: the command line. Exit codes: 0 success, 2 bad input (config, paths, data), 1 otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Subcommand modules that add themselves with `add_parser(subparsers)`.
+PLUGIN_COMMANDS = ("train.submit", "train.status")
+
+
+def bad_input_types() -> tuple[type[BaseException], ...]:
+    from data_pipelines.errors import DataError
+    from train.config import ConfigError
+    from train.export import ExportError
+
+    return (ConfigError, DataError, ExportError, FileNotFoundError, NotADirectoryError, KeyError)
+
+
+def parse_options(items: list[str]) -> dict:
+    """`key=value` pairs (values parsed as YAML scalars) for sources and evaluators."""
+    options = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"option {item!r}: expected key=value")
+        options[key] = yaml.safe_load(raw)
+    return options
+
+
+# ---------------------------------------------------------------- train
+def launch_local_ranks(args: argparse.Namespace) -> int:
+    """Start `--nproc` local ranks of this same command; if one fails, stop the others."""
+    from train.distributed import free_port
+
+    port = str(free_port())
+    argv = [sys.executable, "-m", "train.cli", "train", args.config, *args.overrides]
+    if args.resume:
+        argv += ["--resume", args.resume]
+    procs = []
+    for rank in range(args.nproc):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        procs.append(subprocess.Popen(argv, env=env))
+    code = 0
+    try:
+        while procs:
+            for proc in list(procs):
+                ret = proc.poll()
+                if ret is None:
+                    continue
+                procs.remove(proc)
+                if ret != 0 and code == 0:
+                    code = ret
+                    for other in procs:  # a dead rank would leave the others hanging in a collective
+                        other.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        raise
+    return code
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from train.config import load_config
+
+    config = load_config(args.config, args.overrides)  # validate before starting anything
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return launch_local_ranks(args)
+    from train.trainer import train
+
+    results = train(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"run_dir": str(config.run_dir), **results}))
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from train.config import load_config
+    from train.trainer import train
+
+    out = Path(args.out)
+    overrides = [f"output_dir={out.parent}", f"name={out.name}", *args.overrides]
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    config = load_config(REPO_CONFIGS / "demo.yaml", overrides)
+    started = time.time()
+    results = train(config, resume=None)
+    rows = [("zero-shot top-1 (held-out digits)", results.get("zeroshot_top1")),
+            ("zero-shot top-5", results.get("zeroshot_top5")),
+            ("mean per-class recall", results.get("zeroshot_mean_per_class_recall")),
+            ("training steps", config.train.steps),
+            ("wall time (s)", round(time.time() - started, 1)),
+            ("run folder", str(config.run_dir))]
+    width = max(len(name) for name, _ in rows)
+    print("\nvlp demo: CLIP on scikit-learn's real digits, trained on CPU")
+    for name, value in rows:
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"  {name:<{width}}  {shown}")
+    return 0
+
+
+# ---------------------------------------------------------------- shards
+def cmd_shards_build(args: argparse.Namespace) -> int:
+    from data_pipelines.sources import build
+
+    summary = build(args.source, args.out, **parse_options(args.option))
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------- eval / export
+def cmd_eval(args: argparse.Namespace) -> int:
+    from train.evals import EVALUATORS, EvalContext
+    from train.export import load_model
+
+    evaluator_cls = EVALUATORS.get(args.task)
+    options = parse_options(args.option)
+    if args.data:
+        options["data"] = args.data
+    config = evaluator_cls.config_class.model_validate({"type": args.task, **options})
+    model, _ = load_model(Path(args.checkpoint))
+    out_dir = Path(args.out).parent if args.out else None
+    import torch
+
+    with torch.no_grad():
+        results = evaluator_cls(config).run(model, EvalContext(out_dir=out_dir))
+    line = json.dumps({"task": args.task, "checkpoint": str(args.checkpoint), **results}, default=float)
+    print("| metric | value |\n|---|---|")
+    for key, value in results.items():
+        print(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(line + "\n")
+    print(line)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from train.export import export_model, load_model
+
+    model, config = load_model(Path(args.checkpoint))
+    out = export_model(model, config, Path(args.out), args.format)
+    print(json.dumps({"format": args.format, "out": str(out)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlp", description="Vision-language pretraining.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="one training run")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    p.add_argument("--nproc", type=int, default=1, help="start N local ranks")
+    p.add_argument("--resume", default=None, help="latest | PATH")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="train and evaluate a small CLIP on digits, on CPU")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=None, help="override the step budget")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("shards", help="write webdataset shards")
+    shards_sub = p.add_subparsers(dest="shards_command", required=True)
+    b = shards_sub.add_parser("build", help="SOURCE: digits, shapes, folder:DIR, csv:FILE, ct:DIR, ...")
+    b.add_argument("source")
+    b.add_argument("--out", required=True)
+    b.add_argument("--option", "-o", action="append", default=[], help="key=value for the source")
+    b.set_defaults(func=cmd_shards_build)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint or export")
+    p.add_argument("task")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--option", "-o", action="append", default=[], help="key=value for the evaluator")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export a checkpoint for other tools")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", required=True)
+    p.set_defaults(func=cmd_export)
+
+    for module_name in PLUGIN_COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            if error.name != module_name:
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except bad_input_types() as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        print(f"vlp: error: {message}", file=sys.stderr)
+        return 2
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        from train.trainer import TrainingStopped
+
+        if isinstance(error, TrainingStopped):
+            print(f"vlp: stopped: {error}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

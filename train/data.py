@@ -1,0 +1,71 @@
+"""Data set-up shared by `vlp train`, `vlp demo` and the evaluators: build offline data if absent."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import braceexpand
+
+from data_pipelines.config import DataConfig
+
+
+def expand_urls(spec: str) -> list[str]:
+    """`a-{000..002}.tar::b.tar` -> ["a-000.tar", "a-001.tar", "a-002.tar", "b.tar"]."""
+    urls: list[str] = []
+    for part in spec.split("::"):
+        urls.extend(braceexpand.braceexpand(part.strip()))
+    return urls
+
+
+def _local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def missing_shards(spec: str) -> list[str]:
+    return [u for u in expand_urls(spec) if _local(u) and not Path(u).is_file()]
+
+
+def ensure_built(spec: str, build: str | None, build_dir: str | None, options: dict, is_main: bool) -> None:
+    """Build `build` into `build_dir` when shards named by `spec` are missing (rank 0 builds;
+    the caller barriers). Raises FileNotFoundError naming the first missing shard otherwise."""
+    missing = missing_shards(spec)
+    if not missing:
+        return
+    if build is None:
+        raise FileNotFoundError(f"shard {missing[0]} does not exist (and no `build` source is configured)")
+    if not is_main:
+        return
+    from data_pipelines.sources import build as build_source
+
+    out = Path(build_dir or Path(missing[0]).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    # A lock so two runs sharing a data folder do not build it at the same time.
+    with open(out / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if missing_shards(spec):
+                build_source(build, out, **options)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    still = missing_shards(spec)
+    if still:
+        raise FileNotFoundError(f"source {build!r} built {out} but shard {still[0]} is still missing: check the urls")
+
+
+def ensure_train_data(cfg: DataConfig, is_main: bool) -> None:
+    for source in cfg.train:
+        ensure_built(source.urls, cfg.build, cfg.build_dir, cfg.build_options, is_main)
+
+
+def ensure_eval_data(evals: list, data_cfg: DataConfig, is_main: bool) -> None:
+    for ev in evals:
+        if getattr(ev, "data", None):
+            build = ev.build or data_cfg.build
+            build_dir = ev.build_dir or data_cfg.build_dir
+            ensure_built(ev.data, build, build_dir, data_cfg.build_options if build == data_cfg.build else {}, is_main)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,88 @@
+"""Process-group set-up for every way `vlp train` is started.
+
+One plain process, `--nproc N` (we start the ranks), `deepspeed --num_gpus N`, torchrun and
+srun all end here: rank, local rank and world size come from the environment. A plain process
+gets a one-rank environment of its own, because DeepSpeed otherwise falls into MPI discovery.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fill_env() -> None:
+    """Make RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* present, from Slurm or for one process."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        try:
+            from train.submit import slurm_env_to_dist
+        except ImportError:  # pragma: no cover - submit module missing
+            slurm_env_to_dist = None
+        if slurm_env_to_dist is not None:
+            slurm_env_to_dist()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def init_distributed(timeout_s: float = 600) -> DistEnv:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    fill_env()
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False
+        )
+    return DistEnv(rank, local_rank, world_size, device)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_max(value: float) -> float:
+    """The max of a Python number over ranks (used to agree on stop/skip decisions)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())

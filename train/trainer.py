@@ -1,0 +1,270 @@
+"""`vlp train`: one run on the DeepSpeed engine, from one CPU process to many GPU nodes.
+
+`train()` reads like the algorithm: set up, resume, then step / log / checkpoint / evaluate
+until done or asked to stop. Each part (Checkpointer, MetricsLogger, evaluators, loader) is a
+small object of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from train import preemption
+from train.checkpoint import Checkpointer, TrainState
+from train.config import dump_config
+from train.data import ensure_eval_data, ensure_train_data
+from train.distributed import DistEnv, all_reduce_max, barrier, init_distributed
+from train.metrics import MetricsLogger, plot_loss_curves
+from train.schedule import itstime, warmup_cosine
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite losses, too much bad data); exit code 1."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def deepspeed_config(config: Any) -> dict[str, Any]:
+    ds, tr = config.deepspeed, config.train
+    return {
+        "train_micro_batch_size_per_gpu": tr.batch_size,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        **ds.extra,
+    }
+
+
+def build_engine(config: Any, model: torch.nn.Module) -> Any:
+    """Wrap the model in `deepspeed.initialize` with a torch AdamW (no fused_adam JIT build)."""
+    import deepspeed
+
+    tr = config.train
+    optimizer = torch.optim.AdamW(model.param_groups(tr.weight_decay), lr=tr.lr, betas=tr.betas, eps=tr.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, tr.steps, tr.warmup_steps, tr.min_lr_ratio)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config)
+    )
+    return engine
+
+
+def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors to the device (non-blocking from pinned memory on GPU); float inputs to the
+    engine's compute dtype. Token ids and masks keep their dtype."""
+    moved = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device, non_blocking=device.type == "cuda")
+            if value.is_floating_point():
+                value = value.to(dtype)
+        moved[key] = value
+    return moved
+
+
+def micro_batches(loader: Any, state: TrainState) -> Iterator[dict[str, Any]]:
+    """Endless micro-batches that keep `state.epoch` / `state.batch_in_epoch` as the data position."""
+    while True:
+        for batch in loader.iterate(state.epoch, skip_batches=state.batch_in_epoch):
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def engine_dtype(config: Any) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.deepspeed.precision]
+
+
+def build_model(config: Any):
+    from models.dual_encoder import VLPModel
+
+    model = VLPModel(config.model)
+    if config.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def build_loader(config: Any, model: Any, env: DistEnv):
+    from data_pipelines.loader import build_train_loader
+
+    return build_train_loader(
+        config.data,
+        preprocess=model.image.preprocess(train=True),
+        tokenizer=model.text.tokenizer(),
+        batch_size=config.train.batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=config.seed,
+    )
+
+
+def build_evaluators(config: Any) -> list:
+    from train.evals import EVALUATORS
+
+    return [EVALUATORS.get(ev.type)(ev) for ev in config.evals]
+
+
+def run_evaluators(evaluators: list, engine: Any, env: DistEnv, run_dir: Path, step: int, final: bool) -> dict:
+    from train.evals import EvalContext
+
+    results: dict[str, float] = {}
+    due = [ev for ev in evaluators if final or itstime(step, ev.config.every)]
+    if not due:
+        return results
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    context = EvalContext(
+        rank=env.rank, world_size=env.world_size, device=env.device, dtype=next(model.parameters()).dtype,
+        out_dir=run_dir / "plots" if env.is_main else None, step=step,
+    )
+    with torch.no_grad():
+        for evaluator in due:
+            results.update(evaluator.run(model, context))
+    model.train(was_training)
+    return results
+
+
+def nonfinite_heads(logging: dict[str, Any]) -> list[str]:
+    return sorted(
+        key.removeprefix("loss/") for key, value in logging.items()
+        if key.startswith("loss/") and key != "loss/total" and torch.is_tensor(value) and not torch.isfinite(value).all()
+    )
+
+
+def train(config: Any, resume: str | None = None) -> dict[str, Any]:
+    """Train one run to `config.train.steps`; returns the final evaluation results."""
+    env = init_distributed(config.train.dist_timeout_s)
+    run_dir = config.run_dir
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    ensure_train_data(config.data, env.is_main)
+    ensure_eval_data(config.evals, config.data, env.is_main)
+    barrier()
+
+    seed_everything(config.seed)  # same initial weights on every rank
+    model = build_model(config)
+    engine = build_engine(config, model)
+    loader = build_loader(config, model, env)
+    checkpointer = Checkpointer(run_dir / "checkpoints", config.train.keep_checkpoints, env.rank)
+    evaluators = build_evaluators(config)
+    state = TrainState()
+    where = checkpointer.resolve(resume) if resume else None
+    if where is not None:
+        checkpointer.load(engine, state, where)
+    else:
+        seed_everything(config.seed + 1000 * env.rank)
+    metrics = MetricsLogger(run_dir, env.is_main, config.train.steps, start_step=state.step)
+    preemption.install_handlers()
+    from data_pipelines.loader import BadSampleMonitor
+
+    bad_monitor = BadSampleMonitor(config.data.max_bad_fraction, config.data.bad_window)
+    results = run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluators, bad_monitor)
+    metrics.close()
+    return results
+
+
+def run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluators, bad_monitor) -> dict:
+    tr = config.train
+    run_dir = config.run_dir
+    dtype = engine_dtype(config)
+    global_batch = tr.batch_size * env.world_size
+    stream = micro_batches(loader, state)
+    window = {"samples": 0, "start": time.perf_counter(), "bad": {}}
+    results: dict[str, Any] = {}
+    stop_reason = None
+    while state.step < tr.steps:
+        batch = next(stream)
+        bad_counts = batch.pop("bad", {}) or {}
+        bad_monitor.update(bad_counts, len(batch["key"]))
+        for reason, count in bad_counts.items():
+            if isinstance(count, int):
+                window["bad"][reason] = window["bad"].get(reason, 0) + count
+        out = engine(to_device(batch, env.device, dtype))
+        loss = out["loss"]
+        if all_reduce_max(0.0 if torch.isfinite(loss).all() else 1.0) > 0:
+            # Skip the update on every rank alike: no backward, no step; name the culprit head.
+            state.nonfinite_steps += 1
+            heads = nonfinite_heads(out["logging"]) or ["(total)"]
+            metrics.log(state.step, {"nonfinite_skipped": state.nonfinite_steps, "nonfinite_heads": ",".join(heads)})
+            if state.nonfinite_steps >= tr.max_nonfinite_steps:
+                raise TrainingStopped(
+                    f"{state.nonfinite_steps} non-finite losses in a row from head(s) {', '.join(heads)} "
+                    f"at step {state.step}; last good checkpoint: {checkpointer.latest_tag()}"
+                )
+            continue
+        engine.backward(loss)
+        engine.step()
+        window["samples"] += global_batch
+        if not engine.is_gradient_accumulation_boundary() and engine.global_steps == state.step:
+            continue
+        state.step = engine.global_steps
+        state.samples_seen += global_batch * config.deepspeed.grad_accum
+        state.nonfinite_steps = 0
+
+        if itstime(state.step, tr.log_every, tr.steps):
+            elapsed = max(time.perf_counter() - window["start"], 1e-9)
+            logged = {k: v for k, v in out["logging"].items()}
+            logged.update(lr=engine.get_lr()[0], samples_per_s=window["samples"] / elapsed,
+                          samples_seen=state.samples_seen, epoch=state.epoch)
+            logged.update({f"bad/{k}": v for k, v in window["bad"].items()})
+            metrics.log(state.step, logged)
+            window = {"samples": 0, "start": time.perf_counter(), "bad": {}}
+        if itstime(state.step, tr.checkpoint_every, tr.steps):
+            checkpointer.save(engine, state)
+        eval_results = run_evaluators(evaluators, engine, env, run_dir, state.step, final=state.step == tr.steps)
+        if eval_results:
+            metrics.log(state.step, {f"eval/{k}": v for k, v in eval_results.items()})
+            results.update(eval_results)
+        if all_reduce_max(1.0 if preemption.stop_reason() else 0.0) > 0 and state.step < tr.steps:
+            stop_reason = preemption.stop_reason() or "signal"
+            break
+
+    if stop_reason is not None:
+        checkpointer.save(engine, state)
+        if env.is_main:
+            requeued = preemption.requeue() if stop_reason == "USR1" else False
+            print(f"[vlp] stopped at step {state.step} on {stop_reason}; checkpoint written"
+                  f"{', job requeued' if requeued else ''}", flush=True)
+        raise SystemExit(0 if stop_reason == "USR1" else 143)
+
+    if checkpointer.latest_tag() != checkpointer.tag(state.step):
+        checkpointer.save(engine, state)
+    if env.is_main:
+        finish_run(config, engine, results, state)
+    barrier()
+    return results
+
+
+def finish_run(config: Any, engine: Any, results: dict, state: TrainState) -> None:
+    run_dir = config.run_dir
+    plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "loss.png")
+    summary = {"name": config.name, "steps": state.step, "samples_seen": state.samples_seen, **results}
+    for fmt in config.export:
+        from train.export import export_model
+
+        export_model(engine.module, config, run_dir / "export" / fmt, fmt, results=results,
+                     samples_seen=state.samples_seen)
+    tmp = run_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                               for k, v in summary.items()}, indent=1))
+    tmp.replace(run_dir / "results.json")
