@@ -42,7 +42,7 @@ def ambient_exterior_angle(x: torch.Tensor, y: torch.Tensor, curv: float) -> tor
     """Exterior angle at x of triangle O-x-y from tangent vectors at x (Minkowski projection)."""
     X, Y = ambient(x, curv), ambient(y, curv)
     origin = torch.zeros_like(X)
-    origin[:, 0] = 1 / math.sqrt(curv)
+    origin[:, 0] = curv**-0.5
 
     def toward(p):  # component of p in the tangent space at X: direction of the geodesic X -> p
         return p + curv * minkowski(X, p)[:, None] * X

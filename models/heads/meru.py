@@ -1,0 +1,248 @@
+"""MERU: contrastive + entailment loss in hyperbolic space (Desai et al. 2023, "Hyperbolic
+Image-Text Representations").
+
+Raw tower outputs ("image_embed", "text_embed"; no L2 normalisation) are scaled by learnable
+exp(alpha) per modality and lifted onto the Lorentz hyperboloid of curvature -c with `exp_map0`.
+The loss is
+
+    contrastive(-d(image, text) * logit_scale)  +  entail_weight * entailment(text -> image)
+
+where the entailment term pushes each image inside the entailment cone of its caption (generic
+text near the origin, specific images further out). Every learnable scalar (log c, the two
+alphas, the log logit scale) is a [1]-shaped parameter, kept in its range inside `forward` by
+`bounded`, and logged every step.
+
+The contrastive scores come from `lorentz_logits(queries, keys, curv, logit_scale)`, a
+`score_fn(query_block, key_block, *score_params)` as `models/heads/tiled.py` expects, so the dense
+cross-entropy here can be swapped for the tiled one when batches get large.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from models import lorentz as L
+from models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+
+log = logging.getLogger(__name__)
+
+
+class MeruConfig(HeadConfig):
+    curv_init: float = Field(1.0, gt=0, description="c at init; the hyperboloid has curvature -c")
+    learn_curv: bool = True
+    curv_range: float = Field(10.0, ge=1, description="c stays in [curv_init / curv_range, curv_init * curv_range]")
+    temperature_init: float = Field(0.07, gt=0)
+    max_logit_scale: float = Field(100.0, gt=0)
+    entail_weight: float = Field(0.2, ge=0, description="lambda of the entailment term (0.2 in MERU)")
+    min_radius: float = Field(0.1, gt=0, description="K of the entailment cone half aperture")
+    # Logged as meru/curv_bound_steps; a warning is printed once when c has sat at a bound for
+    # this many consecutive training steps (0: never warn). See docs/meru.md.
+    curv_bound_warn_steps: int = Field(1000, ge=0)
+
+
+class _Bounded(torch.autograd.Function):
+    """clamp(value, low, high) whose gradient is blocked only where it would push the value
+    further out of range.
+
+    A plain functional clamp has zero gradient outside the range, so a parameter that overshoots
+    its bound (Adam momentum) would stay stuck there forever. The reference clamps `.data` in
+    place instead, which ZeRO 2/3 undo by writing their fp32 master copy back each step. This
+    gives the reference's dynamics without touching `.data`: the effective value never leaves the
+    range, and a gradient that points back inside moves the parameter back.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, low: float, high: float) -> Tensor:
+        ctx.save_for_backward(value)
+        ctx.low, ctx.high = low, high
+        return value.clamp(min=low, max=high)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (value,) = ctx.saved_tensors
+        # Gradient descent moves the value by -grad: above `high` only a positive grad moves it
+        # back down, below `low` only a negative one moves it back up.
+        outward = ((value > ctx.high) & (grad < 0)) | ((value < ctx.low) & (grad > 0))
+        return torch.where(outward, torch.zeros_like(grad), grad), None, None
+
+
+def bounded(value: Tensor, low: float = -math.inf, high: float = math.inf) -> Tensor:
+    """`value` clamped to [low, high]; see `_Bounded` for the gradient."""
+    return _Bounded.apply(value, low, high)
+
+
+def lorentz_logits(queries: Tensor, keys: Tensor, curv: Tensor, logit_scale: Tensor) -> Tensor:
+    """Contrastive scores -d(query_i, key_j) * logit_scale.
+
+    Args:
+        queries: Tensor of shape (N, E), lifted points (space components).
+        keys: Tensor of shape (M, E), lifted points.
+        curv: Tensor of shape [1], c.
+        logit_scale: Tensor of shape [1], 1 / temperature.
+
+    Returns:
+        Tensor of shape (N, M), fp32.
+    """
+    return -L.pairwise_dist(queries, keys, curv) * logit_scale
+
+
+def contrastive_loss(
+    image: Tensor, text: Tensor, all_image: Tensor, all_text: Tensor, curv: Tensor, logit_scale: Tensor, offset: int
+) -> Tensor:
+    """Symmetric InfoNCE over this rank's rows against every rank's columns (local loss).
+
+    Args:
+        image: Tensor of shape (B, E), this rank's lifted images.
+        text: Tensor of shape (B, E), this rank's lifted captions (paired row by row).
+        all_image: Tensor of shape (W * B, E), every rank's lifted images in rank order.
+        all_text: Tensor of shape (W * B, E), every rank's lifted captions.
+        offset: rank * B, where this rank's pairs sit among the columns.
+
+    Returns:
+        scalar fp32: 0.5 * (CE(image -> text) + CE(text -> image)).
+    """
+    targets = torch.arange(image.shape[0], device=image.device) + offset
+    image_logits = lorentz_logits(image, all_text, curv, logit_scale)  # (B, W * B)
+    text_logits = lorentz_logits(text, all_image, curv, logit_scale)  # (B, W * B)
+    return 0.5 * (F.cross_entropy(image_logits, targets) + F.cross_entropy(text_logits, targets))
+
+
+def entailment_loss(text: Tensor, image: Tensor, curv: Tensor, min_radius: float = 0.1) -> Tensor:
+    """mean(relu(exterior angle at text of O-text-image - half aperture of the text's cone)).
+
+    Zero when every image lies inside its caption's entailment cone.
+
+    Args:
+        text: Tensor of shape (B, E), lifted captions (cone apexes).
+        image: Tensor of shape (B, E), lifted images, paired row by row.
+
+    Returns:
+        scalar fp32.
+    """
+    angle = L.oxy_angle(text, image, curv)  # (B,)
+    aperture = L.half_aperture(text, curv, min_radius=min_radius)  # (B,)
+    return torch.relu(angle - aperture).mean()
+
+
+@HEADS.register("meru")
+class MeruHead(Head):
+    config_class = MeruConfig
+    # Raw embeddings (not "*_normed"): MERU lifts them with exp_map0 instead of normalising. Each
+    # rank lifts every rank's gathered rows itself (cheap next to the pairwise distances).
+    needs = ("image_embed", "text_embed")
+    gathered_keys = ("image_embed", "text_embed")
+
+    def __init__(self, config: MeruConfig, embed_dim: int) -> None:
+        super().__init__(config, embed_dim)
+        self.config: MeruConfig = config
+        self.log_curv = nn.Parameter(torch.tensor([math.log(config.curv_init)]), requires_grad=config.learn_curv)
+        # exp(alpha) = 1/sqrt(E) makes tangent vectors of ~unit norm at init (tower outputs have
+        # per-coordinate scale ~1).
+        alpha_init = math.log(embed_dim**-0.5)
+        self.alpha_image = nn.Parameter(torch.tensor([alpha_init]))
+        self.alpha_text = nn.Parameter(torch.tensor([alpha_init]))
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / config.temperature_init)]))
+        self.log_curv_bounds = (
+            math.log(config.curv_init / config.curv_range),
+            math.log(config.curv_init * config.curv_range),
+        )
+        # Consecutive training steps with c at a bound; on device so counting needs no host sync.
+        # int64 survives DeepSpeed's bf16/fp16 cast of floating buffers; not in the state dict.
+        self.register_buffer("curv_bound_steps", torch.zeros(1, dtype=torch.long), persistent=False)
+        self._warned_at_bound = False
+        self._calls = 0
+
+    # Effective scalars, each [1]-shaped fp32 and inside its range.
+    def curvature(self) -> Tensor:
+        return bounded(self.log_curv.float(), *self.log_curv_bounds).exp()
+
+    def image_scale(self) -> Tensor:
+        # <= 1: alpha never scales features up (once it reaches 1 it can be dropped at inference).
+        return bounded(self.alpha_image.float(), high=0.0).exp()
+
+    def text_scale(self) -> Tensor:
+        return bounded(self.alpha_text.float(), high=0.0).exp()
+
+    def logit_scale_value(self) -> Tensor:
+        return bounded(self.logit_scale.float(), high=math.log(self.config.max_logit_scale)).exp()
+
+    def lift_image(self, embed: Tensor) -> Tensor:
+        """Raw image embeddings (B, E) -> space components (B, E) on the hyperboloid, fp32."""
+        return L.exp_map0(embed.float() * self.image_scale(), self.curvature())
+
+    def lift_text(self, embed: Tensor) -> Tensor:
+        """Raw text embeddings (B, E) -> space components (B, E) on the hyperboloid, fp32."""
+        return L.exp_map0(embed.float() * self.text_scale(), self.curvature())
+
+    def forward(self, inputs: HeadInputs) -> dict[str, Any]:
+        curv, logit_scale = self.curvature(), self.logit_scale_value()
+        image = self.lift_image(inputs.local["image_embed"])  # (B, E)
+        text = self.lift_text(inputs.local["text_embed"])  # (B, E)
+        all_image = self.lift_image(inputs.gathered["image_embed"])  # (W * B, E)
+        all_text = self.lift_text(inputs.gathered["text_embed"])  # (W * B, E)
+
+        contrastive = contrastive_loss(image, text, all_image, all_text, curv, logit_scale, inputs.rank * image.shape[0])
+        entailment = entailment_loss(text, image, curv, self.config.min_radius)
+        loss = contrastive + self.config.entail_weight * entailment
+
+        at_bound = self._track_bound()
+        with torch.no_grad():
+            logging_out = {
+                "curvature": curv.squeeze(0),
+                "alpha_image": self.image_scale().squeeze(0),
+                "alpha_text": self.text_scale().squeeze(0),
+                "logit_scale": logit_scale.squeeze(0),
+                "contrastive_loss": contrastive,
+                "entailment_loss": entailment,
+                "curv_at_bound": at_bound.float().squeeze(0),
+                "curv_bound_steps": self.curv_bound_steps.squeeze(0).float(),
+                # Mean distance to the origin: captions should sit closer than images.
+                "text_radius": L.origin_dist(text, curv).mean(),
+                "image_radius": L.origin_dist(image, curv).mean(),
+            }
+        return {"loss": loss, "logging": logging_out}
+
+    @torch.no_grad()
+    def _track_bound(self) -> Tensor:
+        """Update the consecutive at-bound step count (training only); returns the bool flag [1]."""
+        low, high = self.log_curv_bounds
+        raw = self.log_curv.float()
+        # A small tolerance: the raw value sits within float rounding of the bound, or beyond it.
+        at_bound = (raw <= low + 1e-6) | (raw >= high - 1e-6)
+        if self.training and self.config.learn_curv:
+            self.curv_bound_steps.copy_(torch.where(at_bound, self.curv_bound_steps + 1, 0))
+            self._calls += 1
+            limit = self.config.curv_bound_warn_steps
+            # Read the device counter only every 50 steps: one host sync there, none in between.
+            if limit and not self._warned_at_bound and self._calls % 50 == 0:
+                steps = int(self.curv_bound_steps.item())
+                if steps >= limit:
+                    self._warned_at_bound = True
+                    log.warning(
+                        "meru: curvature c=%.4g has sat at its bound [%.4g, %.4g] for %d steps; the "
+                        "entailment loss is likely near 0 with trivially wide cones (docs/meru.md)",
+                        math.exp(raw.item()), math.exp(low), math.exp(high), steps,
+                    )
+        return at_bound
+
+    # Zero-shot and retrieval in MERU's geometry.
+    def prompt_ensemble(self, text_embed: Tensor) -> Tensor:
+        """Prompt embeddings (C, T, E) -> class embeddings (C, E): the mean of the raw embeddings,
+        i.e. an average in the tangent space at the origin (alpha is linear), lifted later by
+        `pairwise_scores` like any text embedding. This is MERU's zero-shot classifier."""
+        return text_embed.float().mean(dim=1)
+
+    def pairwise_scores(self, image_embed: Tensor, text_embed: Tensor) -> Tensor:
+        """Lorentzian inner product of lifted images (N, E) and texts (M, E) -> (N, M).
+
+        Higher is closer: -c <x, y>_L = cosh(sqrt(c) d(x, y)), so this ranks like -distance, as
+        MERU's zero-shot classification and retrieval do."""
+        curv = self.curvature()
+        return L.pairwise_inner(self.lift_image(image_embed), self.lift_text(text_embed), curv)

@@ -1,0 +1,253 @@
+"""MERU head: clamped scalars, losses against dense references written here, and a real 2-rank run."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_utils import run_ranks
+from models.distributed import gather_with_grad
+from models.heads import HEADS, HeadInputs
+from models.heads.meru import MeruConfig, MeruHead, bounded, entailment_loss
+from test_lorentz import ambient_exterior_angle
+
+EMBED = 16
+
+
+def make_head(**overrides) -> MeruHead:
+    return MeruHead(MeruConfig(**overrides), EMBED)
+
+
+def features(batch: int, seed: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, EMBED, generator=generator)
+    text = image + 0.8 * torch.randn(batch, EMBED, generator=generator)  # paired, not identical
+    return image.to(dtype), text.to(dtype)
+
+
+def inputs_for(image: torch.Tensor, text: torch.Tensor, rank: int = 0, world_size: int = 1, gathered=None) -> HeadInputs:
+    local = {"image_embed": image, "text_embed": text}
+    return HeadInputs(local=local, gathered=gathered or dict(local), batch={}, rank=rank, world_size=world_size)
+
+
+# Dense references from the definitions, in float64. `scale`, `curv` and `logit_scale` may be
+# floats or 0-dim tensors (so the references are differentiable in the head's scalars too).
+def ref_lift(embed: torch.Tensor, scale, curv) -> torch.Tensor:
+    tangent = embed.double() * scale
+    norm = curv**0.5 * tangent.norm(dim=-1, keepdim=True)
+    return torch.sinh(norm) * tangent / norm
+
+
+def ref_dist(x: torch.Tensor, y: torch.Tensor, curv) -> torch.Tensor:
+    x_time = torch.sqrt(1 / curv + (x * x).sum(-1))
+    y_time = torch.sqrt(1 / curv + (y * y).sum(-1))
+    inner = x @ y.T - x_time[:, None] * y_time[None, :]
+    return torch.acosh(-curv * inner) / curv**0.5
+
+
+def ref_contrastive(image, text, all_image, all_text, logit_scale, curv, offset: int) -> torch.Tensor:
+    rows = torch.arange(image.shape[0]) + offset
+    image_logits = -ref_dist(image, all_text, curv) * logit_scale
+    text_logits = -ref_dist(text, all_image, curv) * logit_scale
+    image_nll = -(image_logits.gather(1, rows[:, None]).squeeze(1) - image_logits.logsumexp(dim=1))
+    text_nll = -(text_logits.gather(1, rows[:, None]).squeeze(1) - text_logits.logsumexp(dim=1))
+    return 0.5 * (image_nll.mean() + text_nll.mean())
+
+
+def ref_entailment(text, image, curv, min_radius: float) -> torch.Tensor:
+    angle = ambient_exterior_angle(text, image, curv)
+    aperture = torch.asin(torch.clamp(2 * min_radius / (curv**0.5 * text.norm(dim=-1)), max=1.0))
+    return torch.relu(angle - aperture).mean()
+
+
+def test_registered_and_config_is_strict():
+    assert HEADS.get("meru") is MeruHead
+    with pytest.raises(ValueError, match="curv_int"):
+        MeruConfig(curv_int=1.0)
+
+
+def test_forward_backward_and_scalars():
+    head = make_head()
+    image, text = (t.requires_grad_() for t in features(8, seed=0))
+    out = head(inputs_for(image, text))
+    assert out["loss"].dtype == torch.float32 and out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    for name, param in head.named_parameters():
+        assert param.shape == (1,), name
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert torch.isfinite(image.grad).all() and torch.isfinite(text.grad).all()
+    assert head.no_weight_decay() == {"log_curv", "alpha_image", "alpha_text", "logit_scale"}
+    logged = out["logging"]
+    for key in ("curvature", "alpha_image", "alpha_text", "logit_scale", "contrastive_loss", "entailment_loss",
+                "curv_at_bound", "curv_bound_steps", "text_radius", "image_radius"):
+        assert key in logged and logged[key].ndim == 0, key
+    torch.testing.assert_close(logged["curvature"], torch.tensor(1.0))
+    torch.testing.assert_close(logged["alpha_image"], torch.tensor(EMBED**-0.5))
+    torch.testing.assert_close(logged["logit_scale"], torch.tensor(1 / 0.07))
+
+
+def test_scalars_are_clamped_in_forward():
+    head = make_head(curv_init=2.0)
+    with torch.no_grad():
+        head.log_curv.fill_(math.log(1000.0))
+        head.alpha_image.fill_(0.5)
+        head.alpha_text.fill_(-0.5)
+        head.logit_scale.fill_(math.log(1e4))
+    out = head(inputs_for(*features(4, seed=1)))["logging"]
+    torch.testing.assert_close(out["curvature"], torch.tensor(20.0))
+    torch.testing.assert_close(out["alpha_image"], torch.tensor(1.0))
+    torch.testing.assert_close(out["alpha_text"], torch.tensor(math.exp(-0.5)))
+    torch.testing.assert_close(out["logit_scale"], torch.tensor(100.0))
+    assert out["curv_at_bound"] == 1.0
+    with torch.no_grad():
+        head.log_curv.fill_(math.log(1e-3))
+    torch.testing.assert_close(head.curvature(), torch.tensor([0.2]))
+
+
+def test_bounded_gradient_only_blocks_outward_pushes():
+    value = torch.tensor([5.0, 5.0, -5.0, -5.0, 0.0], requires_grad=True)
+    # Descent moves by -grad: grad +1 moves down, -1 moves up.
+    grad = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0])
+    out = bounded(value, -1.0, 1.0)
+    torch.testing.assert_close(out.detach(), torch.tensor([1.0, 1.0, -1.0, -1.0, 0.0]))
+    out.backward(grad)
+    torch.testing.assert_close(value.grad, torch.tensor([1.0, 0.0, 0.0, -1.0, 1.0]))
+
+
+@pytest.mark.parametrize("curv_init", [1.0, 0.5])
+def test_losses_match_dense_reference(curv_init):
+    head = make_head(curv_init=curv_init, entail_weight=0.3)
+    image, text = features(12, seed=2)
+    out = head(inputs_for(image, text))
+    scale, curv = EMBED**-0.5, curv_init
+    image_pts, text_pts = ref_lift(image, scale, curv), ref_lift(text, scale, curv)
+    contrastive = ref_contrastive(image_pts, text_pts, image_pts, text_pts, 1 / 0.07, curv, 0)
+    entailment = ref_entailment(text_pts, image_pts, curv, 0.1)
+    torch.testing.assert_close(out["logging"]["contrastive_loss"].double(), contrastive, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["logging"]["entailment_loss"].double(), entailment, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["loss"].double(), contrastive + 0.3 * entailment, rtol=1e-4, atol=1e-5)
+
+
+def test_entailment_zero_inside_cone_positive_on_violation():
+    curv = torch.tensor([1.0])
+    direction = F.normalize(torch.randn(6, EMBED, generator=torch.Generator().manual_seed(3)), dim=-1)
+    from models.lorentz import exp_map0
+
+    text = exp_map0(direction * 1.0, curv)
+    # Image further out along the caption's ray: inside the cone.
+    image_inside = exp_map0(direction * 3.0, curv)
+    assert entailment_loss(text, image_inside, curv).item() < 1e-6
+    # Images off in unrelated directions: exterior angles near pi/2, outside cones of ~0.2 rad.
+    elsewhere = F.normalize(torch.randn(6, EMBED, generator=torch.Generator().manual_seed(4)), dim=-1)
+    image_outside = exp_map0(elsewhere * 3.0, curv)
+    violation = entailment_loss(text, image_outside, curv)
+    expected = ref_entailment(text.double(), image_outside.double(), 1.0, 0.1)
+    assert violation.item() > 0.5
+    torch.testing.assert_close(violation.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_inputs_and_autocast_stay_fp32():
+    head = make_head()
+    image, text = features(8, seed=4)
+    reference = head(inputs_for(image, text))["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(inputs_for(image.bfloat16(), text.bfloat16()))
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    torch.testing.assert_close(out["loss"], reference, rtol=5e-2, atol=5e-2)  # bf16 input rounding only
+
+
+def test_zero_shot_geometry():
+    head = make_head()
+    image = features(5, seed=5)[0]
+    prompts = torch.randn(3, 4, EMBED, generator=torch.Generator().manual_seed(6))  # (C, T, E)
+    classes = head.prompt_ensemble(prompts)
+    # The class embedding is the tangent-space mean of the scaled prompts, lifted.
+    expected_class_pts = ref_lift(prompts.double().mean(dim=1), EMBED**-0.5, 1.0)
+    torch.testing.assert_close(head.lift_text(classes).double(), expected_class_pts, rtol=1e-5, atol=1e-6)
+    scores = head.pairwise_scores(image, classes)
+    assert scores.shape == (5, 3)
+    distances = ref_dist(ref_lift(image, EMBED**-0.5, 1.0), expected_class_pts, 1.0)
+    # Lorentzian inner product: -c <x, y>_L = cosh(sqrt(c) d).
+    torch.testing.assert_close(-scores.double(), torch.cosh(distances), rtol=1e-5, atol=1e-5)
+
+
+def test_warns_when_curvature_sits_at_bound(caplog):
+    head = make_head(curv_bound_warn_steps=50).train()
+    with torch.no_grad():
+        head.log_curv.fill_(math.log(0.01))  # below 1.0 / 10
+    batch = inputs_for(*features(4, seed=7))
+    with caplog.at_level(logging.WARNING, logger="models.heads.meru"):
+        for _ in range(50):
+            out = head(batch)
+    assert out["logging"]["curv_bound_steps"].item() == 50
+    assert any("curvature" in record.getMessage() for record in caplog.records)
+    with torch.no_grad():
+        head.log_curv.fill_(0.0)
+    assert head(batch)["logging"]["curv_bound_steps"].item() == 0
+
+
+GLOBAL_BATCH, WORLD = 8, 2
+
+
+def _global_features():
+    return features(GLOBAL_BATCH, seed=8)
+
+
+def _rank_step(rank: int, world_size: int):
+    torch.manual_seed(0)
+    head = make_head(curv_init=0.8)
+    image_all, text_all = _global_features()
+    per_rank = GLOBAL_BATCH // world_size
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    image = image_all[rows].clone().requires_grad_()
+    text = text_all[rows].clone().requires_grad_()
+    gathered = {"image_embed": gather_with_grad(image), "text_embed": gather_with_grad(text)}
+    out = head(inputs_for(image, text, rank, world_size, gathered))
+    out["loss"].backward()
+    # numpy, not tensors: tensors cross the result queue as shared-memory handles, which break
+    # when this process exits before the parent unpickles them.
+    param_grads = {name: p.grad.numpy() for name, p in head.named_parameters()}
+    return out["loss"].detach().numpy(), image.grad.numpy(), text.grad.numpy(), param_grads
+
+
+def test_two_ranks_match_single_process():
+    results = [
+        (torch.from_numpy(loss), torch.from_numpy(image_grad), torch.from_numpy(text_grad),
+         {name: torch.from_numpy(grad) for name, grad in param_grads.items()})
+        for loss, image_grad, text_grad, param_grads in run_ranks(_rank_step, WORLD)
+    ]
+
+    # Single process, float64, from the reference formulas: the global batch split the same way.
+    image_all, text_all = (t.double().requires_grad_() for t in _global_features())
+    scalars = {  # the head's raw parameters at init
+        "log_curv": torch.tensor(math.log(0.8), dtype=torch.float64, requires_grad=True),
+        "alpha_image": torch.tensor(math.log(EMBED**-0.5), dtype=torch.float64, requires_grad=True),
+        "alpha_text": torch.tensor(math.log(EMBED**-0.5), dtype=torch.float64, requires_grad=True),
+        "logit_scale": torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True),
+    }
+    curv = scalars["log_curv"].exp()
+    image_pts = ref_lift(image_all, scalars["alpha_image"].exp(), curv)
+    text_pts = ref_lift(text_all, scalars["alpha_text"].exp(), curv)
+    per_rank = GLOBAL_BATCH // WORLD
+    total = 0.0
+    for rank, (loss, _, _, param_grads) in enumerate(results):
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        expected = ref_contrastive(
+            image_pts[rows], text_pts[rows], image_pts, text_pts, scalars["logit_scale"].exp(), curv, rank * per_rank
+        ) + 0.2 * ref_entailment(text_pts[rows], image_pts[rows], curv, 0.1)
+        torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+        # Head scalars: each rank's gradient is that of its own local loss (DDP averages them).
+        own = torch.autograd.grad(expected, list(scalars.values()), retain_graph=True)
+        for name, grad in zip(scalars, own):
+            torch.testing.assert_close(param_grads[name].double(), grad.reshape(1), rtol=1e-4, atol=1e-5)
+        total = total + expected
+    # Features: all_gather's backward sums every rank's loss gradient into the owner's slice.
+    total.backward()
+    for rank, (_, image_grad, text_grad, _) in enumerate(results):
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        torch.testing.assert_close(image_grad.double(), image_all.grad[rows], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(text_grad.double(), text_all.grad[rows], rtol=1e-4, atol=1e-6)
