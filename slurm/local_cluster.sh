@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# A one-node Slurm cluster on this machine, for tests and for trying `vlp submit` on a laptop.
+#
+#   bash slurm/local_cluster.sh install   # apt-get update + install slurm-wlm munge (Debian/Ubuntu)
+#   bash slurm/local_cluster.sh start     # write slurm.conf, start munged, slurmctld, slurmd; wait for idle
+#   bash slurm/local_cluster.sh status    # daemons and `sinfo`
+#   bash slurm/local_cluster.sh stop      # stop the three daemons (job state is kept)
+#
+# Needs root. Every subcommand is idempotent. No systemd is needed: the daemons are started
+# directly and their state lives under $VLP_SLURM_STATE (default /var/spool/vlp-slurm).
+# slurm.conf goes to /etc/slurm/slurm.conf so that sbatch/squeue/sinfo find it without SLURM_CONF;
+# a slurm.conf this script did not write is never overwritten.
+set -euo pipefail
+
+STATE=${VLP_SLURM_STATE:-/var/spool/vlp-slurm}
+CONF_DIR=/etc/slurm
+CONF=$CONF_DIR/slurm.conf
+MARKER="# written by vlp slurm/local_cluster.sh"
+MUNGE_KEY=/etc/munge/munge.key
+MUNGE_RUN=/run/munge
+WAIT_S=${VLP_SLURM_WAIT_S:-60}
+
+log() { echo "[local_cluster] $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+need_root() { [[ $(id -u) -eq 0 ]] || die "run as root (the daemons need it)"; }
+
+need_binaries() {
+    local missing=()
+    for bin in munged slurmctld slurmd sinfo scontrol; do
+        command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
+    done
+    if ((${#missing[@]})); then
+        die "missing ${missing[*]}; run: bash slurm/local_cluster.sh install"
+    fi
+}
+
+# A daemon is running when its pid file names a live process.
+running() {
+    local pidfile=$1
+    [[ -s $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+cmd_install() {
+    need_root
+    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then
+        log "slurm-wlm and munge already installed"
+        return
+    fi
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurm-wlm munge
+}
+
+write_conf() {
+    local host cpus hw
+    host=$(hostname -s)
+    # The node line copies the hardware slurmd sees (sockets/cores/threads), so slurmd never drains
+    # the node for a mismatch; memory is left out (jobs here do not request it).
+    hw=$(slurmd -C | head -n 1 | sed -e 's/^NodeName=[^ ]* //' -e 's/ RealMemory=[0-9]*//')
+    cpus=$(nproc)
+    mkdir -p "$CONF_DIR" "$STATE/ctld" "$STATE/d" "$STATE/log"
+    if [[ -f $CONF ]] && ! grep -qxF "$MARKER" "$CONF"; then
+        die "$CONF exists and was not written by this script; refusing to overwrite it"
+    fi
+    local new
+    new=$(cat <<EOF
+$MARKER
+# One node, root-run daemons, no cgroups and no accounting database.
+ClusterName=vlp-local
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+# A requeued job becomes eligible again only after its credential expires (cred_expire + 1 s,
+# default 120 s); 10 s keeps requeue tests short here. Real clusters keep the default.
+AuthInfo=cred_expire=10
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/d
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd.pid
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdLogFile=$STATE/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+# Requeue: allowed by default (a job may still opt out with --no-requeue). A requeued job goes
+# back to PENDING, not held; exit code 85 from a job also requeues it (not held), a hook for
+# trainers that prefer exiting with a code to calling scontrol.
+JobRequeue=1
+RequeueExit=85
+# Keep finished jobs visible to squeue/scontrol for a day (there is no slurmdbd for sacct).
+MinJobAge=86400
+# Seconds between SIGTERM and SIGKILL when a job is cancelled, requeued or hits its time limit:
+# room for a checkpoint.
+KillWait=60
+# Look at pending jobs every few seconds (defaults 60 s and 30 s) so that a requeued job whose
+# begin time has passed starts promptly.
+SchedulerParameters=sched_interval=5,bf_interval=5
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+SlurmctldTimeout=30
+SlurmdTimeout=60
+NodeName=$host NodeAddr=127.0.0.1 $hw State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+EOF
+)
+    # cpus from nproc must agree with what slurmd -C reports; say so if not (containers with a
+    # CPU quota can differ).
+    [[ $hw == *"CPUs=$cpus "* ]] || log "note: nproc=$cpus but slurmd -C reports: $hw"
+    CONF_CHANGED=0
+    if [[ -f $CONF ]] && [[ $(cat "$CONF") == "$new" ]]; then
+        return
+    fi
+    printf '%s\n' "$new" >"$CONF"
+    CONF_CHANGED=1
+    log "wrote $CONF"
+}
+
+start_munge() {
+    if [[ ! -s $MUNGE_KEY ]]; then
+        log "creating $MUNGE_KEY"
+        mkdir -p "$(dirname "$MUNGE_KEY")"
+        if command -v mungekey >/dev/null; then
+            mungekey --create --keyfile="$MUNGE_KEY"
+        else
+            dd if=/dev/urandom bs=1 count=1024 of="$MUNGE_KEY" status=none
+        fi
+    fi
+    # munged refuses keys and directories other users can read or write.
+    chown munge:munge "$MUNGE_KEY" "$(dirname "$MUNGE_KEY")"
+    chmod 0400 "$MUNGE_KEY"
+    chmod 0700 "$(dirname "$MUNGE_KEY")"
+    mkdir -p "$MUNGE_RUN" /var/lib/munge /var/log/munge
+    chown munge:munge "$MUNGE_RUN" /var/lib/munge /var/log/munge
+    chmod 0755 "$MUNGE_RUN"
+    if running "$MUNGE_RUN/munged.pid"; then
+        return
+    fi
+    rm -f "$MUNGE_RUN/munge.socket.2" "$MUNGE_RUN/munge.socket.2.lock"
+    runuser -u munge -- munged
+    munge -n | unmunge >/dev/null || die "munged started but a credential does not round-trip"
+    log "munged up"
+}
+
+start_slurm() {
+    if ! running "$STATE/slurmctld.pid"; then
+        slurmctld
+        log "slurmctld started"
+    fi
+    if ! running "$STATE/slurmd.pid"; then
+        slurmd
+        log "slurmd started"
+    fi
+}
+
+node_state() { sinfo -h -N -o '%t' 2>/dev/null | head -n 1; }
+
+wait_idle() {
+    local deadline=$((SECONDS + WAIT_S)) state=""
+    while ((SECONDS < deadline)); do
+        state=$(node_state)
+        case $state in
+            idle | mix | alloc | comp) log "node $(hostname -s) is $state"; return 0 ;;
+            drain* | down* | drng*)
+                # A node left down/drained by an earlier run (e.g. the machine rebooted under it).
+                scontrol update NodeName="$(hostname -s)" State=RESUME 2>/dev/null || true ;;
+        esac
+        sleep 1
+    done
+    log "node state after ${WAIT_S}s: '${state:-no answer}'; logs in $STATE/log"
+    tail -n 20 "$STATE/log/slurmctld.log" "$STATE/log/slurmd.log" >&2 || true
+    return 1
+}
+
+cmd_start() {
+    need_root
+    need_binaries
+    write_conf
+    start_munge
+    if ((CONF_CHANGED)) && { running "$STATE/slurmctld.pid" || running "$STATE/slurmd.pid"; }; then
+        log "slurm.conf changed: restarting the Slurm daemons"
+        stop_slurm
+    fi
+    start_slurm
+    wait_idle
+}
+
+stop_pidfile() {
+    local name=$1 pidfile=$2
+    running "$pidfile" || return 0
+    local pid
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 30); do
+        kill -0 "$pid" 2>/dev/null || { log "$name stopped"; return 0; }
+        sleep 0.5
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    log "$name killed"
+}
+
+stop_slurm() {
+    stop_pidfile slurmd "$STATE/slurmd.pid"
+    stop_pidfile slurmctld "$STATE/slurmctld.pid"
+}
+
+cmd_stop() {
+    need_root
+    stop_slurm
+    stop_pidfile munged "$MUNGE_RUN/munged.pid"
+}
+
+cmd_status() {
+    local name pidfile rc=0
+    for pair in "munged:$MUNGE_RUN/munged.pid" "slurmctld:$STATE/slurmctld.pid" "slurmd:$STATE/slurmd.pid"; do
+        name=${pair%%:*}
+        pidfile=${pair#*:}
+        if running "$pidfile"; then echo "$name: running (pid $(cat "$pidfile"))"; else echo "$name: stopped"; rc=1; fi
+    done
+    if ((rc == 0)); then sinfo -N -l || rc=1; fi
+    return $rc
+}
+
+case ${1:-} in
+    install) cmd_install ;;
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    *) echo "usage: bash slurm/local_cluster.sh install|start|stop|status" >&2; exit 2 ;;
+esac
