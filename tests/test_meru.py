@@ -251,3 +251,60 @@ def test_two_ranks_match_single_process():
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
         torch.testing.assert_close(image_grad.double(), image_all.grad[rows], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(text_grad.double(), text_all.grad[rows], rtol=1e-4, atol=1e-6)
+
+
+def tiny_meru_model():
+    from models.dual_encoder import VLPModel
+    from train.config import load_config
+
+    overrides = ["model.image.layers=1", "model.text.layers=1", "model.embed_dim=32", "model.image.width=32",
+                 "model.text.width=32", "model.text.heads=2", "model.image.head_width=16"]
+    config = load_config("configs/meru_demo.yaml", overrides)
+    torch.manual_seed(0)
+    return VLPModel(config.model).eval(), config
+
+
+def test_configs_load():
+    from train.config import load_config
+
+    for path in ("configs/meru_demo.yaml", "configs/meru_vit_b16.yaml"):
+        config = load_config(path)
+        assert config.model.heads.meru is not None and config.model.heads_dict().keys() == {"meru"}
+        assert {ev.type for ev in config.evals} == {"zeroshot", "hierarchy"}
+    with pytest.raises(ValueError, match=r"model\.heads\.meru\.curv_int: unknown key"):
+        load_config("configs/meru_demo.yaml", ["model.heads.meru.curv_int=2.0"])
+
+
+def test_hierarchy_evaluator(tmp_path):
+    from train.evals import EVALUATORS, EvalContext
+    from train.evals.common import encode_texts
+    from train.evals.hierarchy import evaluate_hierarchy
+
+    model, config = tiny_meru_model()
+    evaluator_cfg = next(ev for ev in config.evals if ev.type == "hierarchy")
+    results = EVALUATORS.get("hierarchy")(evaluator_cfg).run(model, EvalContext(out_dir=tmp_path, step=7))
+    assert (tmp_path / "hierarchy_step000007.png").stat().st_size > 0
+    # Closed form: d(O, exp_map0(alpha * e)) = |alpha * e| (below the sinh clamp).
+    head = model.objective.heads["meru"]
+    with torch.no_grad():
+        generic = encode_texts(model, evaluator_cfg.generic, torch.device("cpu"))
+        specific = encode_texts(model, evaluator_cfg.specific, torch.device("cpu"))
+        scale = head.text_scale()
+    assert results["hierarchy_generic_mean_dist"] == pytest.approx(float((generic * scale).norm(dim=-1).mean()), rel=1e-5)
+    assert results["hierarchy_specific_mean_dist"] == pytest.approx(float((specific * scale).norm(dim=-1).mean()), rel=1e-5)
+    assert 0.0 <= results["hierarchy_order_accuracy"] <= 1.0
+    # The named-function entry point (used by `vlp eval hierarchy`) gives the same numbers.
+    again = evaluate_hierarchy(model, evaluator_cfg.generic, evaluator_cfg.specific)
+    assert again["hierarchy_generic_mean_dist"] == pytest.approx(results["hierarchy_generic_mean_dist"])
+
+
+def test_hierarchy_needs_a_meru_head():
+    from models.dual_encoder import VLPModel
+    from train.config import load_config
+    from train.evals.hierarchy import evaluate_hierarchy
+
+    config = load_config("configs/meru_demo.yaml", ["model.image.layers=1", "model.text.layers=1"])
+    config.model.heads.meru = None
+    config.model.heads.clip = HEADS.get("clip").config_class()
+    with pytest.raises(ValueError, match="no meru head"):
+        evaluate_hierarchy(VLPModel(config.model), ["a digit"], ["a handwritten digit 7"])
