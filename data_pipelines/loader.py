@@ -10,8 +10,8 @@ from process state, so the same (seed, epoch, rank, world_size, workers) gives t
 in the same order on every run.
 
 Epoch mode. Shards of each source are shuffled by (seed, epoch) and dealt to the
-`world_size * workers` reading slots; when a source has fewer shards than slots, slots share a
-shard and take every m-th sample of it, so one shard still splits across two ranks. Every
+`world_size * workers` reading slots; when a source has fewer shards than slots, every slot
+reads all its shards and keeps every `slots`-th sample, so one shard still splits across ranks. Every
 rank yields exactly `batches_per_epoch` batches (computed from `sizes.json`, or by counting the
 tar members, the same on every rank so collectives never deadlock): a slot whose share is short
 cycles its own stream again (reshuffled); the remainder past the count is dropped. Batch `i`
@@ -149,31 +149,44 @@ def _read_shard(url: str) -> Iterator[dict]:
         yield current
 
 
-def _slot_units(urls: list[str], slot: int, slots: int) -> list[tuple[str, int, int]]:
-    """What reading slot `slot` of `slots` reads: (url, modulo, remainder) triples, keeping the
-    samples whose index in the shard is `remainder` mod `modulo`. Slots are disjoint and cover
-    every sample: whole shards when there are enough, else every m-th sample of a shared shard."""
+@dataclass(frozen=True)
+class _Share:
+    """What one reading slot reads: the samples of `urls` (read in this order, counted across
+    them) whose running index is `remainder` mod `modulo`."""
+
+    urls: tuple[str, ...]
+    modulo: int = 1
+    remainder: int = 0
+
+    def count(self, sizes: dict[str, int]) -> int:
+        total = sum(sizes[url] for url in self.urls)
+        return max(0, (total - self.remainder + self.modulo - 1) // self.modulo)
+
+    def reordered(self, rng: random.Random) -> "_Share":
+        urls = list(self.urls)
+        rng.shuffle(urls)
+        return _Share(tuple(urls), self.modulo, self.remainder)
+
+
+def _slot_share(urls: list[str], slot: int, slots: int) -> _Share:
+    """Slot `slot` of `slots`: whole shards when there are at least as many shards as slots;
+    else every slot reads all shards and keeps every `slots`-th sample, so shares stay balanced
+    (one shard still splits across two ranks). Slots are disjoint and cover every sample."""
     if len(urls) >= slots:
-        return [(url, 1, 0) for url in urls[slot::slots]]
-    shard = slot % len(urls)
-    sharers = list(range(shard, slots, len(urls)))
-    return [(urls[shard], len(sharers), sharers.index(slot))]
+        return _Share(tuple(urls[slot::slots]))
+    return _Share(tuple(urls), slots, slot)
 
 
-def _slot_count(sizes: dict[str, int], units: list[tuple[str, int, int]]) -> int:
-    return sum((sizes[url] - remainder + modulo - 1) // modulo for url, modulo, remainder in units)
-
-
-def _read_units(units: Iterable[tuple[str, int, int]]) -> Iterator[dict]:
-    for url, modulo, remainder in units:
-        index = 0
+def _read_share(share: _Share) -> Iterator[dict]:
+    index = 0
+    for url in share.urls:
         for sample in _read_shard(url):
-            if "__bad__" in sample:
-                yield sample
-                continue
-            if index % modulo == remainder:
-                yield sample
-            index += 1
+            if "__bad__" not in sample:
+                keep = index % share.modulo == share.remainder
+                index += 1
+                if not keep:
+                    continue
+            yield sample
 
 
 def _shuffled(items: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -472,25 +485,26 @@ class _TrainDataset(IterableDataset):
         if self.mode == "resampled":
             rng = random.Random(_seed("resample", self.seed, self.epoch, self.rank, role, index))
             shards = (rng.choice(source.urls) for _ in itertools.count())
-            yield from _shuffled(_read_units((url, 1, 0) for url in shards), self.shuffle_buffer, rng)
+            samples = (sample for url in shards for sample in _read_shard(url))
+            yield from _shuffled(samples, self.shuffle_buffer, rng)
             return
         order = list(source.urls)
         random.Random(_seed("shards", self.seed, self.epoch, index)).shuffle(order)  # same on every rank
-        units = _slot_units(order, slot, slots)
-        if _slot_count(source.sizes, units) == 0:
+        share = _slot_share(order, slot, slots)
+        if share.count(source.sizes) == 0:
             yield _error(f"rank {self.rank} worker {role} has no samples of {source.urls[0]}...: "
                          f"fewer samples than world_size x workers ({slots})")
             return
         for cycle in itertools.count():
             rng = random.Random(_seed("buffer", self.seed, self.epoch, self.rank, role, index, cycle))
-            if cycle:
-                rng.shuffle(units)
+            if cycle:  # padding a short share: read it again in another order
+                share = share.reordered(rng)
             good = 0
-            for sample in _shuffled(_read_units(units), self.shuffle_buffer, rng):
+            for sample in _shuffled(_read_share(share), self.shuffle_buffer, rng):
                 good += "__bad__" not in sample
                 yield sample
             if good == 0:
-                yield _error(f"no readable sample in shards {', '.join(url for url, _, _ in units)}")
+                yield _error(f"no readable sample in shards {', '.join(share.urls)}")
                 return
 
 
@@ -596,8 +610,7 @@ class _EvalDataset(IterableDataset):
         worker = info.id if info is not None else 0
         allow_pixels(self.pipeline.max_image_pixels)
         workers = max(self.workers, 1)
-        units = _slot_units(self.urls, self.rank * workers + worker, self.world_size * workers)
-        stream = _read_units(units)
+        stream = _read_share(_slot_share(self.urls, self.rank * workers + worker, self.world_size * workers))
         items: list[dict] = []
         bad: Counter = Counter()
         bad_shards: set[str] = set()
