@@ -1,0 +1,155 @@
+"""FILIP: token-wise late interaction, contrastive over the gathered batch.
+
+After Yao et al. 2021, "FILIP: Fine-grained Interactive Language-Image Pre-Training". With
+L2-normalised patch tokens x_p (P of them) and valid text tokens y_l (n_t of them):
+
+    image -> text  s(i, t)  = (1 / P)   * sum_p max_l <x_p, y_l>
+    text -> image  s'(i, t) = (1 / n_t) * sum_l max_p <x_p, y_l>
+
+Padding never enters: a padded token is neither a candidate of the max nor a term of the mean
+(`text_mask`). The loss is CLIP's symmetric InfoNCE with `s` for the image->text direction and
+`s'` for text->image, over this rank's images/texts against every rank's texts/images (open_clip's
+`local_loss` with `gather_with_grad`), averaged over the two directions.
+
+Memory is B * N * P * L similarities per rank; `max_image_tokens` / `max_text_tokens` score a
+random subset of patches / valid text tokens per sample during training (FILIP keeps all
+tokens but reduces the embedding width; a token subset is the cheaper lever here).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from models.heads.flair import at_least_fp32, contiguous_grad
+
+
+class FilipConfig(HeadConfig):
+    init_logit_scale: float = Field(math.log(1 / 0.07), description="log of the initial inverse temperature")
+    max_logit_scale: float = Field(100.0, gt=0)
+    # Random token subsets per sample during training (None: all tokens).
+    max_image_tokens: Optional[int] = Field(None, ge=1)
+    max_text_tokens: Optional[int] = Field(None, ge=1)
+    # Images scored per chunk (bounds the (chunk, N, P, L) similarity block).
+    chunk: int = Field(16, ge=1)
+
+
+def token_similarity(
+    image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor, *, chunk: int = 16
+) -> tuple[Tensor, Tensor]:
+    """FILIP's two late-interaction scores for every image-text pair.
+
+    image_tokens: (N1, P, E) and text_tokens: (N2, L, E), both L2-normalised; text_mask:
+    (N2, L) bool, True on real tokens (each text needs at least one).
+    Returns (image_to_text (N1, N2), text_to_image (N1, N2)).
+    """
+    mask = text_mask.bool()
+    counts = mask.sum(dim=1).clamp(min=1).to(image_tokens.dtype)  # (N2,)
+    lowest = torch.finfo(image_tokens.dtype).min
+    i2t, t2i = [], []
+    for start in range(0, image_tokens.shape[0], chunk):
+        sim = torch.einsum("ipe,tle->itpl", image_tokens[start : start + chunk], text_tokens)  # (n, N2, P, L)
+        best_text = sim.masked_fill(~mask[None, :, None, :], lowest).amax(dim=3)  # (n, N2, P)
+        i2t.append(best_text.mean(dim=2))
+        best_patch = sim.amax(dim=2).masked_fill(~mask[None], 0.0)  # (n, N2, L)
+        t2i.append(best_patch.sum(dim=2) / counts[None])
+    return torch.cat(i2t), torch.cat(t2i)
+
+
+def random_token_subset(tokens: Tensor, count: int, mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Keep `count` random tokens per sample of (B, T, E) (valid ones first when `mask` (B, T) is given)."""
+    if count >= tokens.shape[1]:
+        return tokens, mask
+    order = torch.rand(tokens.shape[:2], device=tokens.device)
+    if mask is not None:
+        order = order + (~mask.bool()).to(order.dtype) * 2.0  # padding sorts after every real token
+    keep = order.argsort(dim=1)[:, :count]  # (B, count)
+    picked = tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[2]))
+    return picked, (mask.gather(1, keep) if mask is not None else None)
+
+
+def filip_loss(
+    image_tokens: Tensor,
+    text_tokens: Tensor,
+    text_mask: Tensor,
+    all_image_tokens: Tensor,
+    all_text_tokens: Tensor,
+    all_text_mask: Tensor,
+    first: int,
+    scale: Tensor,
+    chunk: int = 16,
+) -> tuple[Tensor, Tensor]:
+    """Symmetric InfoNCE of this rank's B pairs against the global N (all inputs normalised, fp32).
+
+    The positive of local sample b is global index `first + b`. Returns (loss, i2t accuracy).
+    """
+    batch = image_tokens.shape[0]
+    labels = first + torch.arange(batch, device=image_tokens.device)
+    i2t, _ = token_similarity(image_tokens, all_text_tokens, all_text_mask, chunk=chunk)  # (B, N)
+    _, t2i = token_similarity(all_image_tokens, text_tokens, text_mask, chunk=chunk)  # (N, B)
+    loss_i2t = F.cross_entropy(scale * i2t, labels)
+    loss_t2i = F.cross_entropy(scale * t2i.T, labels)
+    accuracy = (i2t.argmax(dim=1) == labels).float().mean()
+    return (loss_i2t + loss_t2i) / 2, accuracy
+
+
+@HEADS.register("filip")
+class FilipHead(Head):
+    config_class = FilipConfig
+    needs = ("image_tokens", "text_tokens", "text_mask")
+    gathered_keys = ("image_tokens", "text_tokens", "text_mask")
+    scores_with_tokens = True
+
+    def __init__(self, config: FilipConfig, embed_dim: int) -> None:
+        super().__init__(config, embed_dim)
+        self.logit_scale = nn.Parameter(torch.full([1], float(config.init_logit_scale)))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"logit_scale"}
+
+    def _subset(self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor):
+        if self.training and self.config.max_image_tokens:
+            image_tokens, _ = random_token_subset(image_tokens, self.config.max_image_tokens)
+        if self.training and self.config.max_text_tokens:
+            text_tokens, text_mask = random_token_subset(text_tokens, self.config.max_text_tokens, text_mask)
+        return image_tokens, text_tokens, text_mask
+
+    def forward(self, inputs: HeadInputs) -> dict[str, Any]:
+        local, gathered = inputs.local, inputs.gathered
+        batch = local["image_tokens"].shape[0]
+        first = inputs.rank * batch
+        norm = lambda t: F.normalize(at_least_fp32(contiguous_grad(t)), dim=-1)  # noqa: E731
+        all_images, all_texts, all_mask = self._subset(
+            norm(gathered.get("image_tokens", local["image_tokens"])),
+            norm(gathered.get("text_tokens", local["text_tokens"])),
+            gathered.get("text_mask", local["text_mask"]).bool(),
+        )
+        # The local rows are the same (subsetted) tokens as this rank's slice of the gathered ones.
+        images = all_images[first : first + batch]
+        texts, mask = all_texts[first : first + batch], all_mask[first : first + batch]
+        scale = at_least_fp32(self.logit_scale).clamp(max=math.log(self.config.max_logit_scale)).exp()
+        loss, accuracy = filip_loss(images, texts, mask, all_images, all_texts, all_mask, first, scale,
+                                    self.config.chunk)
+        return {"loss": loss, "logging": {"scale": scale.detach()[0], "i2t_acc": accuracy.detach()}}
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def similarity_map(self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
+        """Per patch, the best cosine over the paired text's valid tokens: (B, P, E), (B, L, E), (B, L) -> (B, P)."""
+        sim = torch.einsum("bpe,ble->bpl", F.normalize(at_least_fp32(image_tokens), dim=-1),
+                           F.normalize(at_least_fp32(text_tokens), dim=-1))
+        return sim.masked_fill(~text_mask.bool()[:, None, :], float("-inf")).amax(dim=2)
+
+    @torch.no_grad()
+    def token_scores(self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
+        """Text -> image late-interaction score s'(i, t) for all images (N, P, E) x texts (M, L, E) -> (N, M)."""
+        _, t2i = token_similarity(F.normalize(at_least_fp32(image_tokens), dim=-1), F.normalize(at_least_fp32(text_tokens), dim=-1),
+                                  text_mask, chunk=self.config.chunk)
+        return t2i

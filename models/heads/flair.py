@@ -1,0 +1,340 @@
+"""FLAIR: text-conditioned attention pooling over image tokens, trained with sigmoid losses.
+
+After Xiao et al. 2024, "FLAIR: VLM with Fine-grained Language-informed Image Representations"
+(CVPR 2025). A text's global embedding queries the image's patch tokens through one multi-head
+attention layer whose keys and values get an extra all-zero slot (torch's `add_zero_attn`), so a
+text that matches nothing in the image can put its weight there and pool (almost) nothing. The
+result is one image embedding per (image, text) pair, `v(i, t)`.
+
+Two sigmoid losses over the K sub-captions sampled per image (`data.sub_captions`), averaged
+as in FLAIR:
+
+* text-conditioned sigmoid (TCS): logit(i, t) = scale * cos(v(i, t), t) + bias, positive when
+  t is one of image i's captions. Pooling is per pair, so scoring all B x (B * K) pairs costs
+  B * B * K pooled vectors; like FLAIR we pair each image with its own K captions plus ONE
+  random caption of every other image: B x (K + N - 1) pairs per rank, N the global batch.
+* multi-positive sigmoid (MPS): the global image embedding against every caption of the
+  global batch, K positives per image: logit = scale * cos(image, t) + bias.
+
+Normalisation: TCS sums over a row's pairs and averages over this rank's images (SigLIP's
+per-image convention; FLAIR divides the same sum by B + K - 1 instead of B). MPS sums over a
+row's N * K captions and divides by B * K, as FLAIR does. Other ranks' captions are negatives in
+both; with `gather_with_grad` the sum of the ranks' losses is the single-process loss of the
+global batch, so the averaged DDP gradient is the global one.
+
+Zero-shot scoring (`pairwise_scores`) pools every image for every text when given the image
+tokens (FLAIR's primary `get_logits`), optionally only for each text's `topk` images by global
+cosine; without tokens it falls back to global cosine (FLAIR's `get_logits_as_clip`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+
+
+class FlairConfig(HeadConfig):
+    num_heads: int = Field(8, ge=1, description="attention heads of the pooling layer; must divide embed_dim")
+    # FLAIR pools over the local (patch) tokens only; True adds the global token as one more key.
+    include_global_token: bool = False
+    init_logit_scale: float = Field(math.log(10.0), description="log of the initial scale (SigLIP)")
+    init_logit_bias: float = -10.0
+    max_logit_scale: float = Field(100.0, gt=0, description="clamp of exp(logit_scale)")
+    # "sampled": own K captions + one random caption of every other image (B x (K + N - 1));
+    # "all": every caption of the global batch (B x N * K pooled vectors; small batches only).
+    negatives: Literal["sampled", "all"] = "sampled"
+    multi_positive: bool = Field(True, description="add FLAIR's multi-positive sigmoid loss (averaged with TCS)")
+    # Images pooled per chunk in zero-shot scoring (bounds eval memory).
+    score_chunk: int = Field(64, ge=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def at_least_fp32(tensor: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32 for loss maths; fp32 and fp64 stay as they are (gradcheck runs in fp64)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    The gloo backward of `torch.distributed.nn.all_gather` is an all-to-all that reads raw
+    storage, so a strided incoming gradient (FILIP's `amax` / `masked_fill` backward produce one)
+    is exchanged scrambled. Applied to the gathered tensors before any use.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(tensor: Tensor) -> Tensor:
+    """`tensor` unchanged; its gradient is made contiguous on the way back (see `_ContiguousGrad`)."""
+    return _ContiguousGrad.apply(tensor) if tensor.requires_grad else tensor
+
+
+def zero_slot_attention(queries: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Scaled dot-product attention with one extra all-zero key/value slot.
+
+    queries: (B, H, T, d); keys, values: (B, H, P, d).
+    Returns pooled (B, H, T, d) and weights (B, H, T, P + 1), the last column being the zero
+    slot. Its key is zero, so its logit is 0 whatever the query; its value is zero, so the
+    pooled vector is `weights[..., :P] @ values` and shrinks toward zero when a text puts its
+    weight on the slot (the attention weights over real tokens need not sum to 1).
+    """
+    scale = queries.shape[-1] ** -0.5
+    logits = torch.einsum("bhtd,bhpd->bhtp", queries, keys) * scale  # (B, H, T, P)
+    zero = logits.new_zeros(logits.shape[:-1] + (1,))
+    weights = torch.cat([logits, zero], dim=-1).softmax(dim=-1)  # (B, H, T, P + 1)
+    pooled = torch.einsum("bhtp,bhpd->bhtd", weights[..., :-1], values)
+    return pooled, weights
+
+
+def sampled_pairs(
+    negative_caption: Tensor, first_image: int, num_captions: int
+) -> tuple[Tensor, Tensor]:
+    """Caption indices and labels of FLAIR's B x (K + N - 1) pairing.
+
+    negative_caption: (B, N) long in [0, K): which of image j's K captions is image i's
+        negative (the entries at i's own column are ignored).
+    first_image: global index of this rank's first image (rank * B).
+    Returns caption_index (B, K + N - 1) into the flattened (N * K) captions of the global
+    batch (own K captions first, then one per other image in global order) and labels
+    (B, K + N - 1): +1 for the K own captions, -1 otherwise.
+    """
+    batch, total = negative_caption.shape
+    k = num_captions
+    device = negative_caption.device
+    rows = torch.arange(batch, device=device)
+    own_image = first_image + rows  # (B,)
+    own = own_image[:, None] * k + torch.arange(k, device=device)  # (B, K)
+    images = torch.arange(total, device=device).expand(batch, total)  # (B, N)
+    others = images[images != own_image[:, None]].reshape(batch, total - 1)  # (B, N - 1)
+    other_caption = negative_caption.gather(1, others)
+    caption_index = torch.cat([own, others * k + other_caption], dim=1)  # (B, K + N - 1)
+    labels = torch.full(caption_index.shape, -1.0, device=device)
+    labels[:, :k] = 1.0
+    return caption_index, labels
+
+
+def all_pairs(batch: int, total: int, first_image: int, num_captions: int, device=None) -> tuple[Tensor, Tensor]:
+    """Every caption of the global batch for each local image: (B, N * K) indices and labels."""
+    caption_index = torch.arange(total * num_captions, device=device).expand(batch, -1)
+    owner = caption_index // num_captions  # (B, N * K)
+    own = owner == (first_image + torch.arange(batch, device=device))[:, None]
+    return caption_index, torch.where(own, 1.0, -1.0)
+
+
+def sigmoid_pair_loss(logits: Tensor, labels: Tensor, normaliser: float) -> Tensor:
+    """sum(-log sigmoid(label * logit)) / normaliser, in fp32."""
+    return -F.logsigmoid(labels.to(logits.dtype) * at_least_fp32(logits)).sum() / normaliser
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+class TextConditionedPool(nn.Module):
+    """Multi-head attention pooling: text queries (B, T, E) over image tokens (B, P, E).
+
+    Layer norms on query, key and value inputs, separate q/k/v projections, an output
+    projection, and the zero slot of `zero_slot_attention`.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"model.heads.flair.num_heads={num_heads} must divide model.embed_dim={embed_dim}")
+        self.num_heads = num_heads
+        self.ln_q, self.ln_k, self.ln_v = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def _split(self, x: Tensor) -> Tensor:
+        b, n, e = x.shape
+        return x.reshape(b, n, self.num_heads, e // self.num_heads).transpose(1, 2)  # (B, H, n, d)
+
+    def keys_values(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Projected keys and values (B, H, P, d) of image tokens (B, P, E); reusable across texts."""
+        return self._split(self.k_proj(self.ln_k(tokens))), self._split(self.v_proj(self.ln_v(tokens)))
+
+    def queries(self, texts: Tensor) -> Tensor:
+        """Projected queries (B, H, T, d) of text embeddings (B, T, E)."""
+        return self._split(self.q_proj(self.ln_q(texts)))
+
+    def pool(self, queries: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Pooled image embeddings (B, T, E) and attention weights (B, H, T, P + 1)."""
+        pooled, weights = zero_slot_attention(queries, keys, values)
+        b, h, t, d = pooled.shape
+        return self.out_proj(pooled.transpose(1, 2).reshape(b, t, h * d)), weights
+
+    def forward(self, texts: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        keys, values = self.keys_values(tokens)
+        return self.pool(self.queries(texts), keys, values)
+
+
+@HEADS.register("flair")
+class FlairHead(Head):
+    config_class = FlairConfig
+    needs = ("image_embed", "image_tokens", "sub_text_embed")
+    gathered_keys = ("sub_text_embed",)
+    # Zero-shot scores need the image tokens: evaluators pass `image_tokens=` when this is True.
+    scores_with_tokens = True
+
+    def __init__(self, config: FlairConfig, embed_dim: int) -> None:
+        super().__init__(config, embed_dim)
+        self.pool = TextConditionedPool(embed_dim, config.num_heads)
+        self.logit_scale = nn.Parameter(torch.full([1], float(config.init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.full([1], float(config.init_logit_bias)))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"logit_scale", "logit_bias"}
+
+    def _scale(self) -> Tensor:
+        # Clamped here, not in place: ZeRO writes the master copy back every step.
+        return at_least_fp32(self.logit_scale).clamp(max=math.log(self.config.max_logit_scale)).exp()
+
+    def _tokens(self, image_tokens: Tensor, image_embed: Optional[Tensor]) -> Tensor:
+        """Keys/values of the pooling: patch tokens (B, P, E), plus the global token if configured."""
+        if self.config.include_global_token and image_embed is not None:
+            return torch.cat([image_embed[:, None], image_tokens], dim=1)  # (B, 1 + P, E)
+        return image_tokens
+
+    def forward(self, inputs: HeadInputs) -> dict[str, Any]:
+        local = inputs.local
+        image_embed, image_tokens = local["image_embed"], local["image_tokens"]
+        sub_text = contiguous_grad(inputs.gathered.get("sub_text_embed", local["sub_text_embed"]))  # (N, K, E)
+        batch, k = image_tokens.shape[0], sub_text.shape[1]
+        total = sub_text.shape[0]
+        first_image = inputs.rank * batch
+        texts = sub_text.reshape(total * k, -1)  # (N * K, E)
+
+        if self.config.negatives == "sampled":
+            negative_caption = torch.randint(k, (batch, total), device=texts.device)
+            caption_index, labels = sampled_pairs(negative_caption, first_image, k)
+        else:
+            caption_index, labels = all_pairs(batch, total, first_image, k, device=texts.device)
+        paired_texts = texts[caption_index]  # (B, T, E)
+        pooled, _ = self.pool(paired_texts, self._tokens(image_tokens, image_embed))  # (B, T, E)
+
+        scale, bias = self._scale(), at_least_fp32(self.logit_bias)
+        cosine = (F.normalize(at_least_fp32(pooled), dim=-1) * F.normalize(at_least_fp32(paired_texts), dim=-1)).sum(-1)
+        tcs_logits = scale * cosine + bias  # (B, T)
+        tcs = sigmoid_pair_loss(tcs_logits, labels, batch)
+        logging: dict[str, Any] = {
+            "tcs": tcs.detach(),
+            "scale": scale.detach()[0],
+            "bias": bias.detach()[0],
+            "pos_logit": tcs_logits[labels > 0].mean().detach(),
+            "neg_logit": tcs_logits[labels < 0].mean().detach(),
+        }
+        loss = tcs
+        if self.config.multi_positive:
+            image = F.normalize(at_least_fp32(image_embed), dim=-1)  # (B, E)
+            _, mps_labels = all_pairs(batch, total, first_image, k, device=texts.device)
+            mps_logits = scale * image @ F.normalize(at_least_fp32(texts), dim=-1).T + bias  # (B, N * K)
+            mps = sigmoid_pair_loss(mps_logits, mps_labels, batch * k)
+            logging["mps"] = mps.detach()
+            loss = (tcs + mps) / 2
+        return {"loss": loss, "logging": logging}
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def attention_map(
+        self, image_tokens: Tensor, text_embed: Tensor, *, image_embed: Optional[Tensor] = None
+    ) -> Tensor:
+        """Head-averaged attention of each text (T, E) over each image's patches (B, P) -> (B, T, P).
+
+        Weights on the zero slot (and on the global token, when it is a key) are dropped, so a
+        row sums to the text's weight on the patches (<= 1).
+        """
+        tokens = self._tokens(image_tokens, image_embed)
+        keys, values = self.pool.keys_values(tokens)
+        texts = text_embed[None].expand(image_tokens.shape[0], -1, -1).to(tokens.dtype)  # (B, T, E)
+        _, weights = self.pool.pool(self.pool.queries(texts), keys, values)  # (B, H, T, P' + 1)
+        weights = weights.mean(dim=1)[..., :-1]  # (B, T, P')
+        return weights[..., tokens.shape[1] - image_tokens.shape[1]:]  # drop the global token
+
+    @torch.no_grad()
+    def text_conditioned_scores(
+        self, image_tokens: Tensor, text_embed: Tensor, *, image_embed: Optional[Tensor] = None
+    ) -> Tensor:
+        """cos(v(i, t), t) for every image (N, P, E) and text (M, E) -> (N, M), in chunks of images."""
+        text = F.normalize(at_least_fp32(text_embed), dim=-1)
+        rows = []
+        for start in range(0, image_tokens.shape[0], self.config.score_chunk):
+            stop = start + self.config.score_chunk
+            chunk_embed = image_embed[start:stop] if image_embed is not None else None
+            tokens = self._tokens(image_tokens[start:stop], chunk_embed)
+            texts = text_embed[None].expand(tokens.shape[0], -1, -1).to(tokens.dtype)  # (n, M, E)
+            pooled, _ = self.pool(texts, tokens)  # (n, M, E)
+            rows.append((F.normalize(at_least_fp32(pooled), dim=-1) * text[None]).sum(-1))
+        return torch.cat(rows, dim=0)
+
+    @torch.no_grad()
+    def pairwise_scores(
+        self,
+        image_embed: Tensor,
+        text_embed: Tensor,
+        *,
+        image_tokens: Optional[Tensor] = None,
+        topk: Optional[int] = None,
+    ) -> Tensor:
+        """(N, M) scores of images (N, E) [+ tokens (N, P, E)] vs texts (M, E); higher is closer.
+
+        Without `image_tokens`: global cosine. With them: text-conditioned cosine
+        cos(v(i, t), t) for every pair. With `topk`: each text's top-k images by global cosine
+        are re-scored with the text-conditioned cosine and the rest keep their global cosine
+        shifted by -4, so they always rank below the re-ranked ones (both cosines lie in [-1, 1]).
+        """
+        global_scores = super().pairwise_scores(image_embed, text_embed)
+        if image_tokens is None:
+            return global_scores
+        if topk is None or topk >= image_embed.shape[0]:
+            return self.text_conditioned_scores(image_tokens, text_embed, image_embed=image_embed)
+        scores = global_scores - 4.0
+        top = global_scores.topk(topk, dim=0).indices  # (k, M): each text's candidate images
+        image_index = top.T.reshape(-1)  # (M * k,)
+        text_index = torch.arange(text_embed.shape[0], device=top.device).repeat_interleave(topk)
+        rescored = self.pair_scores(image_tokens, text_embed, image_index, text_index, image_embed=image_embed)
+        scores[image_index, text_index] = rescored.to(scores.dtype)
+        return scores
+
+    @torch.no_grad()
+    def pair_scores(
+        self,
+        image_tokens: Tensor,
+        text_embed: Tensor,
+        image_index: Tensor,
+        text_index: Tensor,
+        *,
+        image_embed: Optional[Tensor] = None,
+    ) -> Tensor:
+        """cos(v(i, t), t) for listed pairs: images (N, P, E), texts (M, E), indices (Q,) -> (Q,)."""
+        out = []
+        chunk = self.config.score_chunk * 16
+        for start in range(0, image_index.shape[0], chunk):
+            images, texts = image_index[start : start + chunk], text_index[start : start + chunk]
+            embed = image_embed[images] if image_embed is not None else None
+            tokens = self._tokens(image_tokens[images], embed)  # (q, P, E)
+            query = text_embed[texts][:, None].to(tokens.dtype)  # (q, 1, E)
+            pooled, _ = self.pool(query, tokens)
+            cosine = F.normalize(at_least_fp32(pooled[:, 0]), dim=-1) * F.normalize(at_least_fp32(query[:, 0]), dim=-1)
+            out.append(cosine.sum(-1))
+        return torch.cat(out)
