@@ -8,3 +8,61 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import subprocess
+
+import pytest
+import yaml
+
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """The real digits, built once per test session with the project's own source."""
+    from data_pipelines.sources import build
+
+    out = tmp_path_factory.mktemp("digits")
+    build("digits", out, shard_size=400)
+    return out
+
+
+def tiny_config(tmp_path, digits_dir, name="tiny", **sections) -> Path:
+    """A small CLIP config on the digits shards (seconds per step on CPU), written to tmp_path."""
+    tree = yaml.safe_load(DEMO_CONFIG.read_text())
+    tree["name"] = name
+    tree["output_dir"] = str(tmp_path / "runs")
+    tree["data"] = {
+        "train": [{"urls": str(digits_dir / "digits-train-{000000..000003}.tar")}],
+        "workers": 0,
+        "shuffle_buffer": 100,
+    }
+    tree["model"]["embed_dim"] = 32
+    tree["model"]["image"].update(width=32, layers=1, head_width=16)
+    tree["model"]["text"].update(width=32, layers=1, heads=2, context_length=16)
+    tree["train"].update(steps=6, batch_size=8, warmup_steps=2, log_every=1, checkpoint_every=3)
+    tree["evals"] = [{"type": "zeroshot", "data": str(digits_dir / "digits-test-000000.tar"), "batch_size": 128}]
+    tree["export"] = []
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(tree.get(section), dict):
+            tree[section].update(values)
+        else:
+            tree[section] = values
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def run_vlp(*args, timeout=600, env=None, check=True) -> subprocess.CompletedProcess:
+    """`vlp ...` in a fresh process (the trainer owns a process group; keep it out of pytest)."""
+    import os
+    import sys
+
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.cli", *map(str, args)],
+        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vlp {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

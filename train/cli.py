@@ -93,8 +93,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     overrides = [f"output_dir={out.parent}", f"name={out.name}", *args.overrides]
-    if args.steps:
-        overrides.append(f"train.steps={args.steps}")
+    if args.steps:  # a reduced budget keeps the warmup a fifth of the run at most
+        overrides += [f"train.steps={args.steps}", f"train.warmup_steps={min(20, args.steps // 5)}"]
     config = load_config(REPO_CONFIGS / "demo.yaml", overrides)
     started = time.time()
     results = train(config, resume=None)

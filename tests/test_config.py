@@ -1,0 +1,90 @@
+"""Config loading: typed validation, dotted overrides, and error messages that name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train.config import ConfigError, dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def test_every_config_in_configs_validates():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        config = load_config(path)
+        assert config.name and config.model.heads_dict(), path
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config(DEMO, ["train.steps=200", "model.image.width=64", "evals.0.batch_size=32", "train.betas=[0.9, 0.95]"])
+    assert config.train.steps == 200 and isinstance(config.train.steps, int)
+    assert config.model.image.width == 64
+    assert config.evals[0].batch_size == 32
+    assert config.train.betas == (0.9, 0.95)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(DEMO, ["train.steps=123"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.image.widht=3", r'model\.image\.widht: unknown key\. Did you mean "width"\?'),
+        ("model.heads.clipp={}", r'model\.heads\.clipp: unknown key\. Did you mean "clip"\?'),
+        ("train.lrr=0.1", r'train\.lrr: unknown key\. Did you mean "lr"\?'),
+        ("data.train.0.url=x", r'data\.train\.0\.url: unknown key\. Did you mean "urls"\?'),
+        ("train.steps=abc", r"train\.steps: Input should be a valid integer"),
+        ("deepspeed.zero_stage=4", r"deepspeed\.zero_stage: .*less than or equal to 3"),
+        ("deepspeed.precision=fp8", r"deepspeed\.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+        ("model.image.embed_dim=64", r"model\.image\.embed_dim=64 contradicts model\.embed_dim=128"),
+        ("train.warmup_steps=5000", r"train\.warmup_steps=5000 must be below train\.steps"),
+        ("model.image.type=resnet", r"model\.image: Input tag 'resnet'"),
+        ("name=../../etc", r"name: .*names the run folder"),
+        ("model.heads={}", r"model\.heads: name at least one head"),
+    ],
+)
+def test_bad_values_name_the_key_path(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, [override])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(DEMO, ["train.steps"])
+    with pytest.raises(ConfigError, match="evals has no item 7"):
+        load_config(DEMO, ["evals.7.batch_size=1"])
+    with pytest.raises(ConfigError, match="train.steps is a value, not a section"):
+        load_config(DEMO, ["train.steps.x=1"])
+
+
+def test_yaml_object_tags_are_refused(tmp_path):
+    marker = tmp_path / "constructed"
+    path = tmp_path / "evil.yaml"
+    path.write_text(
+        DEMO.read_text() + f"\nextra: !!python/object/apply:os.system ['touch {marker}']\n"
+    )
+    with pytest.raises(ConfigError, match=r"evil\.yaml.*invalid YAML"):
+        load_config(path)
+    assert not marker.exists()
+
+
+def test_duplicate_keys_and_missing_file(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: a\nname: b\n")
+    with pytest.raises(ConfigError, match="duplicate key 'name'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_missing_required_section(tmp_path):
+    tree = yaml.safe_load(DEMO.read_text())
+    del tree["train"]
+    with pytest.raises(ConfigError, match="train: required key is missing"):
+        load_config(tree=tree)

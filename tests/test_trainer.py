@@ -1,0 +1,116 @@
+"""The trainer end to end on real processes: run folder, resume equivalence, 2 ranks, exit codes."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_vlp, tiny_config
+from train.export import consolidate
+
+pytestmark = pytest.mark.slow
+
+
+def final_weights(run_dir, tag):
+    return consolidate(run_dir / "checkpoints", tag)
+
+
+def test_run_folder_contents(tmp_path, digits_dir):
+    config = tiny_config(tmp_path, digits_dir)
+    proc = run_vlp("train", config)
+    run_dir = tmp_path / "runs" / "tiny"
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["run_dir"] == str(run_dir)
+    assert (run_dir / "config.yaml").is_file()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss/total" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    first = next(r for r in records if "loss/total" in r)
+    for key in ("loss/clip", "lr", "samples_per_s", "samples_seen", "clip/logit_scale"):
+        assert key in first, key
+    assert first["samples_seen"] == 8
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps"] == 6 and 0.0 <= results["zeroshot_top1"] <= 1.0
+    assert results["zeroshot_samples"] == 359  # every held-out digit scored once
+    assert (run_dir / "plots" / "loss.png").stat().st_size > 1000
+
+
+def test_resume_ends_with_the_same_weights(tmp_path, digits_dir):
+    """Interrupt after step 3 (drop the later checkpoint), resume in a new process: the final
+    weights equal the uninterrupted run's bit for bit (model, optimizer, schedule, data
+    position mid-epoch and RNG all restored)."""
+    config = tiny_config(tmp_path, digits_dir, train={"checkpoint_every": 3, "keep_checkpoints": 3})
+    run_vlp("train", config)
+    run_dir = tmp_path / "runs" / "tiny"
+    reference = final_weights(run_dir, "step_00000006")
+
+    resumed_runs = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "runs", resumed_runs)
+    ckpts = resumed_runs / "tiny" / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000006")
+    (ckpts / "latest").write_text("step_00000003\n")
+    run_vlp("train", config, f"output_dir={resumed_runs}", "--resume", "latest")
+    resumed = final_weights(resumed_runs / "tiny", "step_00000006")
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0, msg=key)
+    # A resume must also keep one metrics line per step.
+    steps = [json.loads(l)["step"] for l in (resumed_runs / "tiny" / "metrics.jsonl").read_text().splitlines()
+             if "loss/total" in l]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(tmp_path, digits_dir):
+    config = tiny_config(tmp_path, digits_dir, train={"steps": 2, "checkpoint_every": 0, "warmup_steps": 1})
+    run_vlp("train", config, "--resume", "latest")
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_two_ranks_zero2_on_gloo(tmp_path, digits_dir):
+    config = tiny_config(tmp_path, digits_dir, train={"steps": 4, "checkpoint_every": 4}, deepspeed={"zero_stage": 2})
+    run_vlp("train", config, "--nproc", "2")
+    run_dir = tmp_path / "runs" / "tiny"
+    tag_dir = run_dir / "checkpoints" / "step_00000004"
+    assert sorted(p.name for p in tag_dir.glob("*optim_states.pt")) == [
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    ] or len(list(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))) == 2
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss/total" in l]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[0]["samples_seen"] == 16  # global batch = 2 ranks x 8
+    assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in records)
+    weights = final_weights(run_dir, "step_00000004")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["zeroshot_samples"] == 359  # each rank scored its share, reduced to the whole set
+
+
+def test_bad_config_exits_2_and_writes_nothing(tmp_path, digits_dir):
+    config = tiny_config(tmp_path, digits_dir)
+    proc = run_vlp("train", config, "train.lrr=0.1", check=False)
+    assert proc.returncode == 2
+    assert 'train.lrr: unknown key. Did you mean "lr"?' in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+    missing = run_vlp("train", tmp_path / "absent.yaml", check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_missing_shards_exit_2(tmp_path, digits_dir):
+    config = tiny_config(tmp_path, digits_dir, data={"train": [{"urls": str(tmp_path / "none-{000..001}.tar")}]})
+    proc = run_vlp("train", config, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "none-000.tar" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_demo_with_reduced_budget(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_vlp("demo", "--out", out, "--steps", "12", "train.checkpoint_every=0", "train.log_every=4")
+    assert "zero-shot top-1" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["zeroshot_top1"] <= 1.0 and results["steps"] == 12
+    export = out / "export" / "safetensors"
+    card = json.loads((export / "model_card.json").read_text())
+    assert set(card["files"]) == {"model.safetensors", "config.yaml"}
+    assert card["eval_results"]["zeroshot_top1"] == results["zeroshot_top1"]
