@@ -390,7 +390,9 @@ def _seeded(seed: int) -> Iterator[None]:
     in_main = get_worker_info() is None
     if in_main:
         saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    torch.manual_seed(seed)
+    # The CPU generator only: torch.manual_seed also queues lazy CUDA seeding, which captures a
+    # stack trace each call (~ms per sample); augmentations in a data worker run on the CPU.
+    torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     try:
