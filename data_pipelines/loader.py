@@ -61,6 +61,11 @@ from data_pipelines.decode import IMAGE_EXTENSIONS, allow_pixels, decode_image, 
 from data_pipelines.errors import DataError
 from data_pipelines.text import caption_sentences, sample_sub_captions
 
+__all__ = [
+    "BAD_REASONS", "BadSampleMonitor", "EvalLoader", "TrainLoader", "build_eval_loader", "build_train_loader",
+    "check_urls", "expand_urls", "shard_sizes",
+]
+
 BAD_REASONS = ("bad_image", "image_too_large", "empty_caption", "bad_caption", "bad_shard", "missing_field")
 # webdataset's grouping rule: the key is the member path up to the first "." of its file name.
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
@@ -368,7 +373,9 @@ class _Pipeline:
                     bad[failure.reason] += 1
                     bad_shards.add(sample.get("__url__", ""))
                     bad_run += 1
-                    if bad_run >= self.bad_window and self.max_bad_fraction < 1:
+                    # Over the bad-fraction rule (or, with the rule off, 100 windows of nothing
+                    # but bad samples): the trainer would never get a batch to judge, so stop here.
+                    if bad_run >= self.bad_window * (1 if self.max_bad_fraction < 1 else 100):
                         yield _error(f"{bad_run} bad samples in a row ({_reasons(bad)}) in shards {', '.join(sorted(bad_shards))}")
                         return
             yield self.collate(items, bad, bad_shards, epoch)
@@ -558,8 +565,10 @@ def build_train_loader(
 ) -> TrainLoader:
     """The training loader of rank `rank` of `world_size` for `cfg` (see the module docstring).
 
-    `preprocess`: PIL.Image -> Tensor of shape (C, H, W), or, when it has `wants_sample = True`,
-    raw sample dict (extension -> bytes, plus "__key__") -> tensor. `tokenizer`: list[str] ->
+    `preprocess`: PIL.Image (RGB) -> Tensor of shape (C, H, W), or, when it has
+    `wants_sample = True`, the raw sample dict -> tensor (extension -> bytes, e.g. "npy",
+    "nii.gz", "txt", plus "__key__" and "__url__" strings); whatever it raises counts the sample
+    as "bad_image". Its outputs are stacked with torch's default_collate. `tokenizer`: list[str] ->
     LongTensor of shape (N, L). Both must be picklable when `cfg.workers > 0`.
     Raises DataError when a shard is missing or there are fewer samples than one global batch.
     """
