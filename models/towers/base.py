@@ -49,5 +49,21 @@ class TextTower(Tower):
         raise NotImplementedError
 
 
+def share_with_zero3(module: nn.Module, *params) -> None:
+    """Let `module.forward` use parameters of a child outside the child's own forward.
+
+    Under ZeRO-3 a parameter is gathered for the forward of the module that owns it and may be
+    partitioned again when that forward returns; projecting patch tokens with the tower's
+    projection after the child returns needs it registered as external to the parent.
+    """
+    try:
+        from deepspeed.zero import register_external_parameter
+    except ImportError:  # pragma: no cover - deepspeed is a core dependency
+        return
+    for param in params:
+        if isinstance(param, nn.Parameter):
+            register_external_parameter(module, param)
+
+
 IMAGE_TOWERS: Registry[type[ImageTower]] = Registry("image tower")
 TEXT_TOWERS: Registry[type[TextTower]] = Registry("text tower")

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from models.towers.base import IMAGE_TOWERS, ImageTower, TowerConfig
+from models.towers.base import IMAGE_TOWERS, ImageTower, TowerConfig, share_with_zero3
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -71,6 +71,7 @@ class OpenClipVit(ImageTower):
 
         vision_cfg = CLIPVisionCfg(**config.open_clip_cfg(), output_tokens=True)
         self.model = _build_vision_tower(embed_dim, vision_cfg)
+        share_with_zero3(self, self.model.proj)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled, tokens = self.model(images)  # (B, E), (B, P, W) after ln_post

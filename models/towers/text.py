@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from models.towers.base import TEXT_TOWERS, TextTower, TowerConfig
+from models.towers.base import TEXT_TOWERS, TextTower, TowerConfig, share_with_zero3
 
 
 class OpenClipTextConfig(TowerConfig):
@@ -63,6 +63,7 @@ class OpenClipText(TextTower):
 
         text_cfg = CLIPTextCfg(**config.open_clip_cfg(), output_tokens=True)
         self.model = _build_text_tower(embed_dim, text_cfg)
+        share_with_zero3(self, self.model.text_projection)
 
     def forward(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled, tokens = self.model(token_ids)  # (B, E), (B, L, W) after ln_final
