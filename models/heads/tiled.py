@@ -47,8 +47,9 @@ DEFAULT_TILE_SIZE = 2048
 class TiledCrossEntropy(NamedTuple):
     loss: Tensor
     """(B,) cross-entropy of each query against all keys."""
-    argmax: Tensor
-    """(B,) long, index of each query's highest-scoring key (no gradient), for accuracy logging."""
+    is_top1: Tensor
+    """(B,) bool, whether each query's positive scores highest among all keys (ties count), no
+    gradient; for accuracy logging at no cost (the running row max is the log-sum-exp's shift)."""
 
 
 def _tiles(length: int, tile_size: int) -> list[tuple[int, int]]:
@@ -73,19 +74,14 @@ def _positives_in_block(positive_index: Tensor, start: int, stop: int) -> tuple[
     return columns.clamp(0, stop - start - 1).unsqueeze(1), inside  # (b, 1), (b,)
 
 
-def _block_max_lse(scores: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """max, argmax and log-sum-exp of a block along `dim`; one exp pass, the max comes for free."""
-    best, best_index = scores.max(dim=dim)
+def _block_max_lse(scores: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """max and log-sum-exp of a block along `dim`, with one exp pass.
+
+    `amax`, not `max`: the values-and-indices reduction is much slower on CPU (strided along dim 0,
+    and tens of ms per call on tiny inputs with several threads)."""
+    best = scores.amax(dim=dim)
     shifted = scores - best.unsqueeze(dim)
-    lse = best + shifted.exp_().sum(dim=dim).log_()
-    return best, best_index, lse
-
-
-def _track_argmax(best: Tensor, argmax: Tensor, block_best: Tensor, block_index: Tensor, offset: int) -> None:
-    """In place: keep the running best score and its global index (first occurrence wins ties)."""
-    better = block_best > best
-    best.copy_(torch.where(better, block_best, best))
-    argmax.copy_(torch.where(better, block_index + offset, argmax))
+    return best, best + shifted.exp_().sum(dim=dim).log_()
 
 
 def _detached_inputs(tensors: tuple[Tensor, ...], needs: tuple[bool, ...]) -> list[Tensor]:
@@ -113,23 +109,23 @@ class _TiledCrossEntropy(torch.autograd.Function):
         lse = queries.new_full((num_queries,), float("-inf"))
         positive_score = queries.new_zeros(num_queries)
         best = queries.new_full((num_queries,), float("-inf"))
-        argmax = torch.zeros(num_queries, dtype=torch.long, device=queries.device)
         for q0, q1 in _tiles(num_queries, tile_size):
             for k0, k1 in _tiles(num_keys, tile_size):
                 scores = score_fn(queries[q0:q1], keys[k0:k1], *score_params)  # (b, n)
                 columns, inside = _positives_in_block(positive_index[q0:q1], k0, k1)
                 positive_score[q0:q1] += torch.where(inside, scores.gather(1, columns).squeeze(1), 0.0)
-                block_best, block_index, block_lse = _block_max_lse(scores, dim=1)
-                _track_argmax(best[q0:q1], argmax[q0:q1], block_best, block_index, k0)
+                block_best, block_lse = _block_max_lse(scores, dim=1)
+                best[q0:q1] = torch.maximum(best[q0:q1], block_best)
                 lse[q0:q1] = torch.logaddexp(lse[q0:q1], block_lse)
         ctx.score_fn, ctx.tile_size = score_fn, tile_size
         ctx.save_for_backward(queries, keys, positive_index, lse, *score_params)
-        ctx.mark_non_differentiable(argmax)
-        return lse - positive_score, argmax
+        is_top1 = positive_score >= best
+        ctx.mark_non_differentiable(is_top1)
+        return lse - positive_score, is_top1
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss, _grad_argmax):
+    def backward(ctx, grad_loss, _grad_is_top1):
         queries, keys, positive_index, lse, *score_params = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[5:])
         totals = [torch.zeros_like(t) if need else None for t, need in zip((queries, keys, *score_params), needs)]
@@ -159,7 +155,6 @@ class _TiledSymmetricCrossEntropy(torch.autograd.Function):
     def forward(ctx, rows, columns, score_fn, tile_size, *score_params):
         n = rows.shape[0]
         row_lse, row_best, col_lse, col_best = (rows.new_full((n,), float("-inf")) for _ in range(4))
-        row_argmax, col_argmax = (torch.zeros(n, dtype=torch.long, device=rows.device) for _ in range(2))
         diagonal = rows.new_zeros(n)
         tiles = _tiles(n, tile_size)
         for r0, r1 in tiles:
@@ -167,20 +162,21 @@ class _TiledSymmetricCrossEntropy(torch.autograd.Function):
                 scores = score_fn(rows[r0:r1], columns[c0:c1], *score_params)  # (b, n)
                 if r0 == c0:  # same tiling on both axes: the diagonal lies in these blocks only
                     diagonal[r0:r1] = scores.diagonal()
-                block_best, block_index, block_lse = _block_max_lse(scores, dim=1)
-                _track_argmax(row_best[r0:r1], row_argmax[r0:r1], block_best, block_index, c0)
+                block_best, block_lse = _block_max_lse(scores, dim=1)
+                row_best[r0:r1] = torch.maximum(row_best[r0:r1], block_best)
                 row_lse[r0:r1] = torch.logaddexp(row_lse[r0:r1], block_lse)
-                block_best, block_index, block_lse = _block_max_lse(scores, dim=0)
-                _track_argmax(col_best[c0:c1], col_argmax[c0:c1], block_best, block_index, r0)
+                block_best, block_lse = _block_max_lse(scores, dim=0)
+                col_best[c0:c1] = torch.maximum(col_best[c0:c1], block_best)
                 col_lse[c0:c1] = torch.logaddexp(col_lse[c0:c1], block_lse)
         ctx.score_fn, ctx.tile_size = score_fn, tile_size
         ctx.save_for_backward(rows, columns, row_lse, col_lse, *score_params)
-        ctx.mark_non_differentiable(row_argmax, col_argmax)
-        return row_lse - diagonal, col_lse - diagonal, row_argmax, col_argmax
+        row_top1, col_top1 = diagonal >= row_best, diagonal >= col_best
+        ctx.mark_non_differentiable(row_top1, col_top1)
+        return row_lse - diagonal, col_lse - diagonal, row_top1, col_top1
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_row_loss, grad_col_loss, _grad_row_argmax, _grad_col_argmax):
+    def backward(ctx, grad_row_loss, grad_col_loss, _grad_row_top1, _grad_col_top1):
         rows, columns, row_lse, col_lse, *score_params = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[4:])
         totals = [torch.zeros_like(t) if need else None for t, need in zip((rows, columns, *score_params), needs)]
@@ -265,12 +261,12 @@ def tiled_cross_entropy(
     queries: (B, E); keys: (N, E); positive_index: (B,) long, the key index of each query's
     positive; score_fn(q (b, E), k (n, E), *score_params) -> (b, n); score_params: tensors the
     scores depend on (e.g. a logit scale of shape [1]), which receive gradients.
-    Returns `TiledCrossEntropy(loss (B,), argmax (B,))`; `loss[i]` equals
+    Returns `TiledCrossEntropy(loss (B,), is_top1 (B,))`; `loss[i]` equals
     `F.cross_entropy(score_fn(queries, keys, *score_params), positive_index, reduction="none")[i]`.
     """
     _check(queries, keys, positive_index, tile_size)
-    loss, argmax = _TiledCrossEntropy.apply(queries, keys, positive_index, score_fn, tile_size, *score_params)
-    return TiledCrossEntropy(loss, argmax)
+    loss, is_top1 = _TiledCrossEntropy.apply(queries, keys, positive_index, score_fn, tile_size, *score_params)
+    return TiledCrossEntropy(loss, is_top1)
 
 
 def tiled_symmetric_cross_entropy(
@@ -291,10 +287,10 @@ def tiled_symmetric_cross_entropy(
         raise ValueError(f"tiled loss: rows {tuple(rows.shape)} and columns {tuple(columns.shape)} must both be (N, E)")
     if tile_size < 1:
         raise ValueError(f"tiled loss: tile_size must be >= 1, got {tile_size}")
-    row_loss, col_loss, row_argmax, col_argmax = _TiledSymmetricCrossEntropy.apply(
+    row_loss, col_loss, row_top1, col_top1 = _TiledSymmetricCrossEntropy.apply(
         rows, columns, score_fn, tile_size, *score_params
     )
-    return TiledCrossEntropy(row_loss, row_argmax), TiledCrossEntropy(col_loss, col_argmax)
+    return TiledCrossEntropy(row_loss, row_top1), TiledCrossEntropy(col_loss, col_top1)
 
 
 def tiled_sigmoid_loss(
