@@ -405,3 +405,30 @@ def test_sample_sub_captions():
     assert set(sample_sub_captions(json.dumps(["a cat", "on a mat"]), 20, random.Random(0))) <= {
         "a cat", "on a mat", "a cat on a mat"}
     assert sample_sub_captions("no boundary here", 2, random.Random(0)) == ["no boundary here"] * 2
+
+
+# --------------------------------------------------------------------------------------------
+# Real ranks
+# --------------------------------------------------------------------------------------------
+
+
+def _rank_epoch(rank: int, world_size: int, urls: str) -> list[str]:
+    import torch.distributed as dist
+
+    loader = train_loader(urls, batch_size=2, rank=rank, world_size=world_size, workers=0, shuffle_buffer=4)
+    seen = []
+    for batch in loader.iterate(0):
+        step = torch.ones(1)
+        dist.all_reduce(step)  # a rank with one batch fewer would leave the other blocked here
+        assert step.item() == world_size
+        seen.extend(batch["key"])
+    return seen
+
+
+@pytest.mark.slow
+def test_uneven_shards_on_real_ranks_step_together(tmp_path):
+    from dist_utils import run_ranks
+
+    urls = write(tmp_path, "a", [13, 2, 6])  # 21 samples over 3 shards: ranks get 13+... vs 2+...
+    per_rank = run_ranks(_rank_epoch, 2, urls, timeout=120)
+    assert [len(keys) for keys in per_rank] == [21 // 4 * 2] * 2
