@@ -66,24 +66,33 @@ def write_shards(
         tar = None
 
     now = time.time()
-    for sample in samples:
-        if tar is None or count >= max_count:
-            close()
-            final_path = out_dir / f"{prefix}-{len(paths):06d}.tar"
-            tmp_path = out_dir / f".{final_path.name}.tmp"
-            tar = tarfile.open(tmp_path, "w")
-            count = 0
-        key = str(sample["__key__"])
-        if "/" in key or "." in key or not key:
-            raise ValueError(f"sample key {key!r} must be non-empty, without '/' or '.'")
-        for ext, value in sample.items():
-            if ext.startswith("__"):
-                continue
-            data = _encode(value)
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), now, 0o644
-            tar.addfile(info, io.BytesIO(data))
-        count += 1
-    close()
-    atomic_write_text(sizes_path, json.dumps(sizes, indent=1, sort_keys=True))
+    try:
+        for sample in samples:
+            if tar is None or count >= max_count:
+                close()
+                final_path = out_dir / f"{prefix}-{len(paths):06d}.tar"
+                tmp_path = out_dir / f".{final_path.name}.tmp"
+                tar = tarfile.open(tmp_path, "w")
+                count = 0
+            key = str(sample["__key__"])
+            if "/" in key or "." in key or not key:
+                raise ValueError(f"sample key {key!r} must be non-empty, without '/' or '.'")
+            for ext, value in sample.items():
+                if ext.startswith("__"):
+                    continue
+                data = _encode(value)
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), now, 0o644
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
+        close()
+    except BaseException:
+        # The samples failed mid-shard (bad input, Ctrl-C): drop the partial shard, and still
+        # record the shards already completed so sizes.json matches the tars on disk.
+        if tar is not None:
+            tar.close()
+            tmp_path.unlink(missing_ok=True)
+        raise
+    finally:
+        atomic_write_text(sizes_path, json.dumps(sizes, indent=1, sort_keys=True))
     return paths

@@ -203,3 +203,17 @@ def test_split_test_keeps_duplicates_on_one_side():
         for source, copy in [(0, 1), (2, 150), (7, 8), (7, 9)]:
             assert test[source] == test[copy]
         assert 0.25 < test.mean() < 0.35
+
+
+def test_write_shards_failure_leaves_no_partial_shard(tmp_path):
+    from data_pipelines.shards import write_shards
+
+    def samples():
+        for index in range(5):
+            yield {"__key__": f"k{index}", "txt": "x"}
+        raise DataError("bad row 6")
+
+    with pytest.raises(DataError, match="bad row 6"):
+        write_shards(samples(), tmp_path, "p", max_count=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p-000000.tar", "p-000001.tar", "sizes.json"]
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"p-000000.tar": 2, "p-000001.tar": 2}
