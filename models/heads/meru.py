@@ -185,8 +185,11 @@ class MeruHead(Head):
         curv, logit_scale = self.curvature(), self.logit_scale_value()
         image = self.lift_image(inputs.local["image_embed"])  # (B, E)
         text = self.lift_text(inputs.local["text_embed"])  # (B, E)
-        all_image = self.lift_image(inputs.gathered["image_embed"])  # (W * B, E)
-        all_text = self.lift_text(inputs.gathered["text_embed"])  # (W * B, E)
+        if inputs.world_size == 1:  # gathered is local itself: do not lift it twice
+            all_image, all_text = image, text
+        else:
+            all_image = self.lift_image(inputs.gathered["image_embed"])  # (W * B, E)
+            all_text = self.lift_text(inputs.gathered["text_embed"])  # (W * B, E)
 
         contrastive = contrastive_loss(image, text, all_image, all_text, curv, logit_scale, inputs.rank * image.shape[0])
         entailment = entailment_loss(text, image, curv, self.config.min_radius)
