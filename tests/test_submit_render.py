@@ -460,3 +460,16 @@ class _Args:
 def test_time_limit_seconds():
     cases = {"30": 1800, "30:15": 1815, "01:02:03": 3723, "2-00": 172800, "1-02:03": 93780, "1-02:03:04": 93784}
     assert {limit: submit.time_limit_seconds(limit) for limit in cases} == cases
+
+
+def test_example_profile_is_valid_and_renders(tmp_path, capsys, monkeypatch):
+    example = ROOT / "slurm" / "cluster.example.yaml"
+    profile = submit.load_profile(example)
+    assert profile.gpus_per_node == 8 and profile.env["NCCL_IB_HCA"] == "mlx5"
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "cfg", tmp_path / "runs")
+    code, script, _ = render([str(config), "--profile", str(example), "--nodes", "4"], capsys)
+    assert code == 0
+    assert "#SBATCH --nodes=4\n" in script and "#SBATCH --ntasks-per-node=8\n" in script
+    assert "module load cuda/12.4\n" in script and "export NCCL_SOCKET_IFNAME=ib0\n" in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
