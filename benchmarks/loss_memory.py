@@ -1,0 +1,206 @@
+"""Peak memory and time of the CLIP loss alone (forward + backward), ours vs open_clip's ClipLoss.
+
+One process, CPU, fp32, D-dimensional L2-normalised features for N pairs. Every case runs in a
+fresh subprocess so one case's allocator state cannot leak into the next. Memory is the peak
+resident set size above the baseline of the inputs: the child builds its inputs, resets the
+kernel's high-water mark (`echo 5 > /proc/self/clear_refs`, Linux) and reads `VmHWM` after the
+loss; where that reset is unavailable it falls back to `ru_maxrss` after minus before. The
+extra therefore counts everything the loss allocates, including the input gradients (2 N D fp32,
+the same for both implementations).
+
+    python benchmarks/loss_memory.py                      # the full sweep, a few minutes
+    python benchmarks/loss_memory.py --sizes 1024,4096    # a quick run
+
+Prints one JSON line (all numbers, and whether each target is met) and writes the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SIZES = (4096, 8192, 16384, 32768, 65536)
+# The dense loss keeps about six fp32 (N, N) matrices alive at its peak (two logit matrices, their
+# log-softmax and their gradients); used only to skip open_clip where it cannot fit.
+DENSE_COPIES = 6
+
+
+def _peak_kib() -> tuple[int, str]:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]), "VmHWM"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_case(impl: str, num: int, dim: int, threads: int, reps: int, tile_size: int | None) -> dict:
+    """Child side: one implementation at one N; returns its numbers."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from open_clip.loss import ClipLoss
+
+    from models.heads.clip import clip_loss
+
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    # In-place normalisation: no (N, D) temporaries that would raise the baseline's peak.
+    image = torch.randn(num, dim, generator=generator)
+    image.div_(image.norm(dim=1, keepdim=True))
+    text = torch.randn(num, dim, generator=generator)
+    text.div_(text.norm(dim=1, keepdim=True))
+    image.requires_grad_()
+    text.requires_grad_()
+    logit_scale = torch.tensor([1 / 0.07], requires_grad=True)
+    reference = ClipLoss()
+
+    def step() -> None:
+        if impl == "ours":
+            loss = clip_loss(image, text, logit_scale, tile_size=tile_size)
+        else:
+            loss = reference(image, text, logit_scale)
+        loss.backward()
+        image.grad = text.grad = logit_scale.grad = None
+
+    reset = _reset_peak()
+    before, method = _peak_kib()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    after, _ = _peak_kib()
+    return {
+        "impl": impl,
+        "n": num,
+        "peak_extra_mb": round((after - before) / 1024, 1),
+        "time_s": round(min(times), 3),
+        "reps": reps,
+        "memory_method": method + (" reset after inputs" if reset else " after - before"),
+    }
+
+
+def _child(impl: str, num: int, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--child", impl, "--sizes", str(num), "--dim", str(args.dim),
+               "--threads", str(args.threads), "--reps", str(args.reps if num <= args.reps_below else 1)]
+    if args.tile_size:
+        command += ["--tile-size", str(args.tile_size)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        return {"impl": impl, "n": num, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _find(results: list[dict], impl: str, num: int) -> dict | None:
+    return next((r for r in results if r["impl"] == impl and r["n"] == num and "error" not in r), None)
+
+
+def _targets(results: list[dict]) -> dict:
+    """Each target: True / False, or None when its N was not run."""
+    ours16, ref16 = _find(results, "ours", 16384), _find(results, "open_clip", 16384)
+    ours64 = _find(results, "ours", 65536)
+    ours8, ref8 = _find(results, "ours", 8192), _find(results, "open_clip", 8192)
+    memory_ratio = ours16["peak_extra_mb"] / ref16["peak_extra_mb"] if ours16 and ref16 else None
+    time_ratio = ours8["time_s"] / ref8["time_s"] if ours8 and ref8 else None
+    return {
+        "memory_ratio_16384": None if memory_ratio is None else round(memory_ratio, 4),
+        "memory_16384_at_most_1/8_of_open_clip": None if memory_ratio is None else memory_ratio <= 1 / 8,
+        "extra_mb_65536": ours64["peak_extra_mb"] if ours64 else None,
+        "memory_65536_within_2GB": None if ours64 is None else ours64["peak_extra_mb"] <= 2048,
+        "time_ratio_8192": None if time_ratio is None else round(time_ratio, 3),
+        "time_8192_at_most_1.5x_open_clip": None if time_ratio is None else time_ratio <= 1.5,
+    }
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (memory_ax, time_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for impl, label in (("ours", "vlp clip_loss (tiled)"), ("open_clip", "open_clip ClipLoss")):
+        rows = sorted((r for r in results if r["impl"] == impl and "error" not in r), key=lambda r: r["n"])
+        if not rows:
+            continue
+        sizes = [r["n"] for r in rows]
+        memory_ax.plot(sizes, [r["peak_extra_mb"] / 1024 for r in rows], marker="o", label=label)
+        time_ax.plot(sizes, [r["time_s"] for r in rows], marker="o", label=label)
+    for ax, ylabel in ((memory_ax, "peak extra memory (GiB)"), (time_ax, "forward + backward (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("global batch N (one rank, D = 512, fp32, CPU)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("CLIP loss alone: memory and time")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="comma-separated N")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3, help="repetitions (min time) for N <= --reps-below")
+    parser.add_argument("--reps-below", type=int, default=8192)
+    parser.add_argument("--tile-size", type=int, default=None, help="force our tile size (default: auto)")
+    parser.add_argument("--open-clip-max-n", type=int, default=16384)
+    parser.add_argument("--open-clip-max-gb", type=float, default=12.0, help="skip open_clip above this prediction")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "loss_memory.png")
+    parser.add_argument("--child", choices=("ours", "open_clip"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = [int(size) for size in args.sizes.split(",")]
+
+    if args.child:
+        print(json.dumps(run_case(args.child, sizes[0], args.dim, args.threads, args.reps, args.tile_size)))
+        return 0
+
+    results, skipped = [], []
+    start = time.perf_counter()
+    for num in sizes:
+        predicted_gb = DENSE_COPIES * num * num * 4 / 2**30
+        impls = ["ours"]
+        if num <= args.open_clip_max_n and predicted_gb <= args.open_clip_max_gb:
+            impls.append("open_clip")
+        else:
+            skipped.append({"impl": "open_clip", "n": num, "predicted_gb": round(predicted_gb, 1)})
+        for impl in impls:
+            results.append(_child(impl, num, args))
+            print(f"# {results[-1]}", file=sys.stderr, flush=True)
+    _plot(results, args.plot)
+    print(json.dumps({
+        "benchmark": "loss_memory",
+        "dim": args.dim,
+        "threads": args.threads,
+        "device": "cpu",
+        "memory": "peak RSS above the inputs' baseline, fresh subprocess per case",
+        "results": results,
+        "skipped": skipped,
+        "targets": _targets(results),
+        "plot": str(args.plot.relative_to(ROOT)) if args.plot.is_relative_to(ROOT) else str(args.plot),
+        "total_s": round(time.perf_counter() - start, 1),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
