@@ -97,9 +97,15 @@ def _block_backward(
     return [next(grads) if need else None for need in needs]
 
 
-def _accumulate(total: Tensor | None, grad: Tensor | None) -> None:
-    if total is not None and grad is not None:
-        total.add_(grad)
+def _add_block_grads(totals: list[Tensor | None], grads: list[Tensor | None], rows: slice, columns: slice) -> None:
+    """In place: add one block's gradients to the (queries, keys, *score_params) totals."""
+    for index, (total, grad) in enumerate(zip(totals, grads)):
+        if total is None or grad is None:
+            continue
+        if index < 2:
+            total[rows if index == 0 else columns] += grad
+        else:
+            total += grad  # a score parameter, possibly 0-dim: summed over blocks
 
 
 class _TiledCrossEntropy(torch.autograd.Function):
@@ -129,7 +135,6 @@ class _TiledCrossEntropy(torch.autograd.Function):
         queries, keys, positive_index, lse, *score_params = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[5:])
         totals = [torch.zeros_like(t) if need else None for t, need in zip((queries, keys, *score_params), needs)]
-        grad_queries, grad_keys, *grad_params = totals
         for q0, q1 in _tiles(queries.shape[0], ctx.tile_size):
             row_grad = grad_loss[q0:q1].unsqueeze(1)  # (b, 1)
             for k0, k1 in _tiles(keys.shape[0], ctx.tile_size):
@@ -141,12 +146,8 @@ class _TiledCrossEntropy(torch.autograd.Function):
                 columns, inside = _positives_in_block(positive_index[q0:q1], k0, k1)
                 grad_scores.scatter_add_(1, columns, -row_grad * inside.unsqueeze(1))
                 grads = _block_backward(scores, grad_scores, leaves, needs)
-                if grad_queries is not None:
-                    grad_queries[q0:q1] += grads[0]
-                if grad_keys is not None:
-                    grad_keys[k0:k1] += grads[1]
-                for total, grad in zip(grad_params, grads[2:]):
-                    _accumulate(total, grad)
+                _add_block_grads(totals, grads, slice(q0, q1), slice(k0, k1))
+        grad_queries, grad_keys, *grad_params = totals
         return (grad_queries, grad_keys, None, None, None, *grad_params)
 
 
@@ -180,7 +181,6 @@ class _TiledSymmetricCrossEntropy(torch.autograd.Function):
         rows, columns, row_lse, col_lse, *score_params = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[4:])
         totals = [torch.zeros_like(t) if need else None for t, need in zip((rows, columns, *score_params), needs)]
-        grad_rows, grad_columns, *grad_params = totals
         tiles = _tiles(rows.shape[0], ctx.tile_size)
         for r0, r1 in tiles:
             row_grad = grad_row_loss[r0:r1].unsqueeze(1)  # (b, 1)
@@ -196,12 +196,8 @@ class _TiledSymmetricCrossEntropy(torch.autograd.Function):
                 if r0 == c0:
                     grad_scores.diagonal().sub_(grad_row_loss[r0:r1] + grad_col_loss[c0:c1])
                 grads = _block_backward(scores, grad_scores, leaves, needs)
-                if grad_rows is not None:
-                    grad_rows[r0:r1] += grads[0]
-                if grad_columns is not None:
-                    grad_columns[c0:c1] += grads[1]
-                for total, grad in zip(grad_params, grads[2:]):
-                    _accumulate(total, grad)
+                _add_block_grads(totals, grads, slice(r0, r1), slice(c0, c1))
+        grad_rows, grad_columns, *grad_params = totals
         return (grad_rows, grad_columns, None, None, *grad_params)
 
 
@@ -227,7 +223,6 @@ class _TiledSigmoidLoss(torch.autograd.Function):
         queries, keys, positive_index, *score_params = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[5:])
         totals = [torch.zeros_like(t) if need else None for t, need in zip((queries, keys, *score_params), needs)]
-        grad_queries, grad_keys, *grad_params = totals
         for q0, q1 in _tiles(queries.shape[0], ctx.tile_size):
             row_grad = grad_loss[q0:q1].unsqueeze(1)  # (b, 1)
             for k0, k1 in _tiles(keys.shape[0], ctx.tile_size):
@@ -239,12 +234,8 @@ class _TiledSigmoidLoss(torch.autograd.Function):
                 columns, inside = _positives_in_block(positive_index[q0:q1], k0, k1)
                 grad_scores.scatter_add_(1, columns, -row_grad * inside.unsqueeze(1))
                 grads = _block_backward(scores, grad_scores, leaves, needs)
-                if grad_queries is not None:
-                    grad_queries[q0:q1] += grads[0]
-                if grad_keys is not None:
-                    grad_keys[k0:k1] += grads[1]
-                for total, grad in zip(grad_params, grads[2:]):
-                    _accumulate(total, grad)
+                _add_block_grads(totals, grads, slice(q0, q1), slice(k0, k1))
+        grad_queries, grad_keys, *grad_params = totals
         return (grad_queries, grad_keys, None, None, None, *grad_params)
 
 
