@@ -23,8 +23,9 @@ from models.heads.tiled import DEFAULT_TILE_SIZE, tiled_sigmoid_loss
 
 # Logits (B * N) from which `siglip_loss` uses the tiled kernel. The sigmoid loss has no row
 # normalisation, so tiling only adds the backward's recomputation of each block (one extra
-# matmul out of three); like CLIP's sharded case it pays for itself once the dense path's several
-# fp32 copies of the logits stop fitting in cache (measured on CPU, fp32, E=512).
+# matmul out of three), and pays for itself once the dense path's several fp32 copies of the
+# logits get large. Measured on CPU (fp32, E=512, forward + backward, 2 threads, shared machine):
+# 2048 x 2048 dense 0.27 s vs tiled 0.29 s; 4096 x 4096 1.32 s vs 0.80 s; 2048 x 8192 1.74 s vs 1.40 s.
 TILED_MIN_LOGITS = 4096 * 4096
 
 
