@@ -123,3 +123,83 @@ def test_bad_options_are_one_line_errors(tmp_path):
         build("shapes", tmp_path, min_objects=5)
     with pytest.raises(DataError, match="takes no argument"):
         build("shapes:x", tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# The grounding evaluator's geometry and metrics
+
+
+def test_mask_to_patches_follows_the_eval_resize_and_crop():
+    import torch
+
+    from train.evals.grounding import mask_to_patches, object_patches
+
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[8:16, 16:24] = True  # exactly patch (row 1, col 2) of an 8 x 8 grid
+    mask[40:44, 0:8] = True  # half of patch (5, 0)
+    coverage = mask_to_patches(mask, 64, 8)
+    expected = torch.zeros(64)
+    expected[1 * 8 + 2], expected[5 * 8 + 0] = 1.0, 0.5
+    torch.testing.assert_close(coverage, expected)
+    # A 32 x 48 source: short side resized to 64 (x2), then the 96-wide image centre-cropped by 16 px.
+    small = np.zeros((32, 48), dtype=bool)
+    small[4:8, 16:20] = True  # -> rows 8:16, cols 32:40 before the crop, 16:24 after
+    torch.testing.assert_close(mask_to_patches(small, 64, 8), torch.eye(64)[1 * 8 + 2])
+    # An object that half-covers no patch owns its best-covered patches.
+    tiny = torch.zeros(64)
+    tiny[3], tiny[4] = 0.25, 0.1
+    assert object_patches(tiny).nonzero().flatten().tolist() == [3]
+
+
+def test_pointing_iou_and_recall_on_hand_made_maps():
+    import torch
+
+    from train.evals.grounding import pointing_and_iou, recall_at
+
+    maps = torch.tensor([[0.0, 1.0, 0.9, 0.0], [1.0, 0.0, 0.0, 0.2]])
+    targets = torch.tensor([[False, True, True, False], [False, False, True, True]])
+    hit, iou = pointing_and_iou(maps, targets, 0.5)
+    assert hit.tolist() == [True, False]
+    # row 0: predicted {1, 2} = target -> 1; row 1: predicted {0}, target {2, 3} -> 0.
+    torch.testing.assert_close(iou, torch.tensor([1.0, 0.0]))
+    scores = torch.tensor([[0.9, 0.1], [0.5, 0.8], [0.1, 0.7]])  # 3 images x 2 queries
+    positives = torch.tensor([[False, False], [True, False], [False, True]])
+    assert recall_at(scores, positives, (1, 2)) == {1: 0.0, 2: 1.0}
+
+
+def test_grounding_evaluator_end_to_end(tmp_path):
+    import torch
+
+    from models.dual_encoder import VLPModel
+    from train.config import load_config
+    from train.evals import EVALUATORS, EvalContext
+
+    build("shapes", tmp_path / "data", train_size=1, test_size=6, shard_size=10)
+    tree = {
+        "name": "t",
+        "data": {"train": [{"urls": str(tmp_path / "data/shapes-train-000000.tar")}]},
+        "model": {
+            "embed_dim": 32,
+            "image": {"type": "open_clip_vit", "image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
+            "text": {"type": "open_clip_text", "context_length": 40, "width": 32, "heads": 2, "layers": 1},
+            "heads": {"flair": {"num_heads": 2}, "filip": {}},
+        },
+        "train": {"steps": 1, "batch_size": 2},
+    }
+    torch.manual_seed(0)
+    model = VLPModel(load_config(tree=tree).model).eval()
+    data = str(tmp_path / "data/shapes-test-000000.tar")
+    results = {}
+    for method in ("auto", "filip", "patch"):
+        evaluator = EVALUATORS.get("grounding")(EVALUATORS.get("grounding").config_class(
+            type="grounding", data=data, batch_size=4, method=method, prefix=f"{method}_"))
+        with torch.no_grad():
+            results.update(evaluator.run(model, EvalContext(out_dir=tmp_path / "plots")))
+    pairs = sum(len(json.loads(f["json"])["objects"]) for f in _split(tmp_path / "data", "test").values())
+    for method in ("auto", "filip", "patch"):
+        assert results[f"{method}_pairs"] == pairs
+        for metric in ("pointing_acc", "miou", "retrieval_r1", "retrieval_r5"):
+            assert 0.0 <= results[f"{method}_{metric}"] <= 1.0
+        assert results[f"{method}_retrieval_r5"] >= results[f"{method}_retrieval_r1"]
+    assert (tmp_path / "plots/grounding_flair_step000000.png").exists()
+    assert (tmp_path / "plots/grounding_patch_step000000.png").exists()

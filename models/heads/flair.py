@@ -272,6 +272,15 @@ class FlairHead(Head):
         return weights[..., tokens.shape[1] - image_tokens.shape[1]:]  # drop the global token
 
     @torch.no_grad()
+    def paired_attention_map(
+        self, image_tokens: Tensor, text_embed: Tensor, *, image_embed: Optional[Tensor] = None
+    ) -> Tensor:
+        """`attention_map` for Q (image, text) pairs: tokens (Q, P, E), texts (Q, E) -> (Q, P)."""
+        tokens = self._tokens(image_tokens, image_embed)
+        _, weights = self.pool(text_embed[:, None].to(tokens.dtype), tokens)  # (Q, H, 1, P' + 1)
+        return weights.mean(dim=1)[:, 0, :-1][:, tokens.shape[1] - image_tokens.shape[1]:]
+
+    @torch.no_grad()
     def text_conditioned_scores(
         self, image_tokens: Tensor, text_embed: Tensor, *, image_embed: Optional[Tensor] = None
     ) -> Tensor:

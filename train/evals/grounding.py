@@ -1,0 +1,266 @@
+"""Grounding: where in the image does an object's sentence land, and does it find its image?
+
+For every held-out (image, object sentence) pair of a dataset whose `.json` lists `objects` with
+a `sentence` and a run-length `mask` (the generated `shapes` source), a map over the image's
+patches is computed by one of three methods:
+
+* flair: the FLAIR head's text-conditioned attention (head-averaged weights on the patches);
+* filip: the FILIP head's token similarity map (per patch, best cosine over the sentence's tokens);
+* patch: the CLIP baseline, cosine between each projected patch token and the sentence embedding.
+
+`auto` takes flair if the checkpoint has that head, else filip, else patch.
+
+Metrics (each pair counts once; sums are reduced over ranks):
+
+* pointing_acc: the arg-max patch is one of the object's patches. An object's patches are those
+  whose pixels are at least half covered by its mask (the mask brought to the model's input
+  the same way as the image: resized so the short side is the input size, centre-cropped), or,
+  for an object that half-covers no patch, the patches of highest coverage.
+* miou: the map min-max normalised per pair and thresholded at `threshold` (default 0.5, i.e.
+  the middle of its range) -> a set of patches; IoU with the object's patches, averaged.
+* retrieval_r1 / retrieval_r5: each sentence queries all held-out images (flair:
+  text-conditioned cosine, optionally re-ranking each query's `retrieval_topk` by global
+  cosine; filip: late-interaction text->image score; patch: global cosine). A hit is an image
+  in the top k whose caption contains the same sentence (an identical object can occur in
+  several images).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field
+
+from train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
+from train.evals.common import all_reduce_sum
+
+
+class GroundingConfig(EvalConfig):
+    type: Literal["grounding"] = "grounding"
+    method: Literal["auto", "flair", "filip", "patch"] = "auto"
+    # Fraction of a map's min-max range at which it is thresholded for mIoU.
+    threshold: float = Field(0.5, gt=0, lt=1)
+    # FLAIR retrieval: re-rank each sentence's top-k images by global cosine (None: score all pairs).
+    retrieval_topk: Optional[int] = Field(None, ge=1)
+    # Metric names are prefixed with this (e.g. "grounding_") when several runs share a log.
+    prefix: str = ""
+    grid_pairs: int = Field(12, ge=0, description="(image, sentence) maps drawn into the PNG grid")
+
+
+def resolve_method(model: Any, method: str) -> str:
+    heads = model.objective.heads
+    if method == "auto":
+        return "flair" if "flair" in heads else "filip" if "filip" in heads else "patch"
+    if method in ("flair", "filip") and method not in heads:
+        raise ValueError(f"grounding: method={method} needs a `{method}` head; the model has {', '.join(heads)}")
+    return method
+
+
+def mask_to_patches(mask: np.ndarray, input_size: int, grid: int) -> torch.Tensor:
+    """Fraction of each patch's pixels covered by `mask` (H, W) bool -> (grid * grid,) float.
+
+    The mask follows the eval transform of the image: shortest side resized to `input_size`
+    (nearest), then centre-cropped to input_size x input_size; patches are row-major, as ViT
+    tokens are.
+    """
+    height, width = mask.shape
+    scale = input_size / min(height, width)
+    size = (max(input_size, round(height * scale)), max(input_size, round(width * scale)))
+    resized = F.interpolate(torch.from_numpy(mask).float()[None, None], size=size, mode="nearest")[0, 0]
+    top, left = (size[0] - input_size) // 2, (size[1] - input_size) // 2
+    cropped = resized[top : top + input_size, left : left + input_size]
+    if input_size % grid:
+        raise ValueError(f"grounding: input size {input_size} is not a multiple of the {grid}x{grid} patch grid")
+    return F.avg_pool2d(cropped[None, None], input_size // grid).reshape(-1)
+
+
+def object_patches(coverage: torch.Tensor) -> torch.Tensor:
+    """Patches (bool, (P,)) that belong to an object: >= half covered, else the best-covered ones."""
+    inside = coverage >= 0.5
+    if not inside.any():
+        inside = (coverage == coverage.max()) & (coverage > 0)
+    return inside
+
+
+def pointing_and_iou(maps: torch.Tensor, targets: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """maps (Q, P) float, targets (Q, P) bool -> (hit (Q,) bool, IoU (Q,) float)."""
+    hit = targets.gather(1, maps.argmax(dim=1, keepdim=True))[:, 0]
+    low, high = maps.amin(dim=1, keepdim=True), maps.amax(dim=1, keepdim=True)
+    predicted = (maps - low) / (high - low).clamp(min=1e-12) >= threshold
+    iou = (predicted & targets).sum(1).float() / (predicted | targets).sum(1).clamp(min=1).float()
+    return hit, iou
+
+
+def recall_at(scores: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...]) -> dict[int, float]:
+    """scores (N images, M queries), positives (N, M) bool -> {k: fraction of queries with a positive in the top k}."""
+    out = {}
+    for k in ks:
+        top = scores.topk(min(k, scores.shape[0]), dim=0).indices  # (k, M)
+        out[k] = float(positives.gather(0, top).any(dim=0).float().mean()) if scores.shape[1] else 0.0
+    return out
+
+
+def _gather_objects(items: list) -> list:
+    """Concatenate a per-rank Python list over ranks (rank order)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
+    return items
+
+
+class _Maps:
+    """The map and retrieval score of one method, computed from encoder outputs."""
+
+    def __init__(self, model: Any, method: str) -> None:
+        self.model, self.method = model, method
+        self.head = model.objective.heads[method] if method in ("flair", "filip") else None
+
+    def maps(self, image: dict, text: dict, owner: torch.Tensor) -> torch.Tensor:
+        """(Q, P) maps of sentence q over the patches of image owner[q]."""
+        tokens = image["image_tokens"][owner]  # (Q, P, E)
+        if self.method == "flair":
+            return self.head.paired_attention_map(tokens, text["text_embed"], image_embed=image["image_embed"][owner]).float()
+        if self.method == "filip":
+            return self.head.similarity_map(tokens, text["text_tokens"], text["text_mask"]).float()
+        return torch.einsum("qpe,qe->qp", F.normalize(tokens.float(), dim=-1), F.normalize(text["text_embed"].float(), dim=-1))
+
+    def retrieval(self, images: dict, texts: dict, topk: Optional[int]) -> torch.Tensor:
+        """(N images, M sentences) scores."""
+        if self.method == "flair":
+            return self.head.pairwise_scores(images["image_embed"], texts["text_embed"],
+                                             image_tokens=images["image_tokens"], topk=topk)
+        if self.method == "filip":
+            from models.heads.filip import token_similarity
+
+            n_text, length = texts["text_tokens"].shape[:2]
+            chunk = max(1, int(2e7 // max(1, n_text * images["image_tokens"].shape[1] * length)))
+            _, t2i = token_similarity(F.normalize(images["image_tokens"].float(), dim=-1),
+                                      F.normalize(texts["text_tokens"].float(), dim=-1), texts["text_mask"], chunk=chunk)
+            return t2i
+        return F.normalize(images["image_embed"].float(), dim=-1) @ F.normalize(texts["text_embed"].float(), dim=-1).T
+
+
+def grounding(model: Any, config: GroundingConfig, context: EvalContext) -> dict[str, float]:
+    from data_pipelines.loader import build_eval_loader
+    from data_pipelines.sources.shapes import decode_mask
+
+    model = getattr(model, "module", model)
+    if not config.data:
+        raise ValueError("grounding: `data` (the held-out shard spec) is required")
+    method = resolve_method(model, config.method)
+    scorer = _Maps(model, method)
+    device = context.device
+    tokenizer = model.text.tokenizer()
+    loader = build_eval_loader(
+        config.data, preprocess=model.image.preprocess(train=False), tokenizer=tokenizer,
+        batch_size=config.batch_size, rank=context.rank, world_size=context.world_size, workers=config.workers,
+    )
+    hits = torch.zeros(2, dtype=torch.float64)  # pointing hits, IoU sum
+    pairs = torch.zeros(1, dtype=torch.float64)
+    keep_tokens = method in ("flair", "filip")
+    local_images: dict[str, list] = {"image_embed": [], "image_tokens": []}
+    local_texts: dict[str, list] = {"text_embed": [], "text_tokens": [], "text_mask": []}
+    captions: list[str] = []
+    sentences: list[str] = []
+    grid: list[dict] = []
+    for batch in loader:
+        images = batch["image"].to(device, context.dtype)
+        encoded = model.encode_image(images)
+        grid_size = int(round(encoded["image_tokens"].shape[1] ** 0.5))
+        if grid_size * grid_size != encoded["image_tokens"].shape[1]:
+            raise ValueError(f"grounding: {encoded['image_tokens'].shape[1]} image tokens do not form a square grid")
+        owner, batch_sentences, targets = [], [], []
+        for index, (key, meta) in enumerate(zip(batch["key"], batch["meta"])):
+            objects = meta.get("objects") if isinstance(meta, dict) else None
+            if not objects:
+                raise ValueError(f"grounding: sample {key} has no `objects` (sentence + mask) in its .json")
+            for obj in objects:
+                owner.append(index)
+                batch_sentences.append(obj["sentence"])
+                coverage = mask_to_patches(decode_mask(obj["mask"]), images.shape[-1], grid_size)
+                targets.append(object_patches(coverage))
+        owner_t = torch.tensor(owner, device=device)
+        text = model.encode_text(tokenizer(batch_sentences).to(device))
+        maps = scorer.maps(encoded, text, owner_t).cpu()
+        targets_t = torch.stack(targets)
+        hit, iou = pointing_and_iou(maps, targets_t, config.threshold)
+        hits += torch.tensor([hit.sum().item(), iou.sum().item()], dtype=torch.float64)
+        pairs += len(owner)
+
+        local_images["image_embed"].append(encoded["image_embed"].float().cpu())
+        local_texts["text_embed"].append(text["text_embed"].float().cpu())
+        if keep_tokens:
+            local_images["image_tokens"].append(encoded["image_tokens"].float().cpu())
+            local_texts["text_tokens"].append(text["text_tokens"].float().cpu())
+            local_texts["text_mask"].append(text["text_mask"].cpu())
+        captions.extend(batch["caption"])
+        sentences.extend(batch_sentences)
+        if context.out_dir is not None and len(grid) < config.grid_pairs:
+            for q in range(min(len(owner), config.grid_pairs - len(grid))):
+                grid.append({"image": batch["image"][owner[q]], "map": maps[q], "target": targets_t[q],
+                             "sentence": batch_sentences[q], "grid": grid_size})
+
+    hits, pairs = all_reduce_sum(hits), all_reduce_sum(pairs)
+    total = max(1.0, float(pairs.item()))
+    results = {"pointing_acc": float(hits[0]) / total, "miou": float(hits[1]) / total}
+
+    # Retrieval over the whole held-out set: every rank gathers the (small) set and scores it.
+    gathered_images = {k: torch.cat(_gather_objects(v)) for k, v in local_images.items() if v}
+    gathered_texts = {k: torch.cat(_gather_objects(v)) for k, v in local_texts.items() if v}
+    captions, sentences = _gather_objects(captions), _gather_objects(sentences)
+    scores = scorer.retrieval({k: v.to(device) for k, v in gathered_images.items()},
+                              {k: v.to(device) for k, v in gathered_texts.items()}, config.retrieval_topk).cpu()
+    positives = torch.tensor([[sentence in caption for sentence in sentences] for caption in captions], dtype=torch.bool)
+    recall = recall_at(scores, positives, (1, 5))
+    results.update(retrieval_r1=recall[1], retrieval_r5=recall[5])
+    if context.out_dir is not None and grid:
+        _write_grid(grid, model, context, method)
+    results = {f"{config.prefix}{name}": value for name, value in results.items()}
+    results[f"{config.prefix}pairs"] = int(total)
+    return results
+
+
+def _write_grid(grid: list[dict], model: Any, context: EvalContext, method: str) -> None:
+    """One row per (image, sentence): the image with the object's patches outlined, and the map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = torch.tensor(getattr(model.image.config, "mean", (0.0, 0.0, 0.0)))[:, None, None]
+    std = torch.tensor(getattr(model.image.config, "std", (1.0, 1.0, 1.0)))[:, None, None]
+    columns = min(4, len(grid))
+    rows = (len(grid) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, 2 * columns, figsize=(4.2 * columns, 2.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for index, item in enumerate(grid):
+        ax_image, ax_map = axes[index // columns, 2 * (index % columns)], axes[index // columns, 2 * (index % columns) + 1]
+        picture = (item["image"].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        size, g = picture.shape[0], item["grid"]
+        ax_image.imshow(picture)
+        target = item["target"].reshape(g, g).float().numpy()
+        ax_image.contour(np.kron(target, np.ones((size // g, size // g))), levels=[0.5], colors="cyan", linewidths=0.8)
+        ax_image.set_title(item["sentence"], fontsize=6)
+        heat = item["map"].reshape(g, g).numpy()
+        ax_map.imshow(heat, cmap="magma")
+        best = int(item["map"].argmax())
+        ax_map.scatter([best % g], [best // g], marker="x", color="cyan" if target.flat[best] else "red", s=30)
+        ax_map.set_title(f"{method} map", fontsize=6)
+    figure.tight_layout()
+    context.out_dir.mkdir(parents=True, exist_ok=True)
+    figure.savefig(context.out_dir / f"grounding_{method}_step{context.step:06d}.png", dpi=110)
+    plt.close(figure)
+
+
+@EVALUATORS.register("grounding")
+class Grounding(Evaluator):
+    config_class = GroundingConfig
+
+    def run(self, model: Any, context: EvalContext) -> dict[str, float]:
+        return grounding(model, self.config, context)
