@@ -67,6 +67,45 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _deepspeed_safe_globals() -> list:
+    """The few plain-data DeepSpeed classes its checkpoints pickle (enums, loss-scaler state)."""
+    names = [
+        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ]
+    found = []
+    for module_name, attr in names:
+        try:
+            module = __import__(module_name, fromlist=[attr])
+            found.append(getattr(module, attr))
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
+def verify_safe(tag_dir: Path) -> None:
+    """Refuse a checkpoint whose pickles hold anything but tensors, containers and the allowed
+    DeepSpeed data classes.
+
+    DeepSpeed loads its own files with `weights_only=False`; running the restricted unpickler over
+    every file first means nothing it then loads can construct arbitrary objects or run code.
+    """
+    allowed = _deepspeed_safe_globals()
+    for path in sorted(Path(tag_dir).glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            first = str(error).strip().splitlines()
+            reason = next((line.strip() for line in first if "GLOBAL" in line), first[0] if first else type(error).__name__)
+            raise UnsafeCheckpoint(f"{path}: refused to load ({reason[:300]})") from None
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file that holds objects outside the allowlist (exit code 2)."""
+
+
 class Checkpointer:
     def __init__(self, directory: Path, keep: int, rank: int) -> None:
         self.directory = Path(directory)
@@ -139,6 +178,7 @@ class Checkpointer:
 
     def load(self, engine: Any, state: TrainState, where: tuple[Path, str]) -> dict[str, Any]:
         directory, tag = where
+        verify_safe(directory / tag)
         _, client = engine.load_checkpoint(
             str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )

@@ -17,14 +17,16 @@ import yaml
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Subcommand modules that add themselves with `add_parser(subparsers)`.
 PLUGIN_COMMANDS = ("train.submit", "train.status")
+GRACE_S = 10  # seconds ranks get after SIGTERM before SIGKILL when a sibling rank died
 
 
 def bad_input_types() -> tuple[type[BaseException], ...]:
     from data_pipelines.errors import DataError
+    from train.checkpoint import UnsafeCheckpoint
     from train.config import ConfigError
     from train.export import ExportError
 
-    return (ConfigError, DataError, ExportError, FileNotFoundError, NotADirectoryError, KeyError)
+    return (ConfigError, DataError, ExportError, UnsafeCheckpoint, FileNotFoundError, NotADirectoryError, KeyError)
 
 
 def parse_options(items: list[str]) -> dict:
@@ -53,6 +55,7 @@ def launch_local_ranks(args: argparse.Namespace) -> int:
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         procs.append(subprocess.Popen(argv, env=env))
     code = 0
+    killed_at = None
     try:
         while procs:
             for proc in list(procs):
@@ -61,9 +64,16 @@ def launch_local_ranks(args: argparse.Namespace) -> int:
                     continue
                 procs.remove(proc)
                 if ret != 0 and code == 0:
+                    # A dead rank leaves the others blocked in a collective: stop them now
+                    # (SIGTERM, then SIGKILL after a grace period) instead of waiting for a timeout.
                     code = ret
-                    for other in procs:  # a dead rank would leave the others hanging in a collective
+                    killed_at = time.time()
+                    print(f"vlp: a rank exited with code {ret}; stopping the other ranks", file=sys.stderr)
+                    for other in procs:
                         other.send_signal(signal.SIGTERM)
+            if killed_at is not None and time.time() - killed_at > GRACE_S:
+                for other in procs:
+                    other.kill()
             time.sleep(0.2)
     except KeyboardInterrupt:
         for proc in procs:
