@@ -276,6 +276,10 @@ def decode_sample_volume(sample: dict[str, Any]) -> Volume:
 # ----------------------------------------------------------------------------------------------
 
 
+# nibabel's axis-label convention, passed explicitly (MONAI is changing its default).
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
 def _to_meta(array: np.ndarray, affine: np.ndarray):
     from monai.data import MetaTensor
 
@@ -302,7 +306,7 @@ def build_transforms(
     modes = ["bilinear"] * len(keys) + ["nearest"] * len(label_keys)
     steps: list = [
         mt.EnsureChannelFirstd(all_keys, channel_dim="no_channel"),
-        mt.Orientationd(all_keys, axcodes="RAS"),
+        mt.Orientationd(all_keys, axcodes="RAS", labels=_RAS_LABELS),
     ]
     if spacing is not None:
         steps.append(mt.Spacingd(all_keys, pixdim=tuple(float(s) for s in spacing), mode=modes))
@@ -411,7 +415,7 @@ def resample_to_spacing(volume: Volume, spacing: Sequence[float]) -> Volume:
     fn = mt.Compose(
         [
             mt.EnsureChannelFirstd(["image"], channel_dim="no_channel"),
-            mt.Orientationd(["image"], axcodes="RAS"),
+            mt.Orientationd(["image"], axcodes="RAS", labels=_RAS_LABELS),
             mt.Spacingd(["image"], pixdim=tuple(float(s) for s in spacing), mode="bilinear", padding_mode="border"),
         ]
     )
@@ -498,3 +502,21 @@ def collate_sentences(
         "sentence_mask": mask,
         "sentence_normal": normal_mask & mask,
     }
+
+
+def batch_sentence_normal(batch: dict[str, Any], max_sentences: int) -> torch.Tensor:
+    """batch["sentence_normal"] (B, S) bool when the loader provides it; otherwise derived from
+    batch["caption"] with the loader's own split (`caption_sentences`, first S sentences), so
+    flag s is about sentence s of batch["sentences"]. All False when neither is there."""
+    if "sentence_normal" in batch:
+        return torch.as_tensor(batch["sentence_normal"], dtype=torch.bool)
+    captions = batch.get("caption")
+    if captions is None:
+        return torch.zeros(len(batch.get("sentence_mask", [])), max_sentences, dtype=torch.bool)
+    from data_pipelines.text import caption_sentences
+
+    flags = torch.zeros(len(captions), max_sentences, dtype=torch.bool)
+    for b, caption in enumerate(captions):
+        for s, sentence in enumerate((caption_sentences(caption) or [caption])[:max_sentences]):
+            flags[b, s] = is_normal_sentence(sentence)
+    return flags

@@ -463,7 +463,11 @@ def lesion_sample(rng: np.random.Generator, opts: LesionOptions) -> dict:
     for normal in rng.choice(NORMAL_FINDINGS, size=int(rng.integers(1, 3)), replace=False):
         sentences.append(str(normal))
         sentence_lesion.append(-1)
-    order = rng.permutation(len(sentences))
+    # Lesion sentences first (in random order), then the normal findings (in random order): a
+    # loader that keeps the first S sentences (`data.sentences`) keeps every lesion sentence.
+    first = [i for i in range(len(sentences)) if sentence_lesion[i] >= 0]
+    rest = [i for i in range(len(sentences)) if sentence_lesion[i] < 0]
+    order = [first[i] for i in rng.permutation(len(first))] + [rest[i] for i in rng.permutation(len(rest))]
     sentences = [sentences[i] for i in order]
     sentence_lesion = [sentence_lesion[i] for i in order]
     for new_index, lesion_index in enumerate(sentence_lesion):

@@ -1,0 +1,136 @@
+"""The 3-D image tower: MONAI's ViT over CT volumes, plus projections to `embed_dim`.
+
+Input volumes are (B, 1, H, W, D) in MONAI's axis order (RAS: H toward Right, W toward
+Anterior, D toward Superior; see `data_pipelines/ct.py`), intensities in [-1, 1]. Patch tokens
+come out in the row-major order of MONAI's patch grid (h, w, d): token p sits at grid cell
+`divmod` of p over (H / ph, W / pw, D / pd), which the grounding evaluator and tests rely on.
+
+The MONAI ViT is kept at `self.vit`, built with `classification=False` and MONAI's own parameter
+names, so its state dict is exactly `UNETR(...).vit`'s (for UNETR's fixed 16^3 patches and 12
+layers): export is a prefix strip. The optional class token therefore lives outside it
+(`self.cls_token`), and the tower runs the ViT's submodules itself.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from data_pipelines.ct import DEFAULT_HU_WINDOW, VolumePreprocess
+from models.towers.base import IMAGE_TOWERS, ImageTower, TowerConfig
+
+
+class MonaiViT3DConfig(TowerConfig):
+    type: Literal["monai_vit3d"] = "monai_vit3d"
+    roi: tuple[int, int, int] = (224, 224, 112)
+    patch_size: tuple[int, int, int] = (16, 16, 8)
+    hidden_size: int = Field(768, ge=8)
+    mlp_dim: int = Field(3072, ge=8)
+    num_layers: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    dropout_rate: float = Field(0.0, ge=0, lt=1)
+    qkv_bias: bool = False
+    pool: Literal["mean", "cls"] = "mean"
+    # "shared": patch tokens go through the pooled embedding's projection (open_clip's
+    # convention; with mean pooling the global embedding is then the mean of the token
+    # embeddings); "separate": a projection of their own for the token-level heads.
+    token_proj: Literal["shared", "separate"] = "shared"
+    # Preprocessing (the tower owns it, as image towers own their mean/std).
+    spacing: Optional[tuple[float, float, float]] = (1.5, 1.5, 3.0)
+    hu_window: tuple[float, float] = DEFAULT_HU_WINDOW
+    flip_prob: float = Field(0.0, ge=0, le=1)
+    embed_dim: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _divisible(self):
+        for axis, (size, patch) in enumerate(zip(self.roi, self.patch_size)):
+            if size % patch:
+                raise ValueError(f"roi[{axis}]={size} is not a multiple of patch_size[{axis}]={patch}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+        return self
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return tuple(size // patch for size, patch in zip(self.roi, self.patch_size))
+
+
+@IMAGE_TOWERS.register("monai_vit3d")
+class MonaiViT3D(ImageTower):
+    """volumes (B, 1, H, W, D) -> {"image_embed": (B, E), "image_tokens": (B, P, E)}."""
+
+    config_class = MonaiViT3DConfig
+
+    def __init__(self, config: MonaiViT3DConfig, embed_dim: int) -> None:
+        super().__init__(config, embed_dim)
+        from monai.networks.nets import ViT
+
+        self.vit = ViT(
+            in_channels=1,
+            img_size=config.roi,
+            patch_size=config.patch_size,
+            hidden_size=config.hidden_size,
+            mlp_dim=config.mlp_dim,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            proj_type="conv",
+            classification=False,
+            dropout_rate=config.dropout_rate,
+            spatial_dims=3,
+            qkv_bias=config.qkv_bias,
+        )
+        if config.pool == "cls":
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+            nn.init.normal_(self.cls_token, std=0.02)
+        self.proj = nn.Linear(config.hidden_size, embed_dim, bias=False)
+        if config.token_proj == "separate":
+            self.token_proj = nn.Linear(config.hidden_size, embed_dim, bias=False)
+        self.grad_checkpointing = False
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.config.grid
+
+    def features(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """volumes (B, 1, H, W, D) -> (pooled (B, W_h), patch hidden states (B, P, W_h)) after the final norm."""
+        if volumes.dim() != 5 or tuple(volumes.shape[2:]) != tuple(self.config.roi):
+            raise ValueError(
+                f"monai_vit3d expects volumes (B, 1, {', '.join(map(str, self.config.roi))}), got {tuple(volumes.shape)}"
+            )
+        x = self.vit.patch_embedding(volumes)  # (B, P, W_h), positions added
+        prefix = 0
+        if self.config.pool == "cls":
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + P, W_h)
+            prefix = 1
+        for block in self.vit.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
+        x = self.vit.norm(x)
+        tokens = x[:, prefix:]
+        pooled = x[:, 0] if prefix else tokens.mean(dim=1)
+        return pooled, tokens
+
+    def forward(self, volumes: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled, tokens = self.features(volumes)
+        token_proj = self.token_proj if self.config.token_proj == "separate" else self.proj
+        return {"image_embed": self.proj(pooled), "image_tokens": token_proj(tokens)}
+
+    def preprocess(self, train: bool) -> VolumePreprocess:
+        c = self.config
+        return VolumePreprocess(train, spacing=c.spacing, roi=c.roi, hu_window=c.hu_window, flip_prob=c.flip_prob)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"vit.patch_embedding.position_embeddings"}
+        if self.config.pool == "cls":
+            names.add("cls_token")
+        return names
+
+    def monai_state_dict(self) -> dict[str, torch.Tensor]:
+        """The ViT's weights under MONAI's names: `UNETR(...).vit.load_state_dict(...)` takes them."""
+        return {name: tensor.detach().clone() for name, tensor in self.vit.state_dict().items()}

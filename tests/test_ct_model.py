@@ -1,0 +1,339 @@
+"""The 3-D tower and the CT heads: MONAI/UNETR state-dict compatibility, patch order, the
+sentence-to-patch alignment on hand-made tensors (independent loop reference, gradcheck, normal
+sentences masked), 2 gloo ranks against one process, masked-volume reconstruction, the
+ct_contrastive head against open_clip, and the CT evaluator's AUROC and pointing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_utils import run_ranks
+from models.heads.base import HeadInputs
+from models.heads.ct_align import (
+    CtAlignConfig,
+    CtAlignHead,
+    alignment_loss,
+    patch_scores,
+    selection_weights,
+    sentence_regions,
+)
+from models.heads.ct_contrastive import CtContrastiveConfig, CtContrastiveHead
+from models.heads.masked_volume import (
+    MaskedVolumeConfig,
+    MaskedVolumeHead,
+    patchify,
+    random_patch_mask,
+    reconstruction_loss,
+)
+from models.towers.volume import MonaiViT3D, MonaiViT3DConfig
+
+
+def small_tower(**overrides) -> MonaiViT3D:
+    options = dict(roi=(16, 16, 8), patch_size=(8, 8, 4), hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4)
+    options.update(overrides)
+    return MonaiViT3D(MonaiViT3DConfig(**options), embed_dim=24)
+
+
+# ---------------------------------------------------------------------------------------------
+# tower
+
+
+def test_tower_shapes_and_mean_pool_matches_monai_vit():
+    torch.manual_seed(0)
+    tower = small_tower().eval()
+    volumes = torch.randn(3, 1, 16, 16, 8)
+    out = tower(volumes)
+    assert out["image_embed"].shape == (3, 24) and out["image_tokens"].shape == (3, 8, 24)
+    hidden, _ = tower.vit(volumes)  # MONAI's own forward: (B, P, W) after the final norm
+    torch.testing.assert_close(out["image_tokens"], tower.proj(hidden))
+    torch.testing.assert_close(out["image_embed"], tower.proj(hidden.mean(1)))
+
+
+def test_cls_pool_and_separate_token_projection():
+    tower = small_tower(pool="cls", token_proj="separate")
+    out = tower(torch.randn(2, 1, 16, 16, 8))
+    assert out["image_tokens"].shape == (2, 8, 24)
+    assert "cls_token" in tower.no_weight_decay()
+    assert not any(name.startswith("vit.cls_token") for name, _ in tower.named_parameters())
+
+
+def test_vit_weights_load_into_monai_unetr():
+    from monai.networks.nets import UNETR
+
+    tower = small_tower(roi=(32, 32, 32), patch_size=(16, 16, 16), hidden_size=48, mlp_dim=96, num_layers=12, num_heads=4)
+    unetr = UNETR(in_channels=1, out_channels=2, img_size=(32, 32, 32), hidden_size=48, mlp_dim=96, num_heads=4)
+    unetr.vit.load_state_dict(tower.monai_state_dict(), strict=True)
+    volumes = torch.randn(1, 1, 32, 32, 32)
+    tower.eval(), unetr.eval()
+    torch.testing.assert_close(unetr.vit(volumes)[0], tower.features(volumes)[1])
+
+
+def test_token_order_is_the_patchify_order():
+    """Token p is patch p of `patchify`: the conv patch embedding equals a matmul on patchify."""
+    tower = small_tower()
+    volumes = torch.randn(2, 1, 16, 16, 8)
+    conv = tower.vit.patch_embedding.patch_embeddings
+    by_conv = conv(volumes).flatten(2).transpose(1, 2)  # (B, P, W), MONAI's order
+    by_patchify = patchify(volumes, (8, 8, 4)) @ conv.weight.reshape(conv.weight.shape[0], -1).T + conv.bias
+    torch.testing.assert_close(by_conv, by_patchify, atol=1e-5, rtol=1e-5)
+
+
+def test_tower_rejects_wrong_volume_size_and_bad_config():
+    with pytest.raises(ValueError, match=r"expects volumes \(B, 1, 16, 16, 8\)"):
+        small_tower()(torch.randn(1, 1, 16, 16, 16))
+    with pytest.raises(ValueError, match="roi\\[2\\]=10 is not a multiple"):
+        MonaiViT3DConfig(roi=(16, 16, 10), patch_size=(8, 8, 4))
+
+
+def test_tower_preprocess_is_the_volume_pipeline():
+    prep = small_tower(spacing=None, hu_window=(-100.0, 100.0)).preprocess(train=False)
+    assert prep.wants_sample and prep.roi == (16, 16, 8) and prep.hu_window == (-100.0, 100.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# ct_align on hand-made tensors
+
+
+def _hand_made(batch: int = 2, sentences: int = 3, patches: int = 6, dim: int = 8):
+    """Patch tokens are one-hot-ish basis vectors; sentence (b, s) matches patch targets[b, s]."""
+    basis = torch.eye(dim)
+    tokens = torch.zeros(batch, patches, dim)
+    for b in range(batch):
+        for p in range(patches):
+            tokens[b, p] = basis[(b * patches + p) % dim] + 0.05 * torch.randn(dim)
+    targets = torch.tensor([[0, 2, 4], [1, 3, 5]])[:batch, :sentences]
+    text = torch.stack([tokens[b, targets[b]] for b in range(batch)]) + 0.01 * torch.randn(batch, sentences, dim)
+    return tokens, text, targets
+
+
+def test_selection_picks_the_patches_each_sentence_describes():
+    torch.manual_seed(0)
+    tokens, text, targets = _hand_made()
+    scores = patch_scores(tokens, text)
+    weights = selection_weights(scores, "topk", 1, 0.1)
+    assert torch.equal(weights.argmax(-1), targets)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 3))
+    top2 = selection_weights(scores, "topk", 2, 0.1)
+    assert int((top2 > 0).sum(-1).max()) == 2
+    regions, _ = sentence_regions(tokens, text, "topk", 1, 0.1)
+    expected = F.normalize(torch.stack([tokens[b, targets[b]] for b in range(2)]), dim=-1)
+    torch.testing.assert_close(regions, expected)
+    soft = selection_weights(scores, "softmax", 1, 0.1)
+    assert (soft > 0).all() and torch.equal(soft.argmax(-1), targets)
+
+
+def _reference_alignment(regions, sentences, valid, scale):
+    """An independent loop: for each valid row, CE over the valid columns in both directions."""
+    rows = [i for i in range(len(valid)) if valid[i]]
+    losses = []
+    for i in rows:
+        s2r = torch.stack([scale * sentences[i] @ regions[j] for j in rows])
+        r2s = torch.stack([scale * regions[i] @ sentences[j] for j in rows])
+        target = rows.index(i)
+        losses.append((-s2r.log_softmax(0)[target] - r2s.log_softmax(0)[target]) / 2)
+    return torch.stack(losses).mean()
+
+
+def test_alignment_loss_matches_a_loop_reference_and_gradcheck():
+    torch.manual_seed(1)
+    regions = F.normalize(torch.randn(7, 5, dtype=torch.double), dim=-1)
+    sentences = F.normalize(torch.randn(7, 5, dtype=torch.double), dim=-1)
+    valid = torch.tensor([1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    scale = torch.tensor([10.0], dtype=torch.double)
+    loss, _ = alignment_loss(regions, sentences, valid, scale)
+    torch.testing.assert_close(loss.double(), _reference_alignment(regions, sentences, valid, scale[0]).double())
+
+    r = regions.clone().requires_grad_(True)
+    s = sentences.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: alignment_loss(a, b, valid, scale)[0], (r, s))
+
+
+def test_dedup_removes_duplicate_sentences_from_negatives():
+    sentences = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    regions = F.normalize(torch.tensor([[1.0, 0.2], [1.0, -0.2], [0.1, 1.0]]), dim=-1)
+    valid = torch.ones(3, dtype=torch.bool)
+    scale = torch.tensor([10.0])
+    with_dup, _ = alignment_loss(regions, sentences, valid, scale, dedup_threshold=None)
+    dedup, _ = alignment_loss(regions, sentences, valid, scale, dedup_threshold=0.99)
+    assert dedup < with_dup
+    # Reference: rows 0 and 1 compete only with column 2 (their duplicate is masked).
+    keep = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    s2r = (sentences * 10) @ regions.T
+    r2s = (regions * 10) @ sentences.T
+    ce = lambda logits: F.cross_entropy(logits.masked_fill(~keep, float("-inf")), torch.arange(3))  # noqa: E731
+    torch.testing.assert_close(dedup, (ce(s2r) + ce(r2s)) / 2)
+
+
+def _head_inputs(tokens, text, mask, normal, rank=0, world_size=1, caption=None):
+    batch = {"sentence_mask": mask, "sentence_normal": normal}
+    if caption is not None:
+        batch = {"sentence_mask": mask, "caption": caption}
+    return HeadInputs(local={"image_tokens": tokens, "sentence_embed": text}, gathered={}, batch=batch,
+                      rank=rank, world_size=world_size)
+
+
+def test_normal_sentences_are_masked_out_of_the_alignment():
+    torch.manual_seed(2)
+    tokens, text, _ = _hand_made()
+    head = CtAlignHead(CtAlignConfig(topk=1, dedup_threshold=None), embed_dim=8)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    normal = torch.tensor([[False, False, True], [False, True, False]])
+    out = head(_head_inputs(tokens, text, mask, normal))
+    changed = text.clone()
+    changed[0, 2] = torch.randn(8) * 5  # a normal sentence: whatever it says changes nothing
+    changed[1, 1] = torch.randn(8) * 5
+    torch.testing.assert_close(head(_head_inputs(tokens, changed, mask, normal))["loss"], out["loss"])
+    assert out["logging"]["aligned_sentences"] == 4
+    # Derived from the captions when the loader sends no flags ("No effusion." is normal).
+    caption = ["FINDINGS: A nodule. A cyst. No effusion.", "A mass. Heart is not enlarged. A cyst."]
+    derived = head(_head_inputs(tokens, text, mask, None, caption=caption))
+    torch.testing.assert_close(derived["loss"], out["loss"])
+    # Correct pairs score a lower loss than shuffled ones.
+    shuffled = text[:, [1, 2, 0]]
+    assert head(_head_inputs(tokens, shuffled, mask, normal))["loss"] > out["loss"]
+
+
+def test_alignment_with_no_valid_sentence_is_zero_but_connected():
+    tokens = torch.randn(2, 4, 8, requires_grad=True)
+    text = torch.randn(2, 3, 8, requires_grad=True)
+    head = CtAlignHead(CtAlignConfig(), embed_dim=8)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    out = head(_head_inputs(tokens, text, mask, mask))
+    assert float(out["loss"].detach()) == 0.0
+    out["loss"].backward()
+    assert tokens.grad is not None
+
+
+def _rank_alignment(rank: int, world_size: int, tokens, text, mask, normal):
+    torch.manual_seed(0)
+    head = CtAlignHead(CtAlignConfig(topk=2, dedup_threshold=None), embed_dim=tokens.shape[-1])
+    per = tokens.shape[0] // world_size
+    part = slice(rank * per, (rank + 1) * per)
+    local_tokens = tokens[part].clone().requires_grad_(True)
+    local_text = text[part].clone().requires_grad_(True)
+    loss = head(_head_inputs(local_tokens, local_text, mask[part], normal[part], rank, world_size))["loss"]
+    loss.backward()
+    # numpy, not tensors: shared-memory tensors die with the worker process before the parent reads them.
+    return loss.item(), local_tokens.grad.numpy(), local_text.grad.numpy()
+
+
+def test_two_gloo_ranks_equal_one_process():
+    torch.manual_seed(3)
+    tokens, text = torch.randn(4, 6, 8), torch.randn(4, 3, 8)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    normal = torch.tensor([[0, 1, 0], [0, 0, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    single_loss, single_tokens, single_text = _rank_alignment(0, 1, tokens, text, mask, normal)
+    results = run_ranks(_rank_alignment, 2, tokens, text, mask, normal)
+    # DDP averages gradients over ranks; the per-rank normaliser makes that the global gradient.
+    assert sum(r[0] for r in results) / 2 == pytest.approx(single_loss, rel=1e-5)
+    grad_tokens = torch.from_numpy(np.concatenate([r[1] for r in results])) / 2
+    grad_text = torch.from_numpy(np.concatenate([r[2] for r in results])) / 2
+    single_tokens, single_text = torch.from_numpy(single_tokens), torch.from_numpy(single_text)
+    # Each rank's local grad holds every rank's loss terms (gather_with_grad reduce-scatters),
+    # i.e. world_size times its share of the global-mean gradient; halved, it is that gradient.
+    torch.testing.assert_close(grad_tokens, single_tokens, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_text, single_text, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_volume
+
+
+def test_patchify_and_random_mask():
+    volumes = torch.arange(2 * 16 * 16 * 8, dtype=torch.float32).reshape(2, 1, 16, 16, 8)
+    patches = patchify(volumes, (8, 8, 4))
+    assert patches.shape == (2, 8, 256)
+    # Patch (i, j, k) = (1, 0, 1) is token 1 * 4 + 0 * 2 + 1 = 5.
+    torch.testing.assert_close(patches[0, 5], volumes[0, 0, 8:16, 0:8, 4:8].reshape(-1))
+    mask = random_patch_mask(3, 8, 0.75, torch.device("cpu"))
+    assert mask.sum(1).tolist() == [6, 6, 6]
+
+
+def test_reconstruction_loss_closed_form():
+    prediction = torch.zeros(1, 2, 4)
+    target = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]]])
+    mask = torch.tensor([[True, False]])
+    # Raw MSE on patch 0 only: (1 + 4 + 9 + 16) / 4.
+    assert float(reconstruction_loss(prediction, target, mask, norm_target=False)) == pytest.approx(7.5)
+    # Standardised target of patch 0 has mean 0, variance 1 -> MSE against 0 is 1 (up to eps).
+    assert float(reconstruction_loss(prediction, target, mask, norm_target=True)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_masked_volume_head_trains_the_tokens():
+    tower = small_tower()
+    head = MaskedVolumeHead(MaskedVolumeConfig(patch_size=(8, 8, 4), decoder_dim=32, decoder_heads=4), embed_dim=24)
+    volumes = torch.randn(2, 1, 16, 16, 8)
+    tokens = tower(volumes)["image_tokens"]
+    out = head(HeadInputs(local={"image_tokens": tokens}, gathered={}, batch={"image": volumes}))
+    assert out["loss"].ndim == 0 and out["logging"]["masked_patches"] == 6
+    out["loss"].backward()
+    assert tower.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    bad = MaskedVolumeHead(MaskedVolumeConfig(patch_size=(4, 4, 4), decoder_dim=32), embed_dim=24)
+    with pytest.raises(ValueError, match="set model.heads.masked_volume.patch_size"):
+        bad(HeadInputs(local={"image_tokens": tokens}, gathered={}, batch={"image": volumes}))
+
+
+# ---------------------------------------------------------------------------------------------
+# ct_contrastive
+
+
+def test_ct_contrastive_equals_open_clip_loss():
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(4)
+    image = F.normalize(torch.randn(6, 16), dim=-1)
+    text = F.normalize(torch.randn(6, 16), dim=-1)
+    head = CtContrastiveHead(CtContrastiveConfig(init_temperature=0.05), embed_dim=16)
+    out = head(HeadInputs(local={"image_normed": image, "text_normed": text}, gathered={}, batch={}))
+    reference = ClipLoss()(image, text, torch.tensor(20.0))
+    torch.testing.assert_close(out["loss"], reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluator maths
+
+
+def test_auroc_per_class_skips_single_label_classes():
+    from sklearn.metrics import roc_auc_score
+
+    from train.evals.ct import auroc_per_class
+
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.3], [0.7, 0.8]])
+    labels = np.array([[1, 0], [0, 0], [1, 0]])
+    out = auroc_per_class(probabilities, labels, ["a", "b"])
+    assert out == {"a": roc_auc_score([1, 0, 1], [0.9, 0.2, 0.7])}
+
+
+def test_ct_evaluator_runs_on_a_tiny_semi_synthetic_split(tmp_path):
+    from types import SimpleNamespace
+
+    from data_pipelines.sources import build
+    from train.evals.base import EvalContext
+    from train.evals.ct import CtEvalConfig, evaluate_ct
+
+    build("ct-lesions", tmp_path, train_size=1, test_size=8, size=16, spacing=8.0, seed=1)
+    tower = small_tower(roi=(16, 16, 16), patch_size=(8, 8, 8), spacing=None, hu_window=(-200.0, 400.0))
+
+    class Text(torch.nn.Module):
+        def tokenizer(self):
+            return lambda texts: torch.tensor([[hash(t) % 997] for t in texts])
+
+    embed = torch.nn.Embedding(997, 24)
+    model = SimpleNamespace(
+        image=tower, text=Text(), training=False, eval=lambda: None, train=lambda: None,
+        encode_image=tower, encode_text=lambda ids: {"text_embed": embed(ids[:, 0])},
+        objective=SimpleNamespace(heads={"ct_contrastive": CtContrastiveHead(CtContrastiveConfig(), 24)}),
+    )
+    config = CtEvalConfig(data=str(tmp_path / "ct-lesions-test-000000.tar"), batch_size=3,
+                          classes={"nodule": "nodule", "cyst": "cyst", "calcification": "calcification",
+                                   "mass": "mass", "fat": "fat-containing lesion"})
+    results = evaluate_ct(model, config, EvalContext())
+    assert results["ct_samples"] == 8
+    assert 0.0 <= results["ct_pointing_chance"] <= 1.0 and results["ct_pointing_sentences"] > 0
+    assert 0.0 <= results["ct_pointing_acc"] <= 1.0
+    assert all(0.0 <= v <= 1.0 for k, v in results.items() if k.startswith("ct_auroc/"))
