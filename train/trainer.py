@@ -60,13 +60,19 @@ def build_engine(config: Any, model: torch.nn.Module) -> Any:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, tr.steps, tr.warmup_steps, tr.min_lr_ratio)
     )
+    if tr.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config)
     )
+    if tr.compile:
+        engine.compile()
     return engine
 
 
-def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def to_device(
+    batch: dict[str, Any], device: torch.device, dtype: torch.dtype, channels_last: bool = False
+) -> dict[str, Any]:
     """Tensors to the device (non-blocking from pinned memory on GPU); float inputs to the
     engine's compute dtype. Token ids and masks keep their dtype."""
     moved = {}
@@ -75,6 +81,8 @@ def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -
             value = value.to(device, non_blocking=device.type == "cuda")
             if value.is_floating_point():
                 value = value.to(dtype)
+            if channels_last and key == "image" and value.ndim == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
         moved[key] = value
     return moved
 
@@ -199,7 +207,7 @@ def run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluato
         for reason, count in bad_counts.items():
             if isinstance(count, int):
                 window["bad"][reason] = window["bad"].get(reason, 0) + count
-        out = engine(to_device(batch, env.device, dtype))
+        out = engine(to_device(batch, env.device, dtype, tr.channels_last))
         loss = out["loss"]
         if all_reduce_max(0.0 if torch.isfinite(loss).all() else 1.0) > 0:
             # Skip the update on every rank alike: no backward, no step; name the culprit head.
