@@ -6,6 +6,8 @@ Writes JPEG shards to a temp folder, then measures samples/s of
   * loader: `build_train_loader` with workers=1 and workers=2 (per-worker rate = rate / workers),
     timed in steady state (from the first batch on: worker start-up is reported separately).
 Prints ONE JSON line. ratio = per-worker loader rate (workers=1) / plain rate; target >= 0.9.
+cpu_ratio = plain CPU ms per sample / worker CPU ms per sample: the same comparison measured in
+CPU time, which a machine shared with other jobs distorts far less than wall time.
 
     python benchmarks/loader.py [--samples 1024] [--image-size 256] [--batch-size 64]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -62,7 +65,15 @@ def make_samples(count: int, size: int, seed: int = 0) -> list[dict]:
     return samples
 
 
-def plain_rate(samples: list[dict], preprocess, tokenizer, batch_size: int) -> float:
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time (user + system) of this process and of its reaped children (the DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def plain_rate(samples: list[dict], preprocess, tokenizer, batch_size: int) -> tuple[float, float]:
+    """(samples/s, CPU ms per sample)."""
+    cpu_start = cpu_seconds()[0]
     start = time.perf_counter()
     for begin in range(0, len(samples) - batch_size + 1, batch_size):
         chunk = samples[begin:begin + batch_size]
@@ -70,13 +81,14 @@ def plain_rate(samples: list[dict], preprocess, tokenizer, batch_size: int) -> f
         tokens = tokenizer([s["txt"] for s in chunk])
         assert images.shape[0] == tokens.shape[0]
     done = (len(samples) // batch_size) * batch_size
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), (cpu_seconds()[0] - cpu_start) / done * 1e3
 
 
 def loader_rate(urls: str, workers: int, preprocess, tokenizer, batch_size: int, shuffle_buffer: int) -> dict:
     cfg = DataConfig(train=[{"urls": urls}], workers=workers, shuffle_buffer=shuffle_buffer)
     loader = build_train_loader(cfg, preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size,
                                 rank=0, world_size=1, seed=0)
+    cpu_start = cpu_seconds()
     start = time.perf_counter()
     stream = loader.iterate(0)
     first = next(stream)
@@ -85,7 +97,12 @@ def loader_rate(urls: str, workers: int, preprocess, tokenizer, batch_size: int,
     for batch in stream:
         samples += len(batch["key"])
     end = time.perf_counter()
+    del stream  # the exhausted DataLoader has joined its workers, so their CPU time is counted
+    cpu_end = cpu_seconds()
+    total = samples + len(first["key"])
     return {"samples_per_s": samples / (end - first_at), "startup_s": first_at - start,
+            "worker_cpu_ms_per_sample": (cpu_end[1] - cpu_start[1]) / total * 1e3,
+            "main_cpu_ms_per_sample": (cpu_end[0] - cpu_start[0]) / total * 1e3,
             "batches": 1 + samples // batch_size, "batch_shape": list(first["image"].shape)}
 
 
@@ -110,9 +127,10 @@ def main() -> None:
         paths = write_shards(samples, folder, "bench", max_count=per_shard)
         urls = f"{folder}/bench-{{000000..{len(paths) - 1:06d}}}.tar"
         # Interleaved, best of `repeats`: on a shared machine the load changes over a run.
-        plain, runs = 0.0, {}
+        plain, plain_cpu, runs = 0.0, float("inf"), {}
         for _ in range(args.repeats):
-            plain = max(plain, plain_rate(samples, preprocess, tokenizer, args.batch_size))
+            rate, cpu_ms = plain_rate(samples, preprocess, tokenizer, args.batch_size)
+            plain, plain_cpu = max(plain, rate), min(plain_cpu, cpu_ms)
             for workers in (1, 2):
                 result = loader_rate(urls, workers, preprocess, tokenizer, args.batch_size, args.shuffle_buffer)
                 if workers not in runs or result["samples_per_s"] > runs[workers]["samples_per_s"]:
@@ -127,6 +145,12 @@ def main() -> None:
         "loader_workers2_per_worker_samples_per_s": round(per_worker_2, 1),
         "ratio_workers2_per_worker": round(per_worker_2 / plain, 3),
         "startup_s": {str(w): round(r["startup_s"], 2) for w, r in runs.items()},
+        # Load-independent view: CPU per sample in a worker vs in the plain loop (start-up included
+        # for the workers), and what the main process spends receiving batches.
+        "plain_cpu_ms_per_sample": round(plain_cpu, 3),
+        "worker_cpu_ms_per_sample": round(runs[1]["worker_cpu_ms_per_sample"], 3),
+        "main_cpu_ms_per_sample": round(runs[1]["main_cpu_ms_per_sample"], 3),
+        "cpu_ratio": round(plain_cpu / runs[1]["worker_cpu_ms_per_sample"], 3),
         "samples": args.samples, "image_size": args.image_size, "batch_size": args.batch_size,
         "shards": len(paths), "cpu_cores": torch.multiprocessing.cpu_count(),
         "load_average_1min": round(__import__("os").getloadavg()[0], 2),

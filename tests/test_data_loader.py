@@ -8,6 +8,7 @@ import itertools
 import json
 import random
 import struct
+import tarfile
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -432,3 +433,37 @@ def test_uneven_shards_on_real_ranks_step_together(tmp_path):
     urls = write(tmp_path, "a", [13, 2, 6])  # 21 samples over 3 shards: ranks get 13+... vs 2+...
     per_rank = run_ranks(_rank_epoch, 2, urls, timeout=120)
     assert [len(keys) for keys in per_rank] == [21 // 4 * 2] * 2
+
+
+# --------------------------------------------------------------------------------------------
+# Tar parsing (the memory-mapped fast path against tarfile)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,suffix", [(tarfile.USTAR_FORMAT, "tar"), (tarfile.GNU_FORMAT, "tar"),
+                                        (tarfile.PAX_FORMAT, "tar"), (tarfile.PAX_FORMAT, "tar.gz")])
+def test_tar_reader_matches_tarfile(tmp_path, fmt, suffix):
+    from data_pipelines.loader import _read_shard
+
+    names = ["a.txt", "a.png", "deep/" * 24 + "b.txt", "deep/" * 24 + "b.png", "x" * 120 + ".txt",
+             "caf\u00e9.txt", "big.bin"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names.remove("x" * 120 + ".txt")  # over ustar's 100-byte name field, and no slash to split at
+    path = tmp_path / f"shard.{suffix}"
+    members = {name: (name.encode() * 3)[: 7 + 300 * index] for index, name in enumerate(names)}
+    members["big.bin"] = bytes(range(256)) * 40
+    with tarfile.open(path, "w:gz" if suffix.endswith("gz") else "w", format=fmt) as tar:
+        tar.addfile(tarfile.TarInfo("adir"))  # a non-file member is skipped
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    if fmt == tarfile.USTAR_FORMAT:
+        assert len(names[2]) > 100  # stored with the ustar prefix field
+    got = {}
+    for sample in _read_shard(str(path)):
+        assert "__bad__" not in sample
+        for ext, data in sample.items():
+            if not ext.startswith("__"):
+                got[f"{sample['__key__']}.{ext}"] = data
+    assert got == members
