@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -43,3 +43,69 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
         dist.all_reduce(tensor)
     return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's (n_r, ...) tensor in rank order -> (sum n_r, ...); the ranks may
+    hold different n_r (padded to the largest for the collective, then trimmed)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    world = dist.get_world_size()
+    count = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def zero3_partitioned(model: Any) -> bool:
+    """True when DeepSpeed ZeRO-3 partitions the weights: then every forward is a collective
+    (it all-gathers the layer's weights), so every rank must run the same number of them."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def lockstep(items: Iterable[Any], in_lockstep: bool, idle: Callable[[], Any]) -> Iterator[Any]:
+    """`items`, but under ZeRO-3 keep going until every rank is done, calling `idle()` (one
+    throwaway forward) on a rank whose own items ran out, so the ranks' collectives pair up."""
+    iterator = iter(items)
+    while True:
+        item = next(iterator, None)
+        if in_lockstep:
+            busy = all_reduce_max(torch.tensor([item is not None], dtype=torch.long))
+            if not busy.item():
+                return
+            if item is None:
+                idle()
+                continue
+        elif item is None:
+            return
+        yield item
+
+
+def idle_image_forward(model: Any, device: torch.device, dtype: torch.dtype) -> Callable[[], Any]:
+    """A one-sample image forward of the tower's input shape (for `lockstep`)."""
+    cfg = model.image.config
+    shape = (1, 1, *cfg.roi) if hasattr(cfg, "roi") else (1, 3, cfg.image_size, cfg.image_size)
+    return lambda: model.encode_image(torch.zeros(shape, device=device, dtype=dtype))
+
+
+def encode_texts_lockstep(model: Any, texts: list[str], device: torch.device, in_lockstep: bool,
+                          batch_size: int = 256) -> torch.Tensor:
+    """`encode_texts` whose batch count may differ between ranks (each rank's own captions)."""
+    tokenizer = model.text.tokenizer()
+    chunks = (texts[start : start + batch_size] for start in range(0, len(texts), batch_size))
+    idle = lambda: model.encode_text(tokenizer([""]).to(device))  # noqa: E731
+    out = [model.encode_text(tokenizer(chunk).to(device))["text_embed"].float()
+           for chunk in lockstep(chunks, in_lockstep, idle)]
+    return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim, device=device)

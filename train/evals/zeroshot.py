@@ -1,9 +1,16 @@
 """Zero-shot classification: class names x prompt templates -> class embeddings -> top-k.
 
 Class names and templates come from lists in the config, from clip_benchmark's JSON files
-(`en_classnames.json`, `en_zeroshot_classification_templates.json`, keyed by dataset), or from
-clip_benchmark's webdataset eval layout (`classnames.txt`, `zeroshot_classification_templates.txt`
-next to the shards). Labels are the shards' `.cls`.
+(`en_classnames.json`, `en_zeroshot_classification_templates.json`, keyed by dataset; templates
+fall back to the "imagenet1k" entry as clip_benchmark's do), or from clip_benchmark's webdataset
+eval layout: `classnames.txt` and `zeroshot_classification_templates.txt` (one per line, `{c}`
+for the class name) next to the shards or one folder above them (clip_benchmark's
+`DIR/test/{0..n-1}.tar` + `DIR/classnames.txt`). Labels are the shards' `.cls`.
+
+Class embeddings are built from every (class, template) prompt in batches of prompts and
+averaged by the scoring head's `prompt_ensemble`; images are scored by its `pairwise_scores`
+(cosine for clip/siglip, Lorentzian for meru). Metrics: top-k accuracy and mean per-class recall
+(clip_benchmark's `mean_per_class_recall`, i.e. balanced accuracy), counts summed over ranks.
 """
 
 from __future__ import annotations
@@ -15,9 +22,12 @@ from typing import Literal, Optional, Union
 import torch
 from pydantic import Field
 
+from data_pipelines.errors import DataError
 from train.data import expand_urls
 from train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
-from train.evals.common import all_reduce_sum, class_embeddings, scoring_head
+from train.evals.common import (
+    all_reduce_sum, class_embeddings, idle_image_forward, lockstep, scoring_head, zero3_partitioned,
+)
 
 DEFAULT_TEMPLATES = ["a photo of a {c}."]
 
@@ -33,30 +43,42 @@ class ZeroShotConfig(EvalConfig):
     top_k: list[int] = Field(default_factory=lambda: [1, 5])
 
 
-def _read_list(value: Union[list[str], str, None], dataset: Optional[str], beside: Path, filename: str) -> Optional[list[str]]:
+def _read_list(
+    value: Union[list[str], str, None], dataset: Optional[str], folders: list[Path], filename: str,
+    fallback_key: Optional[str] = None,
+) -> Optional[list[str]]:
     if isinstance(value, list):
         return value
-    path = Path(value) if value else beside / filename
-    if not path.is_file():
-        if value:
+    if value:
+        path = Path(value)
+        if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-        return None
+    else:
+        path = next((folder / filename for folder in folders if (folder / filename).is_file()), None)
+        if path is None:
+            return None
     if path.suffix == ".json":
         data = json.loads(path.read_text())
         if isinstance(data, dict):
-            if dataset is None or dataset not in data:
-                raise KeyError(f"{path}: needs `dataset` (one of {', '.join(sorted(data)[:10])}...)")
-            data = data[dataset]
+            key = dataset if dataset in data else fallback_key if fallback_key in data and dataset else None
+            if key is None:
+                raise KeyError(f"{path}: needs `dataset` (one of {', '.join(sorted(data)[:10])}, ...), got {dataset!r}")
+            data = data[key]
         return [str(x) for x in data]
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def resolve_names(config: ZeroShotConfig) -> tuple[list[str], list[str]]:
-    beside = Path(expand_urls(config.data)[0]).parent
-    classnames = _read_list(config.classnames, config.dataset, beside, "classnames.txt")
+    """(class names, templates) from the config, or from the files beside the shards (or one
+    folder up: clip_benchmark's `DIR/test/*.tar` layout)."""
+    shard_folder = Path(expand_urls(config.data)[0]).parent
+    folders = [shard_folder, shard_folder.parent]
+    classnames = _read_list(config.classnames, config.dataset, folders, "classnames.txt")
     if not classnames:
-        raise FileNotFoundError(f"zeroshot: no class names (set `classnames` or put classnames.txt in {beside})")
-    templates = _read_list(config.templates, config.dataset, beside, "zeroshot_classification_templates.txt")
+        raise FileNotFoundError(f"zeroshot: no class names (set `classnames` or put classnames.txt in {shard_folder})")
+    # clip_benchmark uses the imagenet1k templates for datasets without their own.
+    templates = _read_list(config.templates, config.dataset, folders, "zeroshot_classification_templates.txt",
+                           fallback_key="imagenet1k")
     return classnames, templates or DEFAULT_TEMPLATES
 
 
@@ -76,10 +98,10 @@ def zeroshot_classify(model, config: ZeroShotConfig, context: EvalContext) -> di
         config.data, preprocess=model.image.preprocess(train=False), tokenizer=model.text.tokenizer(),
         batch_size=config.batch_size, rank=context.rank, world_size=context.world_size, workers=config.workers,
     )
-    for batch in loader:
+    for batch in lockstep(loader, zero3_partitioned(model), idle_image_forward(model, device, context.dtype)):
         labels = batch["label"]
         if (labels < 0).any():
-            raise ValueError(f"zeroshot: sample {batch['key'][int((labels < 0).nonzero()[0])]} has no .cls label")
+            raise DataError(f"zeroshot: sample {batch['key'][int((labels < 0).nonzero()[0])]} has no .cls label")
         images = batch["image"].to(device, context.dtype)
         scores = head.pairwise_scores(model.encode_image(images)["image_embed"], classifier).cpu()  # (B, C)
         ranked = scores.topk(max(ks), dim=1).indices  # (B, kmax)

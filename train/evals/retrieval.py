@@ -1,0 +1,270 @@
+"""Image-text retrieval: R@1/5/10 image->text and text->image, several captions per image.
+
+Captions of a sample come from its `.json` "captions" (a list of strings) or its `.txt`: a JSON
+list, or one caption per line (clip_benchmark's retrieval layout). An image->text hit at k: one
+of the image's own captions is among the k best-scored texts; text->image: the caption's image is
+among the k best-scored images. Scores are the checkpoint's own geometry (`scoring_head`).
+
+Exact and memory-bounded for 100k x 100k: the (N images x M texts) score matrix is never built.
+Queries and keys are scored in (chunk x chunk) blocks; each query keeps only its best positive
+score and the top `max(recall_at)` scores of its non-positive keys, merged block by block, so
+the rank of its best positive (how many non-positives score strictly above it) is exact up to
+that depth. Memory: two blocks plus (queries x depth) scores, whatever N and M.
+
+FLAIR-style re-ranking (`rerank_topk`, when the scoring head has text-conditioned `pair_scores`):
+each query's top-K keys by global cosine are re-scored with the text-conditioned cosine
+cos(v(i, t), t) and ranked among themselves; keys outside the K rank below all of them (as in
+`FlairHead.pairwise_scores(topk=K)`, which does this for text queries on a dense matrix). Without
+`rerank_topk`, a head that `scores_with_tokens` (FLAIR) is given the image tokens in every block:
+text-conditioned scores for every pair, exact but costly.
+
+Distributed: every rank embeds its own share of the shards (images and their captions), the
+embeddings are all-gathered, and each rank ranks its own images (image->text) and its own
+captions (text->image) against all keys; hit counts are summed over ranks. No rank waits on
+rank 0 alone.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Literal, Optional
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from data_pipelines.errors import DataError
+from train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
+from train.evals.common import (
+    all_gather_rows, all_reduce_sum, encode_texts_lockstep, idle_image_forward, lockstep, scoring_head,
+    zero3_partitioned,
+)
+
+# (queries (q,), keys (k,)) index tensors -> (q, k) scores; positive masks take broadcasting
+# (q, 1), (1, k) or (q, d) index tensors.
+BlockFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class RetrievalConfig(EvalConfig):
+    type: Literal["retrieval"] = "retrieval"
+    recall_at: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    # Where a sample's captions are: "json" (.json "captions"), "txt" (a JSON list or lines),
+    # "auto" (.json "captions" when present, else .txt).
+    captions: Literal["auto", "txt", "json"] = "auto"
+    # Queries and keys per score block (memory: about 3 * chunk_size^2 floats).
+    chunk_size: int = Field(2048, ge=1)
+    text_batch_size: int = Field(256, ge=1)
+    # FLAIR-style: re-score each query's top-K by the text-conditioned score (needs a head with
+    # `pair_scores`, e.g. flair); must be >= max(recall_at).
+    rerank_topk: Optional[int] = Field(None, ge=1)
+    prefix: str = "retrieval_"
+
+    @model_validator(mode="after")
+    def _depths(self) -> "RetrievalConfig":
+        if not self.recall_at or min(self.recall_at) < 1:
+            raise ValueError("recall_at: needs positive integers, e.g. [1, 5, 10]")
+        if self.rerank_topk is not None and self.rerank_topk < max(self.recall_at):
+            raise ValueError(f"rerank_topk={self.rerank_topk} must be >= max(recall_at)={max(self.recall_at)}")
+        return self
+
+
+def sample_captions(caption: str, meta: dict, mode: str, key: str = "?") -> list[str]:
+    """The captions of one sample: `.json` "captions", or the `.txt` as a JSON list or lines."""
+    if mode in ("auto", "json") and isinstance(meta, dict) and "captions" in meta:
+        captions = meta["captions"]
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise DataError(f"retrieval: sample {key}: .json 'captions' must be a list of strings")
+    elif mode == "json":
+        raise DataError(f"retrieval: sample {key}: .json has no 'captions' list (captions=json)")
+    elif caption.lstrip().startswith("["):
+        try:
+            captions = json.loads(caption)
+        except ValueError:
+            raise DataError(f"retrieval: sample {key}: .txt starts with '[' but is not a JSON list") from None
+        if not isinstance(captions, list):
+            raise DataError(f"retrieval: sample {key}: .txt JSON is not a list")
+        captions = [str(c) for c in captions]
+    else:
+        captions = caption.splitlines()
+    captions = [c.strip() for c in captions if c.strip()]
+    if not captions:
+        raise DataError(f"retrieval: sample {key} has no caption")
+    return captions
+
+
+def positive_ranks(
+    scores: BlockFn, positives: BlockFn, queries: Tensor, num_keys: int, depth: int, chunk: int,
+) -> Tensor:
+    """Rank of each query's best positive key: how many non-positive keys score strictly above
+    it, exact up to `depth` (larger ranks are reported as `depth`). queries: (Q,) indices -> (Q,).
+
+    Streams over (chunk x chunk) blocks of `scores(queries, keys)`, keeping the best positive
+    score and the top-`depth` non-positive scores of each query."""
+    out = []
+    for query_chunk in queries.split(chunk):
+        best_positive = torch.full((len(query_chunk),), -torch.inf)
+        top_negative = torch.full((len(query_chunk), 0), -torch.inf)
+        for start in range(0, num_keys, chunk):
+            keys = torch.arange(start, min(start + chunk, num_keys))
+            block = scores(query_chunk, keys).float().cpu()  # (q, k)
+            is_positive = positives(query_chunk[:, None], keys[None, :])  # (q, k)
+            best_positive = torch.maximum(best_positive, block.masked_fill(~is_positive, -torch.inf).amax(dim=1))
+            merged = torch.cat([top_negative, block.masked_fill(is_positive, -torch.inf)], dim=1)
+            top_negative = merged.topk(min(depth, merged.shape[1]), dim=1).values
+        out.append((top_negative > best_positive[:, None]).sum(dim=1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def reranked_ranks(
+    scores: BlockFn, rescore: Callable[[Tensor, Tensor], Tensor], positives: BlockFn, queries: Tensor,
+    num_keys: int, depth: int, chunk: int,
+) -> Tensor:
+    """Like `positive_ranks`, after re-scoring each query's top-`depth` keys by `scores` with
+    `rescore(query_index (Q,), key_index (Q,)) -> (Q,)`: the rank of the best positive among the
+    re-scored candidates, or `depth` when no positive is among them."""
+    out = []
+    for query_chunk in queries.split(chunk):
+        top_scores = torch.full((len(query_chunk), 0), -torch.inf)
+        top_keys = torch.zeros((len(query_chunk), 0), dtype=torch.long)
+        for start in range(0, num_keys, chunk):
+            keys = torch.arange(start, min(start + chunk, num_keys))
+            block = scores(query_chunk, keys).float().cpu()  # (q, k)
+            merged_scores = torch.cat([top_scores, block], dim=1)
+            merged_keys = torch.cat([top_keys, keys[None].expand(len(query_chunk), -1)], dim=1)
+            top_scores, order = merged_scores.topk(min(depth, merged_scores.shape[1]), dim=1)
+            top_keys = merged_keys.gather(1, order)  # (q, depth)
+        q, d = top_keys.shape
+        flat_queries = query_chunk[:, None].expand(q, d).reshape(-1)
+        rescored = rescore(flat_queries, top_keys.reshape(-1)).float().cpu().reshape(q, d)
+        is_positive = positives(query_chunk[:, None], top_keys)  # (q, d)
+        best_positive = rescored.masked_fill(~is_positive, -torch.inf).amax(dim=1)
+        rank = (rescored.masked_fill(is_positive, -torch.inf) > best_positive[:, None]).sum(dim=1)
+        out.append(torch.where(is_positive.any(dim=1), rank, torch.full_like(rank, depth)))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def recall_counts(ranks: Tensor, ks: list[int]) -> Tensor:
+    """(len(ks),) number of queries whose positive rank is below each k."""
+    return torch.tensor([float((ranks < k).sum()) for k in ks], dtype=torch.float64)
+
+
+def retrieval_ranks(
+    head: Any, image: Tensor, text: Tensor, owner: Tensor, image_queries: Tensor, text_queries: Tensor,
+    depth: int, chunk: int, image_tokens: Optional[Tensor] = None, rerank_topk: Optional[int] = None,
+) -> tuple[Tensor, Tensor]:
+    """(image->text ranks of `image_queries`, text->image ranks of `text_queries`).
+
+    image: (N, E) raw image embeddings; text: (M, E) raw caption embeddings; owner: (M,) the
+    image index of each caption; image_tokens: (N, P, E) for heads that score with tokens."""
+    with_tokens = image_tokens is not None and rerank_topk is None
+
+    def pair_block(images: Tensor, texts: Tensor) -> Tensor:  # (ni, nt)
+        if with_tokens:
+            return head.pairwise_scores(image[images], text[texts], image_tokens=image_tokens[images])
+        # Plain heads; for re-ranking, FLAIR's global cosine (its scores without tokens).
+        return head.pairwise_scores(image[images], text[texts])
+
+    def i2t_scores(images: Tensor, texts: Tensor) -> Tensor:
+        return pair_block(images, texts)
+
+    def t2i_scores(texts: Tensor, images: Tensor) -> Tensor:
+        return pair_block(images, texts).T
+
+    # Broadcasting (queries, keys) -> bool: is the caption the image's own?
+    def i2t_positive(images: Tensor, texts: Tensor) -> Tensor:
+        return owner[texts] == images
+
+    def t2i_positive(texts: Tensor, images: Tensor) -> Tensor:
+        return owner[texts] == images
+
+    if rerank_topk is None:
+        i2t = positive_ranks(i2t_scores, i2t_positive, image_queries, text.shape[0], depth, chunk)
+        t2i = positive_ranks(t2i_scores, t2i_positive, text_queries, image.shape[0], depth, chunk)
+        return i2t, t2i
+    if image_tokens is None or not hasattr(head, "pair_scores"):
+        raise ValueError(f"retrieval: rerank_topk needs a head with text-conditioned pair_scores and image tokens "
+                         f"(e.g. flair); the scoring head is {type(head).__name__}")
+
+    def rescore(images: Tensor, texts: Tensor) -> Tensor:
+        return head.pair_scores(image_tokens, text, images, texts, image_embed=image)
+
+    i2t = reranked_ranks(i2t_scores, rescore, i2t_positive, image_queries, text.shape[0], rerank_topk, chunk)
+    t2i = reranked_ranks(t2i_scores, lambda t, i: rescore(i, t), t2i_positive, text_queries, image.shape[0],
+                         rerank_topk, chunk)
+    return i2t, t2i
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: Any, config: RetrievalConfig, context: EvalContext) -> dict[str, float]:
+    from data_pipelines.loader import build_eval_loader
+
+    if not config.data:
+        raise DataError("evals.retrieval: `data` (a shard spec of held-out image-caption shards) is required")
+    device = context.device
+    head = scoring_head(model)
+    keep_tokens = bool(getattr(head, "scores_with_tokens", False))
+    if config.rerank_topk is not None and not keep_tokens:
+        raise DataError(f"retrieval: rerank_topk needs a head that scores with image tokens (flair); "
+                         f"the scoring head is {type(head).__name__}")
+    in_lockstep = zero3_partitioned(model)
+    loader = build_eval_loader(
+        config.data, preprocess=model.image.preprocess(train=False), tokenizer=model.text.tokenizer(),
+        batch_size=config.batch_size, rank=context.rank, world_size=context.world_size, workers=config.workers,
+    )
+    images, tokens, captions, owners = [], [], [], []
+    for batch in lockstep(loader, in_lockstep, idle_image_forward(model, device, context.dtype)):
+        encoded = model.encode_image(batch["image"].to(device, context.dtype))
+        offset = sum(len(x) for x in images)
+        images.append(encoded["image_embed"].float())
+        if keep_tokens:
+            tokens.append(encoded["image_tokens"].float())
+        for i, (caption, meta, key) in enumerate(zip(batch["caption"], batch["meta"], batch["key"])):
+            own = sample_captions(caption, meta, config.captions, key)
+            captions.extend(own)
+            owners.extend([offset + i] * len(own))
+    embed_dim = model.config.embed_dim
+    local_image = torch.cat(images) if images else torch.zeros(0, embed_dim, device=device)
+    local_text = encode_texts_lockstep(model, captions, device, in_lockstep, config.text_batch_size)
+    local_owner = torch.tensor(owners, dtype=torch.long, device=device)
+
+    # Global indices: ranks in order; this rank's images start at image_offset.
+    counts = all_gather_rows(torch.tensor([[len(local_image), len(local_text)]], device=device)).cpu()
+    image_offset = int(counts[: context.rank, 0].sum())
+    text_offset = int(counts[: context.rank, 1].sum())
+    image = all_gather_rows(local_image)
+    text = all_gather_rows(local_text)
+    owner = all_gather_rows(local_owner + image_offset).cpu()
+    image_tokens = all_gather_rows(torch.cat(tokens)) if keep_tokens and tokens else (
+        all_gather_rows(torch.zeros(0, 1, embed_dim, device=device)) if keep_tokens else None)
+    if image_tokens is not None and image_tokens.shape[0] != image.shape[0]:
+        raise RuntimeError("retrieval: gathered image tokens do not match the gathered images")
+
+    ks = sorted(set(config.recall_at))
+    image_queries = torch.arange(image_offset, image_offset + len(local_image))
+    text_queries = torch.arange(text_offset, text_offset + len(local_text))
+    i2t, t2i = retrieval_ranks(head, image, text, owner, image_queries, text_queries, depth=max(ks),
+                               chunk=config.chunk_size, image_tokens=image_tokens, rerank_topk=config.rerank_topk)
+    stats = all_reduce_sum(torch.cat([recall_counts(i2t, ks), recall_counts(t2i, ks)]).to(device)).cpu()
+    num_images, num_texts = int(counts[:, 0].sum()), int(counts[:, 1].sum())
+    results: dict[str, float] = {}
+    for i, k in enumerate(ks):
+        results[f"{config.prefix}i2t_r{k}"] = float(stats[i]) / max(1, num_images)
+    for i, k in enumerate(ks):
+        results[f"{config.prefix}t2i_r{k}"] = float(stats[len(ks) + i]) / max(1, num_texts)
+    results[f"{config.prefix}mean_recall"] = sum(results.values()) / (2 * len(ks))
+    results[f"{config.prefix}images"] = num_images
+    results[f"{config.prefix}texts"] = num_texts
+    return results
+
+
+@EVALUATORS.register("retrieval")
+class Retrieval(Evaluator):
+    config_class = RetrievalConfig
+
+    def run(self, model: Any, context: EvalContext) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            return evaluate_retrieval(model, self.config, context)
+        finally:
+            model.train(was_training)
