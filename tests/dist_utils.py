@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -24,7 +25,11 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Tensors put on a multiprocessing queue travel as shared-memory handles that die with
+        # this process; send them serialised instead.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report the traceback to the parent instead of hanging it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -50,7 +55,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -
             rank, status, value = queue.get(timeout=timeout)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)  # our own test results
     finally:
         for proc in procs:
             proc.join(timeout=30)
