@@ -779,9 +779,13 @@ class BadSampleMonitor:
 
     max_fraction: float
     window: int
-    _entries: deque = field(default_factory=deque, repr=False)
-    _good: int = 0
-    _bad: Counter = field(default_factory=Counter, repr=False)
+    _entries: deque = field(default_factory=deque, init=False, repr=False)
+    _good: int = field(default=0, init=False)
+    _bad: Counter = field(default_factory=Counter, init=False, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> "BadSampleMonitor":
+        return cls(max_fraction=cfg.max_bad_fraction, window=cfg.bad_window)
 
     def update(self, bad: dict[str, int], batch_size: int, bad_shards: Iterable[str] = ()) -> None:
         """Add one batch: `bad` reason -> count skipped before it, `batch_size` good samples.
