@@ -37,11 +37,17 @@ def test_run_folder_contents(tmp_path, digits_dir):
     assert (run_dir / "plots" / "loss.png").stat().st_size > 1000
 
 
-def test_resume_ends_with_the_same_weights(tmp_path, digits_dir):
+@pytest.mark.parametrize("heads", [{"clip": {}}, {"meru": {"temperature_init": 0.07}}], ids=["clip", "meru"])
+def test_resume_ends_with_the_same_weights(tmp_path, digits_dir, heads):
     """Interrupt after step 3 (drop the later checkpoint), resume in a new process: the final
     weights equal the uninterrupted run's bit for bit (model, optimizer, schedule, data
-    position mid-epoch and RNG all restored)."""
-    config = tiny_config(tmp_path, digits_dir, train={"checkpoint_every": 3, "keep_checkpoints": 3})
+    position mid-epoch and RNG all restored; for MERU the learned curvature too)."""
+    config = tiny_config(tmp_path, digits_dir, train={"checkpoint_every": 3, "keep_checkpoints": 3, "lr": 5e-3})
+    import yaml
+
+    tree = yaml.safe_load(config.read_text())
+    tree["model"]["heads"] = heads
+    config.write_text(yaml.safe_dump(tree))
     run_vlp("train", config)
     run_dir = tmp_path / "runs" / "tiny"
     reference = final_weights(run_dir, "step_00000006")
@@ -56,6 +62,8 @@ def test_resume_ends_with_the_same_weights(tmp_path, digits_dir):
     assert reference.keys() == resumed.keys()
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0, msg=key)
+    if "meru" in heads:  # the curvature did learn, and came back from the checkpoint exactly
+        assert reference["objective.heads.meru.log_curv"].abs().item() > 0
     # A resume must also keep one metrics line per step.
     steps = [json.loads(l)["step"] for l in (resumed_runs / "tiny" / "metrics.jsonl").read_text().splitlines()
              if "loss/total" in l]

@@ -26,7 +26,9 @@ def bad_input_types() -> tuple[type[BaseException], ...]:
     from train.config import ConfigError
     from train.export import ExportError
 
-    return (ConfigError, DataError, ExportError, UnsafeCheckpoint, FileNotFoundError, NotADirectoryError, KeyError)
+    # ValueError last: evaluator/source option checks raise it with a one-line message.
+    return (ConfigError, DataError, ExportError, UnsafeCheckpoint, FileNotFoundError, NotADirectoryError, KeyError,
+            ValueError)
 
 
 def parse_options(items: list[str]) -> dict:
@@ -224,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except bad_input_types() as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        if type(error).__name__ == "ValidationError":  # pydantic: first problem, one line
+            first = error.errors()[0]
+            message = f"{'.'.join(map(str, first['loc'])) or 'option'}: {first['msg']}"
         print(f"vlp: error: {message}", file=sys.stderr)
         return 2
     except SystemExit:
