@@ -24,7 +24,7 @@ from models.registry import Registry
 class HeadConfig(BaseModel):
     """Fields every head accepts; a head's own config subclasses this."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     weight: float = 1.0
 

@@ -17,7 +17,7 @@ from models.registry import Registry
 
 
 class TowerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     type: str
 
 

@@ -17,7 +17,7 @@ from models.registry import Registry
 
 
 class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     type: str
     # Run every N training steps (0: only at the end of training).
     every: int = Field(0, ge=0)
