@@ -323,3 +323,20 @@ def test_configs_are_validated():
         SigLipConfig(init_logit_scale=200.0)
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         SigLipConfig(tile_size=0)
+
+
+def test_objective_sums_clip_and_siglip_as_open_clip_would():
+    from models.objective import Objective
+
+    generator = torch.Generator().manual_seed(8)
+    encoded = {"image_embed": 3 * torch.randn(6, EMBED, generator=generator),
+               "text_embed": torch.randn(6, EMBED, generator=generator)}
+    objective = Objective({"clip": ClipConfig(), "siglip": SigLipConfig(weight=0.5)}, embed_dim=EMBED)
+    assert objective.gathered_keys == ["image_normed", "text_normed"]
+    out = objective(encoded, batch={})
+    image, text = F.normalize(encoded["image_embed"], dim=-1), F.normalize(encoded["text_embed"], dim=-1)
+    expected = ClipLoss()(image, text, torch.tensor([1 / 0.07])) + 0.5 * SigLipLoss()(
+        image, text, torch.tensor([10.0]), torch.tensor([-10.0])
+    )
+    assert_close(out["loss"], expected, **TOL)
+    assert {"clip/logit_scale", "clip/accuracy", "siglip/logit_bias"} <= set(out["logging"])
