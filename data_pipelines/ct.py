@@ -141,12 +141,12 @@ def _nifti_from_bytes(data: bytes, name: str):
 
 
 def _from_nifti(image, name: str, slope=None, intercept=None) -> Volume:
-    header = image.header
-    raw = np.asanyarray(image.dataobj.get_unscaled() if hasattr(image.dataobj, "get_unscaled") else image.dataobj)
-    scl_slope, scl_inter = header.get_slope_inter()
-    header_scaled = scl_slope is not None and not (scl_slope == 1 and (scl_inter or 0) == 0)
-    if header_scaled:
-        raw = raw * float(scl_slope) + float(scl_inter or 0.0)
+    # On load nibabel moves scl_slope/scl_inter from the header into the array proxy (the header
+    # then reads NaN), so the proxy is where to look; np.asanyarray applies them.
+    proxy = image.dataobj
+    header_slope, header_inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+    header_scaled = not (header_slope == 1.0 and header_inter == 0.0)
+    raw = np.asanyarray(proxy)
     if raw.ndim == 4 and raw.shape[-1] == 1:
         raw = raw[..., 0]
     if raw.ndim != 3:

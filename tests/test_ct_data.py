@@ -9,6 +9,7 @@ import io
 import json
 import pickle
 import shutil
+import struct
 import tarfile
 from pathlib import Path
 
@@ -58,10 +59,10 @@ def atlas_crop() -> Volume:
 
 
 def _nifti_bytes(array: np.ndarray, affine: np.ndarray, slope=None, inter=None) -> bytes:
-    image = nib.Nifti1Image(array, affine)
-    if slope is not None:
-        image.header.set_slope_inter(slope, inter)
-    return gzip.compress(image.to_bytes())
+    data = bytearray(nib.Nifti1Image(array, affine).to_bytes())
+    if slope is not None:  # nibabel resets scaling on write; set scl_slope/scl_inter (bytes 112-120) directly
+        data[112:120] = struct.pack("<ff", slope, inter)
+    return gzip.compress(bytes(data))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +329,7 @@ def _ct_rate_fixture(root: Path) -> None:
 
 def test_ct_rate_layout_rescales_once_and_uses_metadata_spacing(tmp_path):
     _ct_rate_fixture(tmp_path / "CT-RATE")
-    summary = build("ct-rate", tmp_path / "out", split="train", spacing=(1.5, 1.5, 3.0))
+    summary = build(f"ct-rate:{tmp_path / 'CT-RATE'}", tmp_path / "out", split="train", spacing=(1.5, 1.5, 3.0))
     assert summary["count"] == 2
     members = _members(tmp_path / "out" / "ct-rate-train-000000.tar")
     metas = {name.split(".")[0]: json.loads(data) for name, data in members.items() if name.endswith(".json")}

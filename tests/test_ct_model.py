@@ -18,6 +18,7 @@ from models.heads.ct_align import (
     CtAlignConfig,
     CtAlignHead,
     alignment_loss,
+    cross_region_scores,
     patch_scores,
     selection_weights,
     sentence_regions,
@@ -99,8 +100,8 @@ def test_tower_preprocess_is_the_volume_pipeline():
 # ct_align on hand-made tensors
 
 
-def _hand_made(batch: int = 2, sentences: int = 3, patches: int = 6, dim: int = 8):
-    """Patch tokens are one-hot-ish basis vectors; sentence (b, s) matches patch targets[b, s]."""
+def _hand_made(batch: int = 2, sentences: int = 3, patches: int = 6, dim: int = 12):
+    """Patch tokens are distinct noisy basis vectors; sentence (b, s) matches patch targets[b, s]."""
     basis = torch.eye(dim)
     tokens = torch.zeros(batch, patches, dim)
     for b in range(batch):
@@ -127,46 +128,58 @@ def test_selection_picks_the_patches_each_sentence_describes():
     assert (soft > 0).all() and torch.equal(soft.argmax(-1), targets)
 
 
-def _reference_alignment(regions, sentences, valid, scale):
-    """An independent loop: for each valid row, CE over the valid columns in both directions."""
-    rows = [i for i in range(len(valid)) if valid[i]]
+def _reference_alignment(sentences, tokens, owners, scale, k, temperature):
+    """An independent loop: pool sentence i over volume b (top-k softmax), CE over volumes."""
     losses = []
-    for i in rows:
-        s2r = torch.stack([scale * sentences[i] @ regions[j] for j in rows])
-        r2s = torch.stack([scale * regions[i] @ sentences[j] for j in rows])
-        target = rows.index(i)
-        losses.append((-s2r.log_softmax(0)[target] - r2s.log_softmax(0)[target]) / 2)
+    for i in range(sentences.shape[0]):
+        s = sentences[i] / sentences[i].norm()
+        logits = []
+        for b in range(tokens.shape[0]):
+            patches = tokens[b] / tokens[b].norm(dim=-1, keepdim=True)
+            scores = patches @ s
+            top = scores.topk(k)
+            weights = (top.values / temperature).softmax(0)
+            region = (weights[:, None] * patches[top.indices]).sum(0)
+            logits.append(scale * s @ (region / region.norm()))
+        losses.append(-torch.stack(logits).log_softmax(0)[owners[i]])
     return torch.stack(losses).mean()
 
 
 def test_alignment_loss_matches_a_loop_reference_and_gradcheck():
     torch.manual_seed(1)
-    regions = F.normalize(torch.randn(7, 5, dtype=torch.double), dim=-1)
-    sentences = F.normalize(torch.randn(7, 5, dtype=torch.double), dim=-1)
-    valid = torch.tensor([1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    sentences = torch.randn(5, 6, dtype=torch.double)
+    tokens = torch.randn(3, 7, 6, dtype=torch.double)
+    owners = torch.tensor([0, 0, 1, 2, 2])
     scale = torch.tensor([10.0], dtype=torch.double)
-    loss, _ = alignment_loss(regions, sentences, valid, scale)
-    torch.testing.assert_close(loss.double(), _reference_alignment(regions, sentences, valid, scale[0]).double())
-
-    r = regions.clone().requires_grad_(True)
+    loss, _ = alignment_loss(cross_region_scores(sentences, tokens, "topk", 2, 0.5), owners, scale)
+    torch.testing.assert_close(loss, _reference_alignment(sentences, tokens, owners, 10.0, 2, 0.5))
     s = sentences.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: alignment_loss(a, b, valid, scale)[0], (r, s))
+    t = tokens.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: alignment_loss(cross_region_scores(a, b, "topk", 2, 0.5), owners, scale)[0], (s, t)
+    )
 
 
-def test_dedup_removes_duplicate_sentences_from_negatives():
-    sentences = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
-    regions = F.normalize(torch.tensor([[1.0, 0.2], [1.0, -0.2], [0.1, 1.0]]), dim=-1)
-    valid = torch.ones(3, dtype=torch.bool)
-    scale = torch.tensor([10.0])
-    with_dup, _ = alignment_loss(regions, sentences, valid, scale, dedup_threshold=None)
-    dedup, _ = alignment_loss(regions, sentences, valid, scale, dedup_threshold=0.99)
-    assert dedup < with_dup
-    # Reference: rows 0 and 1 compete only with column 2 (their duplicate is masked).
-    keep = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.bool)
-    s2r = (sentences * 10) @ regions.T
-    r2s = (regions * 10) @ sentences.T
-    ce = lambda logits: F.cross_entropy(logits.masked_fill(~keep, float("-inf")), torch.arange(3))  # noqa: E731
-    torch.testing.assert_close(dedup, (ce(s2r) + ce(r2s)) / 2)
+def test_own_volume_wins_only_where_the_finding_is():
+    """The sentence pooled over every volume: only the volume with the matching patch wins,
+    although the top-k selection makes every region look like the sentence somewhat."""
+    torch.manual_seed(0)
+    tokens = F.normalize(torch.randn(4, 16, 32), dim=-1)
+    lesion = F.normalize(torch.randn(32), dim=0)
+    tokens[2, 5] = lesion  # only volume 2 holds the finding
+    similarity = cross_region_scores(lesion[None], tokens, "topk", 1, 0.1)  # (1, 4)
+    assert int(similarity.argmax()) == 2
+    loss_right, _ = alignment_loss(similarity, torch.tensor([2]), torch.tensor([10.0]))
+    loss_wrong, _ = alignment_loss(similarity, torch.tensor([0]), torch.tensor([10.0]))
+    assert loss_right < loss_wrong
+
+
+def test_duplicates_are_removed_from_negatives():
+    similarity = torch.tensor([[0.9, 0.8, 0.1]])
+    exclude = torch.tensor([[True, True, False]])  # the owner is never excluded
+    loss, _ = alignment_loss(similarity, torch.tensor([0]), torch.tensor([10.0]), exclude=exclude)
+    reference = F.cross_entropy(torch.tensor([[9.0, float("-inf"), 1.0]]), torch.tensor([0]))
+    torch.testing.assert_close(loss, reference)
 
 
 def _head_inputs(tokens, text, mask, normal, rank=0, world_size=1, caption=None):
@@ -180,22 +193,23 @@ def _head_inputs(tokens, text, mask, normal, rank=0, world_size=1, caption=None)
 def test_normal_sentences_are_masked_out_of_the_alignment():
     torch.manual_seed(2)
     tokens, text, _ = _hand_made()
-    head = CtAlignHead(CtAlignConfig(topk=1, dedup_threshold=None), embed_dim=8)
+    head = CtAlignHead(CtAlignConfig(topk=1, dedup_threshold=None), embed_dim=12)
     mask = torch.ones(2, 3, dtype=torch.bool)
     normal = torch.tensor([[False, False, True], [False, True, False]])
     out = head(_head_inputs(tokens, text, mask, normal))
     changed = text.clone()
-    changed[0, 2] = torch.randn(8) * 5  # a normal sentence: whatever it says changes nothing
-    changed[1, 1] = torch.randn(8) * 5
+    changed[0, 2] = torch.randn(12) * 5  # a normal sentence: whatever it says changes nothing
+    changed[1, 1] = torch.randn(12) * 5
     torch.testing.assert_close(head(_head_inputs(tokens, changed, mask, normal))["loss"], out["loss"])
     assert out["logging"]["aligned_sentences"] == 4
+    assert out["logging"]["accuracy"] == 1.0  # each sentence finds its own volume
     # Derived from the captions when the loader sends no flags ("No effusion." is normal).
     caption = ["FINDINGS: A nodule. A cyst. No effusion.", "A mass. Heart is not enlarged. A cyst."]
     derived = head(_head_inputs(tokens, text, mask, None, caption=caption))
     torch.testing.assert_close(derived["loss"], out["loss"])
-    # Correct pairs score a lower loss than shuffled ones.
-    shuffled = text[:, [1, 2, 0]]
-    assert head(_head_inputs(tokens, shuffled, mask, normal))["loss"] > out["loss"]
+    # Sentences paired with the wrong volumes score a higher loss.
+    swapped = text[[1, 0]]
+    assert head(_head_inputs(tokens, swapped, mask, normal))["loss"] > out["loss"]
 
 
 def test_alignment_with_no_valid_sentence_is_zero_but_connected():

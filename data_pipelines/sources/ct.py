@@ -333,11 +333,11 @@ def build_ct_rate(out_dir: Path, arg: str | None, **options: Any) -> dict:
 # Lesion kinds: HU inside, radius range (voxels at the benchmark spacing), texture (noise SD in
 # HU inside the lesion) and shape. Distinct HU/size/texture so each kind is identifiable.
 LESION_KINDS: dict[str, dict[str, Any]] = {
-    "nodule": {"hu": 110.0, "radius": (1.8, 2.4), "texture": 6.0, "shape": "sphere", "phrase": "solid nodule"},
-    "cyst": {"hu": 0.0, "radius": (2.4, 3.2), "texture": 1.0, "shape": "sphere", "phrase": "fluid-density cyst"},
-    "calcification": {"hu": 600.0, "radius": (1.0, 1.5), "texture": 10.0, "shape": "sphere", "phrase": "calcification"},
-    "mass": {"hu": 75.0, "radius": (3.0, 3.8), "texture": 25.0, "shape": "blob", "phrase": "heterogeneous mass"},
-    "fat": {"hu": -100.0, "radius": (2.0, 2.8), "texture": 4.0, "shape": "sphere", "phrase": "fat-containing lesion"},
+    "nodule": {"hu": 150.0, "radius": (2.4, 3.0), "texture": 6.0, "shape": "sphere", "phrase": "solid nodule"},
+    "cyst": {"hu": -15.0, "radius": (3.0, 3.8), "texture": 1.0, "shape": "sphere", "phrase": "fluid-density cyst"},
+    "calcification": {"hu": 700.0, "radius": (1.6, 2.2), "texture": 10.0, "shape": "sphere", "phrase": "calcification"},
+    "mass": {"hu": 100.0, "radius": (3.8, 4.6), "texture": 25.0, "shape": "blob", "phrase": "heterogeneous mass"},
+    "fat": {"hu": -120.0, "radius": (2.6, 3.4), "texture": 4.0, "shape": "sphere", "phrase": "fat-containing lesion"},
 }
 # The zero-shot class name of each kind ("{name} is present.").
 LESION_NAMES = {"nodule": "nodule", "cyst": "cyst", "calcification": "calcification", "mass": "mass", "fat": "fat-containing lesion"}

@@ -1,32 +1,39 @@
 """Sentence-to-patch alignment for CT reports (after fVLM and SimCroP).
 
-Each report sentence scores every patch of ITS OWN volume (cosine of the sentence embedding and
-the patch tokens), keeps the patches that matter to it and pools them into a sentence-specific
-volume embedding ("region"). Regions and sentences are then contrasted with a symmetric
-InfoNCE over every aligned sentence of the global batch: a sentence's positive is the region it
-pooled, its negatives the regions of every other sentence, of its own and of other volumes.
+Each report sentence scores every patch of a volume (cosine of the sentence embedding and the
+patch tokens), keeps the patches that matter to it and pools them into a sentence-specific
+volume embedding ("region"). The sentence does this for ITS OWN volume and for every other
+volume of the global batch, and an InfoNCE over volumes asks its own volume's region to match
+it best: logit(i, b) = scale * cos(sentence_i, region_i(b)), target = the sentence's volume.
+
+Why pool the same sentence over every volume: if the negatives were regions pooled by OTHER
+sentences, the loss would have a shortcut: a region selected by a sentence's own similarity is
+close to that sentence whatever the volume contains. Pooling sentence i over every volume
+cancels the selection effect; only a volume that really holds a patch matching sentence i (the
+lesion) wins, which is what makes the argmax patch point at the finding.
 
 Patch selection (`selection`):
 * "topk" (default): the k best-scoring patches, weighted by a softmax of their scores at
   `select_temperature`; the others get weight 0. A lesion covers a handful of patches, so a hard
-  top-k keeps the region embedding from being diluted by hundreds of background patches, and the
-  gradient still reaches the scores (through the softmax) and the chosen tokens.
-* "softmax": a softmax over all patches at `select_temperature` (a soft attention pooling).
+  top-k keeps the region from being diluted by hundreds of background patches, and the gradient
+  still reaches the scores (through the softmax) and the chosen tokens.
+* "softmax": a softmax over all patches at `select_temperature` (soft attention pooling).
 
 Normal sentences ("No pleural effusion.", "The heart is not enlarged.") describe no region: a
 sentence flagged in batch["sentence_normal"] (set at data time by
 `data_pipelines.ct.is_normal_sentence`, or derived from the captions when the loader does not
-send it) is masked out of the alignment entirely: it pools nothing and is nobody's negative.
-It still shapes the report embedding through the global `ct_contrastive` head.
+send it) is masked out of the alignment entirely; it still shapes the report embedding through
+the global `ct_contrastive` head.
 
-Duplicate sentences ("Nodule as described." in two reports) would be false negatives of each
-other; columns whose sentence embedding has cosine >= `dedup_threshold` with the row's are
-masked from its negatives.
+Duplicate findings ("Nodule as described." in two reports, the same lesion words twice) make
+false negatives: a volume holding a sentence with cosine >= `dedup_threshold` to sentence i is
+removed from sentence i's negatives.
 
 Needs encoder outputs "image_tokens" (B, P, E) and "sentence_embed" (B, S, E) (the model encodes
-batch["sentences"] (B, S, L) as one text batch), and batch["sentence_mask"] (B, S) bool.
-Regions and sentences are gathered across ranks inside the head (they exist only here); the
-loss on each rank is normalised so that the ranks' mean is the global-batch loss.
+batch["sentences"] (B, S, L) as one text batch), and batch["sentence_mask"] (B, S) bool. Patch
+tokens are gathered across ranks inside the head (with gradient) so that every sentence meets
+every volume of the global batch; the loss on each rank is normalised so that the ranks' mean is
+the global-batch loss.
 """
 
 from __future__ import annotations
@@ -52,8 +59,8 @@ def patch_scores(patch_tokens: Tensor, sentences: Tensor) -> Tensor:
     """Cosine of every sentence with every patch of its own volume.
 
     patch_tokens: (B, P, E); sentences: (B, S, E) -> scores (B, S, P), fp32."""
-    patches = F.normalize(patch_tokens.float(), dim=-1)
-    text = F.normalize(sentences.float(), dim=-1)
+    patches = F.normalize(_fp32(patch_tokens), dim=-1)
+    text = F.normalize(_fp32(sentences), dim=-1)
     return torch.einsum("bse,bpe->bsp", text, patches)
 
 
@@ -76,59 +83,58 @@ def sentence_regions(
     patch_tokens: Tensor, sentences: Tensor, mode: Literal["topk", "softmax"] = "topk", k: int = 4,
     temperature: float = 0.1,
 ) -> tuple[Tensor, Tensor]:
-    """Sentence-specific volume embeddings.
+    """Sentence-specific embeddings of each sentence's own volume.
 
     patch_tokens: (B, P, E); sentences: (B, S, E) -> (regions (B, S, E) L2-normalised,
     weights (B, S, P))."""
     weights = selection_weights(patch_scores(patch_tokens, sentences), mode, k, temperature)
-    patches = F.normalize(patch_tokens.float(), dim=-1)
+    patches = F.normalize(_fp32(patch_tokens), dim=-1)
     regions = torch.einsum("bsp,bpe->bse", weights, patches)
     return F.normalize(regions, dim=-1), weights
 
 
+def cross_region_scores(
+    sentences: Tensor, patch_tokens: Tensor, mode: Literal["topk", "softmax"] = "topk", k: int = 4,
+    temperature: float = 0.1,
+) -> Tensor:
+    """cos(sentence_i, region_i(b)): every sentence pooled over every volume.
+
+    sentences: (M, E); patch_tokens: (N, P, E) -> (M, N), fp32."""
+    text = F.normalize(_fp32(sentences), dim=-1)
+    patches = F.normalize(_fp32(patch_tokens), dim=-1)
+    scores = torch.einsum("me,npe->mnp", text, patches)  # (M, N, P)
+    weights = selection_weights(scores, mode, k, temperature)
+    regions = F.normalize(torch.einsum("mnp,npe->mne", weights, patches), dim=-1)  # (M, N, E)
+    return torch.einsum("me,mne->mn", text, regions)
+
+
 def alignment_loss(
-    regions: Tensor,
-    sentences: Tensor,
-    valid: Tensor,
+    similarity: Tensor,
+    owners: Tensor,
     logit_scale: Tensor,
     *,
-    rows: slice | None = None,
-    dedup_threshold: Optional[float] = None,
+    exclude: Optional[Tensor] = None,
     normaliser: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Symmetric InfoNCE between regions and sentences of the global batch.
+    """InfoNCE of each sentence over the volumes of the global batch.
 
-    regions, sentences: (M, E) L2-normalised, row i of each a positive pair (M = N * S).
-    valid: (M,) bool: rows that take part (real, non-normal sentences).
-    rows: this rank's rows (default all). Each valid row in `rows` is a query in both directions
-        against every valid column.
-    dedup_threshold: columns whose sentence has cosine >= this with the row's sentence (other
-        than the row itself) are removed from its negatives.
-    normaliser: divide the summed row losses by this (default: the number of valid rows in
-        `rows`); pass (valid rows of all ranks) / world_size so the ranks' mean is the global mean.
-    Returns (loss, sentence->region top-1 accuracy), fp32 scalars.
+    similarity: (M, N) cos(sentence_i, region_i(b)); owners: (M,) the index of each sentence's
+    own volume; exclude: (M, N) bool, volumes removed from row i's negatives (never its owner).
+    normaliser: divide the summed row losses by this (default M); pass (aligned sentences of
+    all ranks) / world_size so the ranks' mean is the global mean.
+    Returns (loss, top-1 accuracy of finding the own volume), fp32 scalars.
     """
-    regions, sentences, logit_scale = _fp32(regions), _fp32(sentences), _fp32(logit_scale)
-    rows = rows if rows is not None else slice(0, regions.shape[0])
-    local_valid = valid[rows]
-    query_index = torch.arange(regions.shape[0], device=regions.device)[rows][local_valid]  # (m,)
-    if query_index.numel() == 0:
-        zero = (regions.sum() + sentences.sum()) * 0.0  # keeps every rank's graph connected
-        return zero, torch.zeros((), device=regions.device)
-    column_index = torch.nonzero(valid, as_tuple=False).squeeze(1)  # (n,)
-    s2r = (sentences[query_index] * logit_scale) @ regions[column_index].T  # (m, n)
-    r2s = (regions[query_index] * logit_scale) @ sentences[column_index].T  # (m, n)
-    targets = (column_index.unsqueeze(0) == query_index.unsqueeze(1)).float().argmax(dim=1)  # (m,)
-    if dedup_threshold is not None:
-        with torch.no_grad():
-            same = sentences[query_index] @ sentences[column_index].T >= dedup_threshold  # (m, n)
-            same[torch.arange(len(query_index)), targets] = False
-        s2r = s2r.masked_fill(same, float("-inf"))
-        r2s = r2s.masked_fill(same, float("-inf"))
-    per_row = (F.cross_entropy(s2r, targets, reduction="none") + F.cross_entropy(r2s, targets, reduction="none")) / 2
-    denominator = float(normaliser) if normaliser is not None else float(len(query_index))
-    accuracy = (s2r.detach().argmax(dim=1) == targets).float().mean()
-    return per_row.sum() / denominator, accuracy
+    logits = _fp32(similarity) * _fp32(logit_scale)  # (M, N)
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0, torch.zeros((), device=logits.device)
+    if exclude is not None:
+        exclude = exclude.clone()
+        exclude[torch.arange(len(owners)), owners] = False
+        logits = logits.masked_fill(exclude, float("-inf"))
+    losses = F.cross_entropy(logits, owners, reduction="none")
+    denominator = float(normaliser) if normaliser is not None else float(len(owners))
+    accuracy = (logits.detach().argmax(dim=1) == owners).float().mean()
+    return losses.sum() / denominator, accuracy
 
 
 class CtAlignConfig(HeadConfig):
@@ -173,28 +179,33 @@ class CtAlignHead(Head):
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         c = self.config
         tokens = inputs.local["image_tokens"]  # (B, P, E)
-        sentences = F.normalize(inputs.local["sentence_embed"].float(), dim=-1)  # (B, S, E)
+        sentences = F.normalize(_fp32(inputs.local["sentence_embed"]), dim=-1)  # (B, S, E)
         batch, num_sentences = sentences.shape[:2]
-        valid = self.aligned_mask(inputs.batch, (batch, num_sentences)).to(tokens.device)
-        regions, weights = sentence_regions(tokens, sentences, c.selection, c.topk, c.select_temperature)
-        all_regions = gather_with_grad(regions.reshape(batch * num_sentences, -1))  # (N * S, E)
-        all_sentences = gather_with_grad(sentences.reshape(batch * num_sentences, -1))
-        all_valid = gather_no_grad(valid.reshape(-1).to(torch.uint8)).bool()  # (N * S,)
+        valid = self.aligned_mask(inputs.batch, (batch, num_sentences)).to(tokens.device)  # (B, S)
+        all_tokens = gather_with_grad(tokens)  # (N, P, E)
+        all_sentences = gather_no_grad(sentences.detach())  # (N, S, E), for duplicate detection
+        all_valid = gather_no_grad(valid.to(torch.uint8)).bool()  # (N, S)
         total_valid = int(all_valid.sum())
-        start = inputs.rank * batch * num_sentences
+
+        rows = valid.nonzero(as_tuple=False)  # (m, 2): (local volume, sentence)
+        queries = sentences[rows[:, 0], rows[:, 1]]  # (m, E)
+        owners = rows[:, 0] + inputs.rank * batch  # (m,) global volume index
+        similarity = cross_region_scores(queries, all_tokens, c.selection, c.topk, c.select_temperature)  # (m, N)
+        exclude = None
+        if c.dedup_threshold is not None:
+            with torch.no_grad():
+                same = torch.einsum("me,nse->mns", queries.detach(), all_sentences) >= c.dedup_threshold
+                exclude = (same & all_valid.unsqueeze(0)).any(dim=-1)  # (m, N)
         loss, accuracy = alignment_loss(
-            all_regions, all_sentences, all_valid, self.scale(),
-            rows=slice(start, start + batch * num_sentences),
-            dedup_threshold=c.dedup_threshold,
-            normaliser=max(total_valid, 1) / inputs.world_size,
+            similarity, owners, self.scale(), exclude=exclude, normaliser=max(total_valid, 1) / inputs.world_size
         )
-        selected = (weights.detach() > 0).float().sum(-1)[valid].mean() if valid.any() else torch.zeros(())
+        if rows.shape[0] == 0:  # keep this rank's graph connected to the tokens
+            loss = loss + tokens.sum() * 0.0
         return {
             "loss": loss,
             "logging": {
                 "logit_scale": self.scale().detach()[0],
                 "accuracy": accuracy,
                 "aligned_sentences": float(total_valid),
-                "patches_per_sentence": selected,
             },
         }
