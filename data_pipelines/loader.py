@@ -87,11 +87,11 @@ def expand_urls(spec: str) -> list[str]:
     return list(urls)
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
     return not url.startswith("pipe:") and "://" not in url
 
 
-def _local_path(url: str) -> str:
+def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
@@ -99,7 +99,7 @@ def check_urls(cfg: DataConfig) -> None:
     """Fail before training starts, with one line naming the path, when a local shard is missing."""
     for index, source in enumerate(cfg.train):
         for url in expand_urls(source.urls):
-            if _is_local(url) and not os.path.isfile(_local_path(url)):
+            if is_local(url) and not os.path.isfile(local_path(url)):
                 raise DataError(f"data.train[{index}].urls: shard {url} not found")
 
 
@@ -109,8 +109,8 @@ def shard_sizes(urls: list[str]) -> list[int]:
     sizes = []
     for url in urls:
         count = None
-        if _is_local(url):
-            path = Path(_local_path(url))
+        if is_local(url):
+            path = Path(local_path(url))
             folder = str(path.parent)
             if folder not in tables:
                 try:
@@ -158,8 +158,8 @@ def _tar_members(url: str) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of the regular files in a tar, in order. A local uncompressed tar is parsed
     straight from a memory map (tarfile's header parsing costs ~0.1 ms a member, a tenth of a
     small image's decode); anything else goes through webdataset's gopen and tarfile."""
-    if _is_local(url):
-        path = _local_path(url)
+    if is_local(url):
+        path = local_path(url)
         with open(path, "rb") as handle:
             head = handle.read(6)
             if len(head) >= 6 and not head.startswith(_COMPRESSED_MAGIC):
@@ -755,7 +755,7 @@ def build_eval_loader(
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     shard_urls = expand_urls(urls)
     for url in shard_urls:
-        if _is_local(url) and not os.path.isfile(_local_path(url)):
+        if is_local(url) and not os.path.isfile(local_path(url)):
             raise DataError(f"eval shard {url} not found")
     pipeline = _Pipeline(preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size,
                          caption_key=caption_key, max_image_pixels=max_image_pixels)

@@ -6,25 +6,12 @@ import fcntl
 import os
 from pathlib import Path
 
-import braceexpand
-
 from data_pipelines.config import DataConfig
-
-
-def expand_urls(spec: str) -> list[str]:
-    """`a-{000..002}.tar::b.tar` -> ["a-000.tar", "a-001.tar", "a-002.tar", "b.tar"]."""
-    urls: list[str] = []
-    for part in spec.split("::"):
-        urls.extend(braceexpand.braceexpand(part.strip()))
-    return urls
-
-
-def _local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
+from data_pipelines.loader import is_local, local_path, expand_urls
 
 
 def missing_shards(spec: str) -> list[str]:
-    return [u for u in expand_urls(spec) if _local(u) and not Path(u).is_file()]
+    return [u for u in expand_urls(spec) if is_local(u) and not Path(local_path(u)).is_file()]
 
 
 def ensure_built(spec: str, build: str | None, build_dir: str | None, options: dict, is_main: bool) -> None:

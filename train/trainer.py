@@ -185,7 +185,7 @@ def train(config: Any, resume: str | None = None) -> dict[str, Any]:
     preemption.install_handlers()
     from data_pipelines.loader import BadSampleMonitor
 
-    bad_monitor = BadSampleMonitor(config.data.max_bad_fraction, config.data.bad_window)
+    bad_monitor = BadSampleMonitor.from_config(config.data)
     results = run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluators, bad_monitor)
     metrics.close()
     return results
@@ -203,7 +203,7 @@ def run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluato
     while state.step < tr.steps:
         batch = next(stream)
         bad_counts = batch.pop("bad", {}) or {}
-        bad_monitor.update(bad_counts, len(batch["key"]))
+        bad_monitor.update(bad_counts, len(batch["key"]), batch.pop("bad_shards", ()) or ())
         for reason, count in bad_counts.items():
             if isinstance(count, int):
                 window["bad"][reason] = window["bad"].get(reason, 0) + count
