@@ -96,3 +96,13 @@ def write_shards(
     finally:
         atomic_write_text(sizes_path, json.dumps(sizes, indent=1, sort_keys=True))
     return paths
+
+
+def progress(iterable, **kwargs):
+    """tqdm on stderr: a live bar on a terminal, a line every 10 s in logs (CI, Slurm)."""
+    import sys
+
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, mininterval=0.1 if tty else 10.0, dynamic_ncols=tty, ascii=not tty, **kwargs)

@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
 
 from data_pipelines.errors import DataError
-from data_pipelines.shards import atomic_write_text, write_shards
+from data_pipelines.shards import atomic_write_text, progress, write_shards
 from data_pipelines.sources import SOURCES
 
 DIGIT_CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -94,7 +94,7 @@ def build(
             _sample(i, images[i], int(labels[i]), split, image_size, resample, mode, caption_style, rng)
             for i in indices
         )
-        paths = write_shards(tqdm(samples, total=len(indices), desc=f"digits {split}", unit="img"),
+        paths = write_shards(progress(samples, total=len(indices), desc=f"digits {split}", unit="img"),
                              out_dir, f"digits-{split}", shard_size)
         summary["counts"][split] = len(indices)
         summary["shards"][split] = [str(p) for p in paths]

@@ -11,11 +11,11 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from tqdm import tqdm
+
 
 from data_pipelines.decode import IMAGE_SUFFIXES, image_member
 from data_pipelines.errors import DataError
-from data_pipelines.shards import write_shards
+from data_pipelines.shards import progress, write_shards
 from data_pipelines.sources import SOURCES
 
 
@@ -31,7 +31,7 @@ def build(out_dir: Path, arg: str | None, *, shard_size: int = 1000, prefix: str
     if not images:
         raise DataError(f"folder source: no {'/'.join(IMAGE_SUFFIXES)} images under {root}")
     samples = _samples(root, images)
-    paths = write_shards(tqdm(samples, total=len(images), desc=f"folder {root}", unit="img"), out_dir, prefix, shard_size)
+    paths = write_shards(progress(samples, total=len(images), desc=f"folder {root}", unit="img"), out_dir, prefix, shard_size)
     return {"source": "folder", "root": str(root), "counts": {"train": len(images)}, "shards": [str(p) for p in paths]}
 
 

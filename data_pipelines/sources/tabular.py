@@ -11,11 +11,11 @@ import csv
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from tqdm import tqdm
+
 
 from data_pipelines.decode import image_member
 from data_pipelines.errors import DataError
-from data_pipelines.shards import write_shards
+from data_pipelines.shards import progress, write_shards
 from data_pipelines.sources import SOURCES
 
 _IMAGE_COLUMNS = ("filepath", "image")
@@ -57,7 +57,7 @@ def _build(
         caption_col = _column(table, columns, caption_col, _CAPTION_COLUMNS, "caption_col")
         rows = list(reader)
     samples = _samples(table, rows, image_col, caption_col)
-    paths = write_shards(tqdm(samples, total=len(rows), desc=f"{name} {table.name}", unit="row"),
+    paths = write_shards(progress(samples, total=len(rows), desc=f"{name} {table.name}", unit="row"),
                          out_dir, prefix or name, shard_size)
     return {"source": name, "table": str(table), "counts": {"train": len(rows)}, "shards": [str(p) for p in paths]}
 
