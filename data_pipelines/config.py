@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def refuse_shell_urls(spec: str, where: str = "", hint: str = "set data.allow_pipe_urls: true to allow them") -> str:
+    """webdataset runs `pipe:CMD` shard URLs through a shell; a config must opt in to that."""
+    if any(part.strip().startswith("pipe:") for part in spec.split("::")):
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}'pipe:' URLs run shell commands; {hint}")
+    return spec
 
 
 class SourceConfig(_Strict):
@@ -41,4 +49,14 @@ class DataConfig(_Strict):
     # samples were bad (corrupt image, empty caption, ...).
     max_bad_fraction: float = Field(0.5, ge=0, le=1)
     bad_window: int = Field(1000, ge=1)
+    # `pipe:` shard URLs (e.g. `pipe:aws s3 cp s3://bucket/{0..9}.tar -`) run a shell command
+    # per shard; they are refused unless this is set.
+    allow_pipe_urls: bool = False
     max_image_pixels: int = Field(89_478_485, ge=1)  # PIL's default decompression-bomb limit
+
+    @model_validator(mode="after")
+    def _no_shell_unless_allowed(self):
+        if not self.allow_pipe_urls:
+            for index, source in enumerate(self.train):
+                refuse_shell_urls(source.urls, f"data.train.{index}.urls")
+        return self

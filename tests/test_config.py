@@ -47,6 +47,8 @@ def test_resolved_config_round_trips(tmp_path):
         ("model.image.type=resnet", r"model\.image: Input tag 'resnet'"),
         ("name=../../etc", r"name: .*names the run folder"),
         ("model.heads={}", r"model\.heads: name at least one head"),
+        ("data.train.0.urls=pipe:curl -s http://x/{0..3}.tar", r"data\.train\.0\.urls: 'pipe:' URLs run shell commands"),
+        ("evals.0.data=pipe:rm -rf /", r"evals\.0\.data: 'pipe:' URLs run shell commands"),
     ],
 )
 def test_bad_values_name_the_key_path(override, message):

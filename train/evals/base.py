@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.registry import Registry
 
@@ -27,6 +27,13 @@ class EvalConfig(BaseModel):
     data: Optional[str] = None
     build: Optional[str] = None
     build_dir: Optional[str] = None
+
+    @field_validator("data")
+    @classmethod
+    def _no_shell(cls, value: Optional[str]) -> Optional[str]:
+        from data_pipelines.config import refuse_shell_urls
+
+        return refuse_shell_urls(value, hint="copy evaluation shards to a path") if value else value
 
 
 @dataclass
