@@ -87,11 +87,10 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
-# Requeue: allowed by default (a job may still opt out with --no-requeue). A requeued job goes
-# back to PENDING, not held; exit code 85 from a job also requeues it (not held), a hook for
-# trainers that prefer exiting with a code to calling scontrol.
+# Requeue: allowed by default (a job may still opt out with --no-requeue). "scontrol requeue"
+# puts a job back to PENDING, not held (no RequeueExit/RequeueExitHold needed: the trainer
+# requeues itself explicitly).
 JobRequeue=1
-RequeueExit=85
 # Keep finished jobs visible to squeue/scontrol for a day (there is no slurmdbd for sacct).
 MinJobAge=86400
 # Seconds between SIGTERM and SIGKILL when a job is cancelled, requeued or hits its time limit:

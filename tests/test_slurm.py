@@ -1,8 +1,12 @@
 """Real jobs on the local one-node Slurm cluster (`bash slurm/local_cluster.sh start`).
 
+Run with `--basetemp` on a shared machine: pytest deletes old numbered temp folders, which may
+be this session's while its jobs still run.
+
 (a) `vlp submit` of a 2-task CPU job trains a tiny demo config to completion on gloo;
 (b) the same job sent SIGUSR1 mid-run checkpoints, requeues itself, resumes from `latest` and ends
-    with the same step count and bit-identical weights as (a);
+    with the same step count and bit-identical weights as (a), with the srun and the deepspeed
+    launcher;
 (c) injection attempts through a real sbatch/srun run nothing and arrive literally;
 (d) Slurm's own `--signal=USR1@T` before the time limit reaches the srun tasks, and
     `train.preemption.requeue()` brings the job back with SLURM_RESTART_COUNT=1.
@@ -24,7 +28,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
-STEPS = 60
+STEPS = 40
 TASKS = 2
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
@@ -163,13 +167,20 @@ def test_two_task_job_trains_to_completion(reference_run):
     assert status.returncode == 0 and f"{job_id} COMPLETED" in status.stdout and f"last step  {STEPS}" in status.stdout
 
 
-def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(setup, reference_run):
+# deepspeed: one launcher task per node starts both ranks; SIGUSR1 must reach the ranks through it
+# without killing it.
+LAUNCHERS = {"srun": [], "deepspeed": ["--launcher", "deepspeed", "--cpus-per-task", str(TASKS)]}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(launcher, setup, reference_run):
     import torch
 
     _, ref_dir, ref_state = reference_run
     assert ref_state == "COMPLETED"
-    job_id, run_dir = vlp_submit([str(setup["config"]), f"output_dir={setup['base'] / 'preempted'}",
-                                  "--ntasks-per-node", str(TASKS), "--profile", str(setup["profile"])])
+    job_id, run_dir = vlp_submit([str(setup["config"]), f"output_dir={setup['base'] / ('preempted-' + launcher)}",
+                                  "--ntasks-per-node", str(TASKS), *LAUNCHERS[launcher],
+                                  "--profile", str(setup["profile"])])
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:  # wait for training to be under way
@@ -247,14 +258,15 @@ time.sleep(30)  # Slurm kills the step once the requeue lands
 
 
 def test_signal_before_time_limit_reaches_tasks_and_requeue_restarts(tmp_path):
-    """Slurm's own warning: --time=2 with --signal=USR1@100 sends SIGUSR1 ~20-80 s into the job
-    (the controller checks time limits about every 30 s)."""
+    """Slurm's own warning: with --time=2 --signal=USR1@60 slurmctld sends SIGUSR1 at its first
+    30-second check once `now + 60 + 30 >= end`, i.e. 30-60 s into the job: after the tasks have
+    installed their handlers, before the limit."""
     script = tmp_path / "preemptible.py"
     script.write_text(PREEMPTIBLE)
     profile = write_profile(tmp_path, command=[sys.executable, str(script)])
     config = tiny_config(tmp_path / "cfg", tmp_path / "digits")
     job_id, run_dir = vlp_submit([str(config), f"output_dir={tmp_path / 'runs'}", "--ntasks-per-node", str(TASKS),
-                                  "--time", "2", "--signal-seconds", "100", "--profile", str(profile)])
+                                  "--time", "2", "--signal-seconds", "60", "--profile", str(profile)])
     state = wait_final(job_id, run_dir, timeout_s=400)
     log = log_of(run_dir, job_id)
     assert state == "COMPLETED", log
