@@ -376,8 +376,12 @@ class _WeightsOnlyTorch:
 
 
 def _unpickle_reason(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line or "error" in line.lower()]
-    return (lines[0] if lines else str(error).splitlines()[0])[:300]
+    lines = str(error).splitlines()
+    for marker in ("Unsupported global", "WeightsUnpickler error"):
+        found = [line.strip() for line in lines if marker in line]
+        if found:
+            return found[0][:300]
+    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 def _deepspeed_safe_globals() -> list:
