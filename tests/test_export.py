@@ -209,11 +209,27 @@ def test_meru_exports_towers_plus_extras(tmp_path, digits_dir):
 
 
 def test_open_clip_refuses_towers_it_cannot_hold(tmp_path, digits_dir):
-    tree = tiny_tree(tmp_path, digits_dir, image=TIMM_IMAGE)
-    model, config = model_from_tree(tree)
-    with pytest.raises(ExportError, match="open_clip export needs open_clip_vit \\+ open_clip_text towers"):
+    model, config = model_from_tree(tiny_tree(tmp_path, digits_dir, image=TIMM_IMAGE))
+    with pytest.raises(ExportError, match="TimmModel cannot pass timm kwargs"):
         export_model(model, config, tmp_path / "oc", "open_clip")
     assert not (tmp_path / "oc").exists() and not list(tmp_path.glob(".oc.*"))  # nothing half-written
+    model, config = model_from_tree(tiny_tree(tmp_path, digits_dir, image=MONAI_IMAGE))
+    with pytest.raises(ExportError, match="needs open_clip_vit \\(or timm\\) \\+ open_clip_text"):
+        export_model(model, config, tmp_path / "oc", "open_clip")
+
+
+def test_timm_tower_exports_as_open_clip_timm_model(tmp_path, digits_dir):
+    image = {"type": "timm", "model_name": "test_vit", "image_size": 160}
+    model, config = model_from_tree(tiny_tree(tmp_path, digits_dir, image=image))
+    out = export_model(model, config, tmp_path / "oc", "open_clip")
+    images = torch.randn(2, 3, 160, 160)
+    oc, image_embed, text_embed, ids = open_clip_embeddings(out, images, ["a digit", "b"])
+    with torch.no_grad():
+        torch.testing.assert_close(image_embed, model.encode_image(images)["image_embed"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(text_embed, model.encode_text(ids)["text_embed"], rtol=0, atol=1e-5)
+    back, _ = load_model(out)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
 # ----------------------------------------------------------------------------- timm

@@ -97,22 +97,53 @@ def export_safetensors(model: torch.nn.Module, config: Any, out: Path) -> list[s
 
 
 # ------------------------------------------------------------------------------- open_clip
-# Our tower prefixes -> open_clip CLIP's. The text tower's TextTransformer is flattened into
-# CLIP itself (token_embedding, positional_embedding, transformer, ln_final, text_projection).
-OPEN_CLIP_PREFIXES = (("image.model.", "visual."), ("text.model.", ""))
 # Heads whose learnable scalars open_clip's CLIP has (logit_scale, and logit_bias for siglip).
 OPEN_CLIP_SCALAR_HEADS = ("clip", "siglip")
 
 
+def open_clip_prefixes(config: Any) -> list[tuple[str, str]]:
+    """(our prefix, open_clip CLIP's) per tower. The text tower's TextTransformer is flattened
+    into CLIP itself (token_embedding, positional_embedding, transformer, ln_final,
+    text_projection); a timm tower is open_clip's TimmModel (trunk + head.proj)."""
+    image = [("image.model.", "visual.")] if config.model.image.type == "open_clip_vit" else [
+        ("image.trunk.", "visual.trunk."), ("image.proj.", "visual.head.proj.")]
+    return image + [("text.model.", "")]
+
+
+def _timm_default_size(model_name: str) -> int | None:
+    import timm
+
+    try:
+        return int(timm.get_pretrained_cfg(model_name).input_size[-1])
+    except Exception:  # noqa: BLE001 - unknown to timm's registry of default configs
+        return None
+
+
 def open_clip_model_cfg(config: Any) -> dict:
-    """open_clip's `model_cfg` for our model config (open_clip_vit + open_clip_text towers)."""
+    """open_clip's `model_cfg` for our model config: open_clip_vit, or a timm tower open_clip's
+    TimmModel rebuilds identically (no extra timm kwargs, timm's default input size), plus
+    open_clip_text."""
     model = config.model
-    if model.image.type != "open_clip_vit" or model.text.type != "open_clip_text":
+    image, text = model.image, model.text
+    if text.type != "open_clip_text" or image.type not in ("open_clip_vit", "timm"):
         raise ExportError(
-            f"open_clip export needs open_clip_vit + open_clip_text towers, the model has "
-            f"{model.image.type} + {model.text.type} (use --format safetensors, timm or monai)"
+            f"open_clip export needs open_clip_vit (or timm) + open_clip_text towers, the model has "
+            f"{image.type} + {text.type} (use --format safetensors, timm or monai)"
         )
-    return {"embed_dim": model.embed_dim, "vision_cfg": model.image.open_clip_cfg(), "text_cfg": model.text.open_clip_cfg()}
+    if image.type == "open_clip_vit":
+        vision_cfg = image.open_clip_cfg()
+    else:
+        # open_clip's TimmModel passes no kwargs (img_size, patch_size, depth ...) to timm.
+        default_size = _timm_default_size(image.model_name)
+        if image.kwargs or image.image_size != default_size:
+            raise ExportError(
+                f"open_clip export: open_clip's TimmModel cannot pass timm kwargs {image.kwargs or {}} or "
+                f"image_size {image.image_size} (timm default {default_size}) to {image.model_name}; "
+                "use --format timm for the trunk"
+            )
+        vision_cfg = {"timm_model_name": image.model_name, "timm_model_pretrained": False, "timm_pool": "",
+                      "timm_proj": "linear", "timm_proj_bias": False, "image_size": image.image_size}
+    return {"embed_dim": model.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text.open_clip_cfg()}
 
 
 def _scalar_head(config: Any) -> str | None:
@@ -125,7 +156,7 @@ def to_open_clip(state: dict[str, torch.Tensor], config: Any) -> tuple[dict, dic
     model_cfg = open_clip_model_cfg(config)
     open_clip_state, extras = {}, {}
     for key, value in state.items():
-        for ours, theirs in OPEN_CLIP_PREFIXES:
+        for ours, theirs in open_clip_prefixes(config):
             if key.startswith(ours):
                 if not key.endswith("attn_mask"):  # a non-persistent buffer in open_clip
                     open_clip_state[theirs + key[len(ours):]] = value
@@ -153,15 +184,16 @@ def to_open_clip(state: dict[str, torch.Tensor], config: Any) -> tuple[dict, dic
 def from_open_clip(open_clip_state: dict[str, torch.Tensor], extras: dict[str, torch.Tensor], config: Any) -> dict:
     """Inverse of `to_open_clip`: our state dict from an open_clip export (+ its extras)."""
     state = dict(extras)
+    # Longest open_clip prefix first, so "" (the text tower) only takes what is left.
+    prefixes = sorted(open_clip_prefixes(config), key=lambda pair: -len(pair[1]))
+    head = _scalar_head(config)
     for key, value in open_clip_state.items():
-        if key.startswith("visual."):
-            state["image.model." + key[len("visual."):]] = value
-        elif key in ("logit_scale", "logit_bias"):
-            head = _scalar_head(config)
+        if key in ("logit_scale", "logit_bias"):
             if head is not None:
                 state[f"objective.heads.{head}.{key}"] = value.reshape(1)
-        else:
-            state["text.model." + key] = value
+            continue
+        ours, theirs = next(pair for pair in prefixes if key.startswith(pair[1]))
+        state[ours + key[len(theirs):]] = value
     return state
 
 
