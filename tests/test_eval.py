@@ -178,6 +178,7 @@ def _retrieval_on_rank(rank, world_size, model_state, config_path, spec):
     return evaluator.run(model.eval(), EvalContext(rank=rank, world_size=world_size))
 
 
+@pytest.mark.slow  # 2 gloo ranks
 def test_retrieval_evaluator_matches_dense_and_two_ranks(tmp_path, digits_dir):
     model = tiny_model(tmp_path, digits_dir)
     write_caption_shards(tmp_path / "ret")
@@ -247,6 +248,7 @@ def _zeroshot_on_rank(rank, world_size, model_state, config_path, spec):
     return evaluator.run(model.eval(), EvalContext(rank=rank, world_size=world_size))
 
 
+@pytest.mark.slow  # 2 gloo ranks
 def test_zeroshot_two_ranks_equal_one(tmp_path, digits_dir):
     model = tiny_model(tmp_path, digits_dir)
     spec = str(digits_dir / "digits-test-000000.tar")

@@ -78,6 +78,7 @@ def open_clip_embeddings(folder, images, texts):
 
 
 # ----------------------------------------------------------------------------- ZeRO-3 -> open_clip
+@pytest.mark.slow  # a 2-rank ZeRO-3 training run
 def test_zero3_checkpoint_consolidates_to_the_trained_model(zero3_run, tmp_path):
     tag_dir = zero3_run / "checkpoints" / "step_00000004"
     assert len(list(tag_dir.glob("zero_pp_rank_*_optim_states.pt"))) == 2  # really sharded
@@ -100,6 +101,7 @@ def test_zero3_checkpoint_consolidates_to_the_trained_model(zero3_run, tmp_path)
             assert evaluated[key] == pytest.approx(trained[key], abs=1e-9), key
 
 
+@pytest.mark.slow  # a 2-rank ZeRO-3 training run
 def test_open_clip_export_loads_with_identical_embeddings(zero3_run, tmp_path):
     import open_clip
 
@@ -141,6 +143,7 @@ def numpy2_safe_accuracy(output, target, topk=(1,)):
     return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
 
 
+@pytest.mark.slow  # a 2-rank ZeRO-3 training run
 def test_clip_benchmark_agrees_with_vlp_eval(zero3_run, tmp_path, digits_dir, monkeypatch):
     """clip_benchmark's own wds loader, classifier and metrics on the open_clip export, over the
     digits test split in clip_benchmark's layout, against `vlp eval zeroshot` on the checkpoint."""
