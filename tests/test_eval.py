@@ -258,3 +258,45 @@ def test_zeroshot_two_ranks_equal_one(tmp_path, digits_dir):
     for result in two:
         for key, value in one.items():
             assert result[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_flair_checkpoint_retrieval_reranks_through_the_evaluator(tmp_path, digits_dir):
+    """A FLAIR model end to end: the evaluator's text->image R@k with `rerank_topk` equal those of
+    `FlairHead.pairwise_scores(topk=K)` on directly encoded images (tokens) and captions."""
+    from models.dual_encoder import VLPModel
+    from train.config import load_config
+
+    tree = __import__("yaml").safe_load(tiny_config(tmp_path, digits_dir).read_text())
+    tree["model"]["heads"] = {"flair": {"num_heads": 2}}
+    tree["data"]["sub_captions"] = 2
+    torch.manual_seed(0)
+    model = VLPModel(load_config(tree=tree).model).eval()
+    write_caption_shards(tmp_path / "ret")
+    spec = str(tmp_path / "ret" / "ret-{000000..000002}.tar")
+    got = EVALUATORS.get("retrieval")(RetrievalConfig(data=spec, batch_size=4, chunk_size=5, rerank_topk=10)).run(
+        model, EvalContext())
+    # Dense reference: FLAIR's own re-ranked score matrix.
+    import tarfile
+
+    preprocess, tokenizer = model.image.preprocess(train=False), model.text.tokenizer()
+    images, captions, owner = [], [], []
+    for shard in sorted((tmp_path / "ret").glob("ret-*.tar")):
+        members = {}
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for key in sorted(members):
+            own = sample_captions(members[key]["txt"].decode(), json.loads(members[key]["json"]), "auto")
+            owner += [len(images)] * len(own)
+            captions += own
+            images.append(preprocess(Image.open(io.BytesIO(members[key]["png"])).convert("RGB")))
+    with torch.no_grad():
+        encoded = model.encode_image(torch.stack(images))
+        text = model.encode_text(tokenizer(captions))["text_embed"]
+        dense = model.objective.heads.flair.pairwise_scores(encoded["image_embed"], text,
+                                                            image_tokens=encoded["image_tokens"], topk=10)
+    positive = torch.tensor(owner)[None, :] == torch.arange(len(images))[:, None]
+    t2i = dense_ranks(dense.T, positive.T)
+    for k in (1, 5, 10):
+        assert got[f"retrieval_t2i_r{k}"] == pytest.approx(float((t2i < k).double().mean()), abs=1e-9), k

@@ -36,7 +36,7 @@ from torch import Tensor
 from data_pipelines.errors import DataError
 from train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
 from train.evals.common import (
-    all_gather_rows, all_reduce_sum, encode_texts_lockstep, idle_image_forward, lockstep, scoring_head,
+    all_gather_rows, all_reduce_max, all_reduce_sum, encode_texts_lockstep, idle_image_forward, lockstep, scoring_head,
     zero3_partitioned,
 )
 
@@ -234,10 +234,14 @@ def evaluate_retrieval(model: Any, config: RetrievalConfig, context: EvalContext
     image = all_gather_rows(local_image)
     text = all_gather_rows(local_text)
     owner = all_gather_rows(local_owner + image_offset).cpu()
-    image_tokens = all_gather_rows(torch.cat(tokens)) if keep_tokens and tokens else (
-        all_gather_rows(torch.zeros(0, 1, embed_dim, device=device)) if keep_tokens else None)
-    if image_tokens is not None and image_tokens.shape[0] != image.shape[0]:
-        raise RuntimeError("retrieval: gathered image tokens do not match the gathered images")
+    image_tokens = None
+    if keep_tokens:  # (N, P, E); a rank without images still takes part in the gather
+        local_tokens = torch.cat(tokens) if tokens else None
+        shape = torch.tensor(list(local_tokens.shape[1:]) if tokens else [0, 0], device=device)
+        shape = all_reduce_max(shape)
+        if local_tokens is None:
+            local_tokens = torch.zeros(0, *shape.tolist(), device=device)
+        image_tokens = all_gather_rows(local_tokens)
 
     ks = sorted(set(config.recall_at))
     image_queries = torch.arange(image_offset, image_offset + len(local_image))
