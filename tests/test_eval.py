@@ -213,8 +213,12 @@ def test_clip_benchmark_name_files(tmp_path, digits_dir):
     config = ZeroShotConfig(data=str(digits_dir / "digits-test-000000.tar"))
     assert resolve_names(config)[0][0] == "zero"
     wds = clip_benchmark_layout(digits_dir, tmp_path / "wds")
-    names, templates = resolve_names(ZeroShotConfig(data=str(wds / "test" / "0.tar")))
-    assert names[0] == "zero" and templates[0] == "a photo of the number {c}."
+    for data in (wds / "test" / "0.tar", wds):  # a shard, or the clip_benchmark folder itself
+        names, templates = resolve_names(ZeroShotConfig(data=str(data)))
+        assert names[0] == "zero" and templates[0] == "a photo of the number {c}."
+    from train.evals.common import resolve_shard_spec
+
+    assert resolve_shard_spec(str(wds)) == str(wds / "test" / "0.tar")
     with pytest.raises(KeyError, match="needs `dataset`"):
         resolve_names(ZeroShotConfig(data=config.data, classnames=str(folder / "en_classnames.json")))
 

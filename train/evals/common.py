@@ -109,3 +109,23 @@ def encode_texts_lockstep(model: Any, texts: list[str], device: torch.device, in
     out = [model.encode_text(tokenizer(chunk).to(device))["text_embed"].float()
            for chunk in lockstep(chunks, in_lockstep, idle)]
     return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim, device=device)
+
+
+def resolve_shard_spec(spec: str, split: str = "test") -> str:
+    """A shard spec as given, or for a folder: clip_benchmark's webdataset layout
+    (`DIR/{split}/nshards.txt` + `DIR/{split}/{0..n-1}.tar`), else every `*.tar` in it."""
+    from pathlib import Path
+
+    from data_pipelines.errors import DataError
+
+    folder = Path(spec)
+    if not folder.is_dir():
+        return spec
+    nshards = folder / split / "nshards.txt"
+    if nshards.is_file():
+        count = int(nshards.read_text().strip())
+        return str(folder / split / f"{{0..{count - 1}}}.tar") if count > 1 else str(folder / split / "0.tar")
+    tars = sorted(str(path) for path in folder.glob("*.tar"))
+    if not tars:
+        raise DataError(f"{folder}: no {split}/nshards.txt (clip_benchmark layout) and no .tar shards")
+    return "::".join(tars)

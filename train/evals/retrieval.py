@@ -36,8 +36,8 @@ from torch import Tensor
 from data_pipelines.errors import DataError
 from train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
 from train.evals.common import (
-    all_gather_rows, all_reduce_max, all_reduce_sum, encode_texts_lockstep, idle_image_forward, lockstep, scoring_head,
-    zero3_partitioned,
+    all_gather_rows, all_reduce_max, all_reduce_sum, encode_texts_lockstep, idle_image_forward, lockstep,
+    resolve_shard_spec, scoring_head, zero3_partitioned,
 )
 
 # (queries (q,), keys (k,)) index tensors -> (q, k) scores; positive masks take broadcasting
@@ -208,7 +208,7 @@ def evaluate_retrieval(model: Any, config: RetrievalConfig, context: EvalContext
                          f"the scoring head is {type(head).__name__}")
     in_lockstep = zero3_partitioned(model)
     loader = build_eval_loader(
-        config.data, preprocess=model.image.preprocess(train=False), tokenizer=model.text.tokenizer(),
+        resolve_shard_spec(config.data), preprocess=model.image.preprocess(train=False), tokenizer=model.text.tokenizer(),
         batch_size=config.batch_size, rank=context.rank, world_size=context.world_size, workers=config.workers,
     )
     images, tokens, captions, owners = [], [], [], []

@@ -26,7 +26,8 @@ from data_pipelines.errors import DataError
 from train.data import expand_urls
 from train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
 from train.evals.common import (
-    all_reduce_sum, class_embeddings, idle_image_forward, lockstep, scoring_head, zero3_partitioned,
+    all_reduce_sum, class_embeddings, idle_image_forward, lockstep, resolve_shard_spec, scoring_head,
+    zero3_partitioned,
 )
 
 DEFAULT_TEMPLATES = ["a photo of a {c}."]
@@ -71,7 +72,7 @@ def _read_list(
 def resolve_names(config: ZeroShotConfig) -> tuple[list[str], list[str]]:
     """(class names, templates) from the config, or from the files beside the shards (or one
     folder up: clip_benchmark's `DIR/test/*.tar` layout)."""
-    shard_folder = Path(expand_urls(config.data)[0]).parent
+    shard_folder = Path(expand_urls(resolve_shard_spec(config.data))[0]).parent
     folders = [shard_folder, shard_folder.parent]
     classnames = _read_list(config.classnames, config.dataset, folders, "classnames.txt")
     if not classnames:
@@ -95,7 +96,7 @@ def zeroshot_classify(model, config: ZeroShotConfig, context: EvalContext) -> di
     per_class_hits = torch.zeros(num_classes, dtype=torch.float64)
     per_class_total = torch.zeros(num_classes, dtype=torch.float64)
     loader = build_eval_loader(
-        config.data, preprocess=model.image.preprocess(train=False), tokenizer=model.text.tokenizer(),
+        resolve_shard_spec(config.data), preprocess=model.image.preprocess(train=False), tokenizer=model.text.tokenizer(),
         batch_size=config.batch_size, rank=context.rank, world_size=context.world_size, workers=config.workers,
     )
     for batch in lockstep(loader, zero3_partitioned(model), idle_image_forward(model, device, context.dtype)):
