@@ -211,7 +211,7 @@ def export_open_clip(model: torch.nn.Module, config: Any, out: Path) -> list[str
         _json(out / EXTRAS_INFO, {
             "what": "parameters open_clip's CLIP has no place for, with vlp's names; "
                     "`vlp eval --checkpoint DIR` (or train.export.load_model) uses them",
-            "heads": config.model.heads_dict() and {n: c.model_dump(mode="json") for n, c in config.model.heads_dict().items()},
+            "heads": {name: cfg.model_dump(mode="json") for name, cfg in config.model.heads_dict().items()},
             "open_clip_logit_scale_from": scalar_head,
             "scoring_head": scoring,
             "open_clip_scores_like_vlp": scoring in OPEN_CLIP_SCALAR_HEADS,
@@ -249,14 +249,15 @@ def export_timm(model: torch.nn.Module, config: Any, out: Path) -> list[str]:
         "architecture": image.model_name,
         "num_classes": 0,
         "num_features": int(model.image.trunk.num_features),
-        "model_args": {k: v for k, v in image.kwargs.items()} | (
-            {"img_size": image.image_size} if "img_size" in _trunk_kwargs(image) else {}),
+        # What the tower passed to timm.create_model besides num_classes / drop_path_rate.
+        "model_args": _trunk_kwargs(image),
         "pretrained_cfg": pretrained_cfg,
     })
     return ["model.safetensors", "config.json"]
 
 
 def _trunk_kwargs(image: Any) -> dict:
+    """`TimmTower`'s keyword arguments for timm.create_model (it sets img_size for ViT-like models)."""
     kwargs = dict(image.kwargs)
     if any(tag in image.model_name for tag in ("vit", "deit", "eva")):
         kwargs.setdefault("img_size", image.image_size)
