@@ -36,12 +36,9 @@ def free_port() -> int:
 def fill_env() -> None:
     """Make RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* present, from Slurm or for one process."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        try:
-            from train.submit import slurm_env_to_dist
-        except ImportError:  # pragma: no cover - submit module missing
-            slurm_env_to_dist = None
-        if slurm_env_to_dist is not None:
-            slurm_env_to_dist()
+        from train.preemption import slurm_env_to_dist
+
+        slurm_env_to_dist()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -160,6 +160,7 @@ def nonfinite_heads(logging: dict[str, Any]) -> list[str]:
 
 def train(config: Any, resume: str | None = None) -> dict[str, Any]:
     """Train one run to `config.train.steps`; returns the final evaluation results."""
+    preemption.install_handlers()  # first: a USR1 during set-up must not kill the job unsaved
     env = init_distributed(config.train.dist_timeout_s)
     run_dir = config.run_dir
     if env.is_main:
@@ -182,7 +183,6 @@ def train(config: Any, resume: str | None = None) -> dict[str, Any]:
     else:
         seed_everything(config.seed + 1000 * env.rank)
     metrics = MetricsLogger(run_dir, env.is_main, config.train.steps, start_step=state.step)
-    preemption.install_handlers()
     from data_pipelines.loader import BadSampleMonitor
 
     bad_monitor = BadSampleMonitor.from_config(config.data)
@@ -243,8 +243,10 @@ def run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluato
         if eval_results:
             metrics.log(state.step, {f"eval/{k}": v for k, v in eval_results.items()})
             results.update(eval_results)
-        if all_reduce_max(1.0 if preemption.stop_reason() else 0.0) > 0 and state.step < tr.steps:
-            stop_reason = preemption.stop_reason() or "signal"
+        # Every rank takes the same decision: the strongest signal any rank saw (TERM over USR1).
+        signalled = preemption.reason_from_flag(int(all_reduce_max(preemption.stop_flag())))
+        if signalled is not None and state.step < tr.steps:
+            stop_reason = signalled
             break
 
     if stop_reason is not None:
