@@ -75,14 +75,16 @@ def zero3_partitioned(model: Any) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
-def lockstep(items: Iterable[Any], in_lockstep: bool, idle: Callable[[], Any]) -> Iterator[Any]:
+def lockstep(items: Iterable[Any], in_lockstep: bool, idle: Callable[[], Any],
+             device: torch.device = torch.device("cpu")) -> Iterator[Any]:
     """`items`, but under ZeRO-3 keep going until every rank is done, calling `idle()` (one
-    throwaway forward) on a rank whose own items ran out, so the ranks' collectives pair up."""
+    throwaway forward) on a rank whose own items ran out, so the ranks' collectives pair up.
+    `device`: where the collective's flag lives (the rank's GPU under NCCL)."""
     iterator = iter(items)
     while True:
         item = next(iterator, None)
         if in_lockstep:
-            busy = all_reduce_max(torch.tensor([item is not None], dtype=torch.long))
+            busy = all_reduce_max(torch.tensor([item is not None], dtype=torch.long, device=device))
             if not busy.item():
                 return
             if item is None:
@@ -107,7 +109,7 @@ def encode_texts_lockstep(model: Any, texts: list[str], device: torch.device, in
     chunks = (texts[start : start + batch_size] for start in range(0, len(texts), batch_size))
     idle = lambda: model.encode_text(tokenizer([""]).to(device))  # noqa: E731
     out = [model.encode_text(tokenizer(chunk).to(device))["text_embed"].float()
-           for chunk in lockstep(chunks, in_lockstep, idle)]
+           for chunk in lockstep(chunks, in_lockstep, idle, device)]
     return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim, device=device)
 
 

@@ -212,7 +212,7 @@ def evaluate_retrieval(model: Any, config: RetrievalConfig, context: EvalContext
         batch_size=config.batch_size, rank=context.rank, world_size=context.world_size, workers=config.workers,
     )
     images, tokens, captions, owners = [], [], [], []
-    for batch in lockstep(loader, in_lockstep, idle_image_forward(model, device, context.dtype)):
+    for batch in lockstep(loader, in_lockstep, idle_image_forward(model, device, context.dtype), device):
         encoded = model.encode_image(batch["image"].to(device, context.dtype))
         offset = sum(len(x) for x in images)
         images.append(encoded["image_embed"].float())

@@ -9,7 +9,8 @@ for the class name) next to the shards or one folder above them (clip_benchmark'
 
 Class embeddings are built from every (class, template) prompt in batches of prompts and
 averaged by the scoring head's `prompt_ensemble`; images are scored by its `pairwise_scores`
-(cosine for clip/siglip, Lorentzian for meru). Metrics: top-k accuracy and mean per-class recall
+(cosine for clip/siglip, Lorentzian for meru, text-conditioned pooling of the image tokens for
+flair). Metrics: top-k accuracy and mean per-class recall
 (clip_benchmark's `mean_per_class_recall`, i.e. balanced accuracy), counts summed over ranks.
 """
 
@@ -99,19 +100,28 @@ def zeroshot_classify(model, config: ZeroShotConfig, context: EvalContext) -> di
         resolve_shard_spec(config.data), preprocess=model.image.preprocess(train=False), tokenizer=model.text.tokenizer(),
         batch_size=config.batch_size, rank=context.rank, world_size=context.world_size, workers=config.workers,
     )
-    for batch in lockstep(loader, zero3_partitioned(model), idle_image_forward(model, device, context.dtype)):
+    # FLAIR scores with the image tokens (text-conditioned pooling per class), others with embeddings.
+    with_tokens = bool(getattr(head, "scores_with_tokens", False))
+    idle = idle_image_forward(model, device, context.dtype)
+    for batch in lockstep(loader, zero3_partitioned(model), idle, device):
         labels = batch["label"]
         if (labels < 0).any():
             raise DataError(f"zeroshot: sample {batch['key'][int((labels < 0).nonzero()[0])]} has no .cls label")
         images = batch["image"].to(device, context.dtype)
-        scores = head.pairwise_scores(model.encode_image(images)["image_embed"], classifier).cpu()  # (B, C)
+        encoded = model.encode_image(images)
+        if with_tokens:
+            scores = head.pairwise_scores(encoded["image_embed"], classifier, image_tokens=encoded["image_tokens"])
+        else:
+            scores = head.pairwise_scores(encoded["image_embed"], classifier)
+        scores = scores.cpu()  # (B, C)
         ranked = scores.topk(max(ks), dim=1).indices  # (B, kmax)
         hits = ranked == labels[:, None]
         for i, k in enumerate(ks):
             correct[i] += hits[:, :k].any(dim=1).sum()
         per_class_total += torch.bincount(labels, minlength=num_classes).double()
         per_class_hits += torch.bincount(labels[hits[:, 0]], minlength=num_classes).double()
-    stats = all_reduce_sum(torch.cat([correct, per_class_hits, per_class_total]))
+    # Reduced on the rank's device (NCCL reduces only GPU tensors).
+    stats = all_reduce_sum(torch.cat([correct, per_class_hits, per_class_total]).to(device)).cpu()
     correct, per_class_hits, per_class_total = stats[: len(ks)], stats[len(ks) : len(ks) + num_classes], stats[len(ks) + num_classes :]
     total = per_class_total.sum().clamp(min=1)
     present = per_class_total > 0
