@@ -161,10 +161,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from train.export import export_model, load_model
+    from train.export import export_checkpoint
 
-    model, config = load_model(Path(args.checkpoint))
-    out = export_model(model, config, Path(args.out), args.format)
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out), args.format)
     print(json.dumps({"format": args.format, "out": str(out)}))
     return 0
 

@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from data_pipelines.config import DataConfig
 from models.registry import nearest
@@ -91,8 +101,25 @@ def experiment_class() -> type[BaseModel]:
         text: _tagged(TEXT_TOWERS)
         heads: HeadsConfig
 
+        # The order heads were written in: the first scoring head decides evaluation geometry.
+        _head_order: list[str] = PrivateAttr(default_factory=list)
+
+        @model_validator(mode="wrap")
+        @classmethod
+        def _keep_head_order(cls, data: Any, handler: Any) -> Any:
+            model = handler(data)
+            if isinstance(data, dict) and isinstance(data.get("heads"), dict):
+                model._head_order = [str(name) for name in data["heads"]]
+            return model
+
+        @field_serializer("heads")
+        def _heads_in_order(self, heads: Any) -> dict[str, Any]:
+            return {name: cfg.model_dump(mode="json") for name, cfg in self.heads_dict().items()}
+
         def heads_dict(self) -> dict[str, Any]:
-            return {name: cfg for name, cfg in self.heads if cfg is not None}
+            present = {name: cfg for name, cfg in self.heads if cfg is not None}
+            order = [n for n in self._head_order if n in present] + [n for n in present if n not in self._head_order]
+            return {name: present[name] for name in order}
 
         @model_validator(mode="after")
         def _consistent(self):

@@ -266,14 +266,18 @@ def run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluato
 
 
 def finish_run(config: Any, engine: Any, results: dict, state: TrainState) -> None:
+    """Rank 0, after the final checkpoint: loss-curve PNG, exports, results.json (written last,
+    atomically, so its presence means the run finished)."""
     run_dir = config.run_dir
     plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "loss.png")
     summary = {"name": config.name, "steps": state.step, "samples_seen": state.samples_seen, **results}
-    for fmt in config.export:
-        from train.export import export_model
+    if config.export:
+        from train.export import export_model, load_model
 
-        export_model(engine.module, config, run_dir / "export" / fmt, fmt, results=results,
-                     samples_seen=state.samples_seen)
+        # Under ZeRO-3 each rank holds a slice of every weight: export the merged checkpoint.
+        model = load_model(run_dir)[0] if config.deepspeed.zero_stage == 3 else engine.module
+        for fmt in config.export:
+            export_model(model, config, run_dir / "export" / fmt, fmt, results=results, samples_seen=state.samples_seen)
     tmp = run_dir / ".results.json.tmp"
     tmp.write_text(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                                for k, v in summary.items()}, indent=1))
