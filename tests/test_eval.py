@@ -228,17 +228,11 @@ def class_embeddings_prompt(template, name):
     return template.replace("{c}", name) if "{c}" in template else template.format(name)
 
 
-def clip_benchmark_layout(digits_dir, out):
-    """clip_benchmark's wds layout for the digits test split: DIR/test/{0..n-1}.tar, nshards.txt,
-    and the name files one level up (links, so nothing is copied)."""
-    (out / "test").mkdir(parents=True, exist_ok=True)
-    shards = sorted(digits_dir.glob("digits-test-*.tar"))
-    for i, shard in enumerate(shards):
-        (out / "test" / f"{i}.tar").symlink_to(shard)
-    (out / "test" / "nshards.txt").write_text(f"{len(shards)}\n")
-    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
-        (out / name).symlink_to(digits_dir / name)
-    return out
+def clip_benchmark_layout(digits_dir, out=None):
+    """The clip_benchmark layout that `vlp shards build digits` writes beside the shards."""
+    root = digits_dir / "clip_benchmark"
+    assert (root / "test" / "nshards.txt").read_text().strip() == str(len(list(digits_dir.glob("digits-test-*.tar"))))
+    return root
 
 
 def _zeroshot_on_rank(rank, world_size, model_state, config_path, spec):

@@ -100,7 +100,27 @@ def build(
         summary["shards"][split] = [str(p) for p in paths]
     atomic_write_text(out_dir / "classnames.txt", "\n".join(DIGIT_CLASSNAMES) + "\n")
     atomic_write_text(out_dir / "zeroshot_classification_templates.txt", "\n".join(DIGIT_TEMPLATES) + "\n")
+    summary["clip_benchmark"] = str(write_clip_benchmark_layout(out_dir, [Path(p) for p in summary["shards"]["test"]]))
     return summary
+
+
+def write_clip_benchmark_layout(out_dir: Path, test_shards: list[Path]) -> Path:
+    """clip_benchmark's webdataset eval layout over the test split, as relative links (nothing is
+    copied): `clip_benchmark/test/{0..n-1}.tar`, `test/nshards.txt`, and the class-name and
+    template files one level up. Use: `clip_benchmark eval --dataset wds/digits
+    --dataset_root OUT/clip_benchmark ...`."""
+    root = out_dir / "clip_benchmark"
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    for index, shard in enumerate(sorted(test_shards)):
+        link = root / "test" / f"{index}.tar"
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path("..") / ".." / shard.name)
+    atomic_write_text(root / "test" / "nshards.txt", f"{len(test_shards)}\n")
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        link = root / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path("..") / name)
+    return root
 
 
 def split_test(images: np.ndarray, labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
