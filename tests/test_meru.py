@@ -308,3 +308,25 @@ def test_hierarchy_needs_a_meru_head():
     config.model.heads.clip = HEADS.get("clip").config_class()
     with pytest.raises(ValueError, match="no meru head"):
         evaluate_hierarchy(VLPModel(config.model), ["a digit"], ["a handwritten digit 7"])
+
+
+def test_tiled_contrastive_equals_dense_in_loss_and_gradients():
+    """The memory-bounded path (tile 3, N not a multiple) against the dense (B, N) one."""
+    from models.heads.meru import contrastive_loss
+
+    torch.manual_seed(0)
+    image = (0.5 * torch.randn(5, 8, dtype=torch.float64)).requires_grad_()
+    text = (0.5 * torch.randn(5, 8, dtype=torch.float64)).requires_grad_()
+    others_i, others_t = 0.5 * torch.randn(6, 8, dtype=torch.float64), 0.5 * torch.randn(6, 8, dtype=torch.float64)
+    curv = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([9.0], dtype=torch.float64, requires_grad=True)
+    results = []
+    for tile in (None, 3):
+        all_image, all_text = torch.cat([others_i[:3], image, others_i[3:]]), torch.cat([others_t[:3], text, others_t[3:]])
+        loss = contrastive_loss(image, text, all_image, all_text, curv, scale, offset=3, tile_size=tile)
+        grads = torch.autograd.grad(loss, (image, text, curv, scale))
+        results.append((loss, grads))
+    (dense, dense_grads), (tiled, tiled_grads) = results
+    torch.testing.assert_close(tiled, dense)
+    for a, b in zip(tiled_grads, dense_grads):
+        torch.testing.assert_close(a, b)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from models import lorentz as L
 from models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from models.heads.tiled import DEFAULT_TILE_SIZE, tiled_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class MeruConfig(HeadConfig):
     # Logged as meru/curv_bound_steps; a warning is printed once when c has sat at a bound for
     # this many consecutive training steps (0: never warn). See docs/meru.md.
     curv_bound_warn_steps: int = Field(1000, ge=0)
+    # Contrastive term in (tile x tile) blocks (memory linear in the global batch); None: automatic.
+    tile_size: Optional[int] = Field(None, ge=1)
 
 
 class _Bounded(torch.autograd.Function):
@@ -93,8 +96,15 @@ def lorentz_logits(queries: Tensor, keys: Tensor, curv: Tensor, logit_scale: Ten
     return -L.pairwise_dist(queries, keys, curv) * logit_scale
 
 
+# Above this many logits per direction the contrastive term streams column tiles
+# (models/heads/tiled.py) instead of holding the (B, W * B) distance matrix; the distance's
+# acosh makes each block dearer than CLIP's dot product, so tiling pays from the same size.
+TILED_MIN_LOGITS = 4096 * 4096
+
+
 def contrastive_loss(
-    image: Tensor, text: Tensor, all_image: Tensor, all_text: Tensor, curv: Tensor, logit_scale: Tensor, offset: int
+    image: Tensor, text: Tensor, all_image: Tensor, all_text: Tensor, curv: Tensor, logit_scale: Tensor, offset: int,
+    tile_size: Optional[int] = None,
 ) -> Tensor:
     """Symmetric InfoNCE over this rank's rows against every rank's columns (local loss).
 
@@ -104,11 +114,18 @@ def contrastive_loss(
         all_image: Tensor of shape (W * B, E), every rank's lifted images in rank order.
         all_text: Tensor of shape (W * B, E), every rank's lifted captions.
         offset: rank * B, where this rank's pairs sit among the columns.
+        tile_size: stream (tile x tile) blocks; None picks tiling from TILED_MIN_LOGITS.
 
     Returns:
         scalar fp32: 0.5 * (CE(image -> text) + CE(text -> image)).
     """
     targets = torch.arange(image.shape[0], device=image.device) + offset
+    if tile_size is None and image.shape[0] * all_text.shape[0] >= TILED_MIN_LOGITS:
+        tile_size = DEFAULT_TILE_SIZE
+    if tile_size is not None:
+        i2t = tiled_cross_entropy(image, all_text, targets, lorentz_logits, tile_size, curv, logit_scale)
+        t2i = tiled_cross_entropy(text, all_image, targets, lorentz_logits, tile_size, curv, logit_scale)
+        return 0.5 * (i2t.loss.mean() + t2i.loss.mean())
     image_logits = lorentz_logits(image, all_text, curv, logit_scale)  # (B, W * B)
     text_logits = lorentz_logits(text, all_image, curv, logit_scale)  # (B, W * B)
     return 0.5 * (F.cross_entropy(image_logits, targets) + F.cross_entropy(text_logits, targets))
@@ -191,7 +208,9 @@ class MeruHead(Head):
             all_image = self.lift_image(inputs.gathered["image_embed"])  # (W * B, E)
             all_text = self.lift_text(inputs.gathered["text_embed"])  # (W * B, E)
 
-        contrastive = contrastive_loss(image, text, all_image, all_text, curv, logit_scale, inputs.rank * image.shape[0])
+        contrastive = contrastive_loss(
+            image, text, all_image, all_text, curv, logit_scale, inputs.rank * image.shape[0], self.config.tile_size
+        )
         entailment = entailment_loss(text, image, curv, self.config.min_radius)
         loss = contrastive + self.config.entail_weight * entailment
 
