@@ -336,8 +336,8 @@ def build_ct_rate(out_dir: Path, arg: str | None, **options: Any) -> dict:
 # Lesion kinds: HU inside, radius range (voxels at the benchmark spacing), texture (noise SD in
 # HU inside the lesion) and shape. Distinct HU/size/texture so each kind is identifiable.
 LESION_KINDS: dict[str, dict[str, Any]] = {
-    "nodule": {"hu": 220.0, "radius": (2.2, 2.8), "texture": 6.0, "shape": "sphere", "phrase": "solid nodule"},
-    "cyst": {"hu": 0.0, "radius": (3.6, 4.4), "texture": 1.0, "shape": "sphere", "phrase": "fluid-density cyst"},
+    "nodule": {"hu": 150.0, "radius": (2.4, 3.0), "texture": 6.0, "shape": "sphere", "phrase": "solid nodule"},
+    "cyst": {"hu": -15.0, "radius": (3.0, 3.8), "texture": 1.0, "shape": "sphere", "phrase": "fluid-density cyst"},
     "calcification": {"hu": 700.0, "radius": (1.6, 2.2), "texture": 10.0, "shape": "sphere", "phrase": "calcification"},
     "mass": {"hu": 100.0, "radius": (3.8, 4.6), "texture": 25.0, "shape": "blob", "phrase": "heterogeneous mass"},
     "fat": {"hu": -120.0, "radius": (2.6, 3.4), "texture": 4.0, "shape": "sphere", "phrase": "fat-containing lesion"},
