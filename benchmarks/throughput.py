@@ -75,8 +75,13 @@ def run_open_clip(tree: dict, urls: str, steps: int, log_every: int, env: dict, 
         "--precision", "fp32", "--log-every-n-steps", str(log_every), "--logs", str(workdir / "oc_logs"),
         "--name", "throughput", "--save-frequency", "0", "--device", "cpu", "--seed", "0",
     ]
+    # open_clip_train's group_by_keys_nothrow reads filesample["fname"] from every item, but
+    # webdataset >= 1.0 ends each shard with an empty end-of-shard marker ({}); the shim drops
+    # those markers and changes nothing else in the peer.
     code = (
         "import sys, open_clip; open_clip.add_model_config(sys.argv[1]);"
+        "import open_clip_train.data as d; _g = d.group_by_keys_nothrow;"
+        "d.group_by_keys_nothrow = lambda data, *a, **k: _g((s for s in data if s), *a, **k);"
         "from open_clip_train.main import main; main(sys.argv[2:])"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(cfg_dir), *args], cwd=workdir, env=env,
@@ -101,7 +106,7 @@ tree = json.loads(sys.argv[1])
 config = load_config(tree=tree)
 torch.manual_seed(0)
 model = VLPModel(config.model)
-opt = torch.optim.AdamW(model.param_groups(0.1), lr=5e-4)
+opt = torch.optim.AdamW(model.param_groups(config.train.weight_decay), lr=config.train.lr, betas=config.train.betas, eps=config.train.eps, fused=config.train.fused_adamw)
 b = config.train.batch_size
 image = torch.randn(b, 3, config.model.image.image_size, config.model.image.image_size)
 text = torch.randint(1, 49000, (b, config.model.text.context_length))

@@ -13,6 +13,23 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    all_gather's backward hands each rank's gradient slice to gloo's collectives, which read raw
+    storage: a strided gradient (e.g. from a transposed similarity in FILIP) came back scrambled
+    with no error. Slices along dim 0 of a contiguous gradient are contiguous.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """All-gather `tensor` (B, ...) from every rank into (world_size * B, ...), in rank order.
 
@@ -26,7 +43,7 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     import torch.distributed.nn.functional as dist_fn
 
-    return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+    return _ContiguousGrad.apply(torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0))
 
 
 def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,11 @@ def test_bad_values_name_the_key_path(override, message):
         load_config(DEMO, [override])
 
 
+def test_head_that_needs_sub_captions_refuses_a_config_without_them():
+    with pytest.raises(ConfigError, match=r"model\.heads\.flair needs data\.sub_captions > 0"):
+        load_config(ROOT / "configs" / "flair_shapes.yaml", ["data.sub_captions=0"])
+
+
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         load_config(DEMO, ["train.steps"])

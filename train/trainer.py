@@ -56,7 +56,9 @@ def build_engine(config: Any, model: torch.nn.Module) -> Any:
     import deepspeed
 
     tr = config.train
-    optimizer = torch.optim.AdamW(model.param_groups(tr.weight_decay), lr=tr.lr, betas=tr.betas, eps=tr.eps)
+    optimizer = torch.optim.AdamW(
+        model.param_groups(tr.weight_decay), lr=tr.lr, betas=tr.betas, eps=tr.eps, fused=tr.fused_adamw
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, tr.steps, tr.warmup_steps, tr.min_lr_ratio)
     )
