@@ -177,7 +177,7 @@ def test_grounding_evaluator_end_to_end(tmp_path):
     build("shapes", tmp_path / "data", train_size=1, test_size=6, shard_size=10)
     tree = {
         "name": "t",
-        "data": {"train": [{"urls": str(tmp_path / "data/shapes-train-000000.tar")}]},
+        "data": {"train": [{"urls": str(tmp_path / "data/shapes-train-000000.tar")}], "sub_captions": 2},
         "model": {
             "embed_dim": 32,
             "image": {"type": "open_clip_vit", "image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},

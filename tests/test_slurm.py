@@ -251,6 +251,9 @@ deadline = time.time() + 170
 while preemption.stop_reason() is None and time.time() < deadline:
     time.sleep(0.2)
 print("task", os.environ["SLURM_PROCID"], "reason", preemption.stop_reason(), flush=True)
+# Slurm signals the tasks one after another; like the trainer (which agrees on the signal across
+# ranks and checkpoints first), give every task time to see it before rank 0 requeues.
+time.sleep(5)
 if preemption.stop_reason() == "USR1" and preemption.requeue():
     print("requeued", flush=True)
 time.sleep(30)  # Slurm kills the step once the requeue lands

@@ -67,12 +67,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _deepspeed_safe_globals() -> list:
-    """The few plain-data DeepSpeed classes its checkpoints pickle (enums, loss-scaler state)."""
+def deepspeed_safe_globals() -> list:
+    """The few plain-data DeepSpeed classes its checkpoints pickle: the ZeRO stage enum, the loss
+    scaler's attribute bags and ZeRO-1/2's fragment addresses (two ints). Shared by resume
+    (`verify_safe`) and export (`train.export.consolidate`)."""
     names = [
         ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
         ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
         ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaleProfile"),
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaleConfig"),
+        ("deepspeed.utils.tensor_fragment", "fragment_address"),
     ]
     found = []
     for module_name, attr in names:
@@ -91,7 +96,7 @@ def verify_safe(tag_dir: Path) -> None:
     DeepSpeed loads its own files with `weights_only=False`; running the restricted unpickler over
     every file first means nothing it then loads can construct arbitrary objects or run code.
     """
-    allowed = _deepspeed_safe_globals()
+    allowed = deepspeed_safe_globals()
     for path in sorted(Path(tag_dir).glob("*.pt")):
         try:
             with torch.serialization.safe_globals(allowed):

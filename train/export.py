@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterator
 import torch
 import yaml
 
+from train.checkpoint import deepspeed_safe_globals
+
 from models.registry import Registry
 
 EXPORTERS: Registry[Callable[..., list[str]]] = Registry("export format")
@@ -401,7 +403,7 @@ class _WeightsOnlyTorch:
     @staticmethod
     def load(*args: Any, **kwargs: Any) -> Any:
         kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
             try:
                 return torch.load(*args, **kwargs)
             except Exception as error:  # pickle.UnpicklingError: an object we do not allow
@@ -415,14 +417,6 @@ def _unpickle_reason(error: Exception) -> str:
         if found:
             return found[0][:300]
     return (lines[0] if lines else type(error).__name__)[:300]
-
-
-def _deepspeed_safe_globals() -> list:
-    from deepspeed.runtime.fp16 import loss_scaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    names = ("LossScaler", "DynamicLossScaler", "LossScaleProfile", "LossScaleConfig")
-    return [ZeroStageEnum, *(getattr(loss_scaler, n) for n in names if hasattr(loss_scaler, n))]
 
 
 @contextlib.contextmanager
