@@ -376,10 +376,17 @@ class VolumePreprocess:
 
     def load(self, item: Any) -> Volume:
         if isinstance(item, dict):
-            return decode_sample_volume(item)
-        if isinstance(item, Volume):
-            return item
-        return read_volume(item)
+            volume = decode_sample_volume(item)
+        elif isinstance(item, Volume):
+            volume = item
+        else:
+            volume = read_volume(item)
+        # NaN/inf voxels would poison every patch they touch (and the loss); the loader counts
+        # the raised error as a bad sample and moves on.
+        if not np.isfinite(volume.array).all():
+            bad = int((~np.isfinite(volume.array)).sum())
+            raise VolumeError(f"{volume.source}: {bad} non-finite voxels")
+        return volume
 
     def __call__(self, item: Any) -> torch.Tensor:
         volume = self.load(item)

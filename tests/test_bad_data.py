@@ -106,3 +106,36 @@ def test_corrupted_shard_bytes_never_crash_the_loader(tmp_path_factory, data):
             assert batch["image"].shape[0] == len(batch["key"])
     except DataError as error:
         assert str(error).strip()
+
+
+def test_ct_volumes_with_nan_voxels_or_wrong_dimensions_are_skipped_and_counted(tmp_path):
+    """The volume transform refuses them; the loader counts each as bad_image and goes on."""
+    import numpy as np
+
+    from data_pipelines.ct import VolumePreprocess
+    from test_data_loader import ByteTokenizer
+
+    def npy(array):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    good = np.full((8, 8, 8), -500, dtype=np.int16)
+    with_nan = good.astype(np.float32)
+    with_nan[2, 3, 4] = np.nan
+    samples = [
+        {"__key__": "good", "npy": npy(good), "json": {"spacing": [4, 4, 4]}, "txt": "no lesion."},
+        {"__key__": "nan", "npy": npy(with_nan), "json": {"spacing": [4, 4, 4]}, "txt": "a nodule."},
+        {"__key__": "flat", "npy": npy(good[0]), "json": {"spacing": [4, 4]}, "txt": "a cyst."},
+        {"__key__": "good2", "npy": npy(good + 100), "json": {"spacing": [4, 4, 4]}, "txt": "a mass."},
+    ]
+    write_shards(samples, tmp_path, "ct")
+    preprocess = VolumePreprocess(train=False, spacing=None, roi=(8, 8, 8))
+    config_urls = str(tmp_path / "ct-000000.tar")
+    from data_pipelines.loader import build_eval_loader
+
+    batches = list(build_eval_loader(config_urls, preprocess=preprocess, tokenizer=ByteTokenizer(), batch_size=4))
+    keys = [k for b in batches for k in b["key"]]
+    assert keys == ["good", "good2"]
+    assert batches[0]["image"].shape == (2, 1, 8, 8, 8) and torch.isfinite(batches[0]["image"]).all()
+    assert sum(b["bad"].get("bad_image", 0) for b in batches) == 2
