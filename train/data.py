@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import os
 from pathlib import Path
 
 from data_pipelines.config import DataConfig
@@ -53,6 +52,3 @@ def ensure_eval_data(evals: list, data_cfg: DataConfig, is_main: bool) -> None:
             build_dir = ev.build_dir or data_cfg.build_dir
             ensure_built(ev.data, build, build_dir, data_cfg.build_options if build == data_cfg.build else {}, is_main)
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
