@@ -17,6 +17,18 @@ import yaml
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 
 
+def read_tar(path) -> dict:
+    """{key: {ext: bytes}} of one shard, read with plain tarfile (independent of our writer and loader)."""
+    import tarfile
+
+    samples: dict = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     """The real digits, built once per test session with the project's own source."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -15,16 +14,7 @@ from PIL import Image
 from data_pipelines.errors import DataError
 from data_pipelines.sources import SOURCES, build
 from data_pipelines.sources.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, GENERIC_CAPTIONS, split_test
-
-
-def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {ext: bytes}, read independently of the loader."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
+from conftest import read_tar
 
 
 def read_dir(out: Path, pattern: str = "*.tar") -> dict[str, dict[str, bytes]]:

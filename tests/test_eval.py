@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import read_tar, tiny_config
 from dist_utils import run_ranks
 from models.heads.base import Head, HeadConfig
 from train.evals import EVALUATORS, EvalContext
@@ -138,16 +138,10 @@ def tiny_model(tmp_path, digits_dir):
 
 def dense_retrieval_reference(model, shard_dir):
     """R@k from one dense matrix of directly encoded images and captions."""
-    import tarfile
-
     preprocess, tokenizer = model.image.preprocess(train=False), model.text.tokenizer()
     images, captions, owner = [], [], []
     for shard in sorted(shard_dir.glob("ret-*.tar")):
-        members = {}
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        members = read_tar(shard)
         for key in sorted(members):
             sample = members[key]
             meta = json.loads(sample["json"])
@@ -274,16 +268,10 @@ def test_flair_checkpoint_retrieval_reranks_through_the_evaluator(tmp_path, digi
     got = EVALUATORS.get("retrieval")(RetrievalConfig(data=spec, batch_size=4, chunk_size=5, rerank_topk=10)).run(
         model, EvalContext())
     # Dense reference: FLAIR's own re-ranked score matrix.
-    import tarfile
-
     preprocess, tokenizer = model.image.preprocess(train=False), model.text.tokenizer()
     images, captions, owner = [], [], []
     for shard in sorted((tmp_path / "ret").glob("ret-*.tar")):
-        members = {}
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        members = read_tar(shard)
         for key in sorted(members):
             own = sample_captions(members[key]["txt"].decode(), json.loads(members[key]["json"]), "auto")
             owner += [len(images)] * len(own)

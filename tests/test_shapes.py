@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import random
-import tarfile
 
 import numpy as np
 import pytest
@@ -15,24 +14,15 @@ from PIL import Image
 from data_pipelines.errors import DataError
 from data_pipelines.sources import SOURCES, build
 from data_pipelines.sources.shapes import BACKGROUND, COLORS, decode_mask, encode_mask, render_sample
+from conftest import read_tar
 
 OPTIONS = dict(train_size=40, test_size=12, shard_size=16, image_size=64)
-
-
-def _read(tar_path):
-    """{key: {ext: bytes}} of one shard, read with tarfile (independent of the writer)."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar_path) as tar:
-        for member in tar.getmembers():
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
 
 
 def _split(out_dir, split):
     samples = {}
     for path in sorted(out_dir.glob(f"shapes-{split}-*.tar")):
-        samples.update(_read(path))
+        samples.update(read_tar(path))
     return samples
 
 
