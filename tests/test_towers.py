@@ -88,3 +88,34 @@ def test_hf_text_is_the_real_pretrained_minilm():
         pooled = torch.nn.functional.normalize((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
     sims = pooled @ pooled.T
     assert sims[0, 1] > sims[0, 2] + 0.2
+
+
+def test_frozen_hf_text_cache_gives_the_encoders_own_outputs():
+    """A frozen encoder with `cache_size` encodes each distinct row once, returns what the
+    uncached encoder returns, stays in eval mode under `.train()`, and bounds the cache (LRU)."""
+    cls = TEXT_TOWERS.get("hf_text")
+    plain = cls(cls.config_class(type="hf_text", path="minilm", context_length=16, freeze=True), E)
+    cached = cls(cls.config_class(type="hf_text", path="minilm", context_length=16, freeze=True, cache_size=3), E)
+    cached.load_state_dict(plain.state_dict())
+    plain.train(), cached.train()
+    assert not cached.model.training and cached.proj.training
+    tok = plain.tokenizer()
+    first = tok(["no pleural effusion.", "a small nodule.", "no pleural effusion."])
+    second = tok(["a small nodule.", "a large cyst.", "no midline shift.", "no pleural effusion."])
+    for ids in (first, second):
+        want, got = plain(ids), cached(ids)
+        for key in ("text_embed", "text_tokens"):
+            torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+        assert torch.equal(got["text_mask"], want["text_mask"])
+    assert cached.cache_misses == 2 + 2 and cached.cache_hits == 1 + 2  # LRU: "a small nodule." goes
+    assert len(cached._cache) == 3
+    got = cached(second)
+    got["text_embed"].sum().backward()  # only the projection learns
+    assert cached.proj.weight.grad is not None
+    assert all(p.grad is None for p in cached.model.parameters())
+
+
+def test_text_cache_without_freeze_is_refused():
+    cls = TEXT_TOWERS.get("hf_text")
+    with pytest.raises(ValueError, match="cache_size needs freeze"):
+        cls.config_class(type="hf_text", path="minilm", cache_size=10)

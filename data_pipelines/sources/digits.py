@@ -62,10 +62,11 @@ def build(
     seed: int = 0,
     test_fraction: float = 0.2,
     caption_style: Literal["plain", "hierarchical"] = "plain",
+    generic_fraction: float = GENERIC_FRACTION,
     shard_size: int = 500,
 ) -> dict:
     """Options: image_size (px), resize (nearest|bilinear), mode (RGB|L), seed, test_fraction,
-    caption_style (plain|hierarchical: about 1/3 generic captions), shard_size."""
+    caption_style (plain|hierarchical: a `generic_fraction` of captions are generic), shard_size."""
     from sklearn.datasets import load_digits
 
     if arg:
@@ -76,6 +77,8 @@ def build(
         raise DataError(f"digits: mode must be 'RGB' or 'L', got {mode!r}")
     if caption_style not in ("plain", "hierarchical"):
         raise DataError(f"digits: caption_style must be 'plain' or 'hierarchical', got {caption_style!r}")
+    if not 0 <= generic_fraction < 1:
+        raise DataError(f"digits: generic_fraction must be in [0, 1), got {generic_fraction}")
     if not 0 < test_fraction < 1:
         raise DataError(f"digits: test_fraction must be in (0, 1), got {test_fraction}")
 
@@ -91,7 +94,8 @@ def build(
     for split in ("train", "test"):
         indices = [i for i in range(len(labels)) if test[i] == (split == "test")]
         samples = (
-            _sample(i, images[i], int(labels[i]), split, image_size, resample, mode, caption_style, rng)
+            _sample(i, images[i], int(labels[i]), split, image_size, resample, mode,
+                    caption_style, generic_fraction, rng)
             for i in indices
         )
         paths = write_shards(progress(samples, total=len(indices), desc=f"digits {split}", unit="img"),
@@ -142,13 +146,13 @@ def split_test(images: np.ndarray, labels: np.ndarray, test_fraction: float, see
     return test
 
 
-def _sample(index, pixels, label, split, image_size, resample, mode, caption_style, rng) -> dict:
+def _sample(index, pixels, label, split, image_size, resample, mode, caption_style, generic_fraction, rng) -> dict:
     image = Image.fromarray(pixels, mode="L").resize((image_size, image_size), resample)
     if mode == "RGB":
         image = image.convert("RGB")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    if caption_style == "hierarchical" and rng.random() < GENERIC_FRACTION:
+    if caption_style == "hierarchical" and rng.random() < generic_fraction:
         caption = rng.choice(GENERIC_CAPTIONS)
     else:
         caption = rng.choice(CAPTION_TEMPLATES).format(n=label, w=DIGIT_CLASSNAMES[label])

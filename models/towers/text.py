@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from models.towers.base import TEXT_TOWERS, TextTower, TowerConfig, share_with_zero3
@@ -107,7 +108,17 @@ class HFTextConfig(TowerConfig):
     context_length: int = Field(64, ge=4)
     pooling: Literal["mean", "cls"] = "mean"
     freeze: bool = False
+    # With `freeze`, keep up to this many encoder outputs (one per distinct token-id row, LRU) so
+    # a caption or sentence seen before is never re-encoded; 0 turns the cache off. Each entry
+    # holds the row's hidden states: context_length x hidden_size floats (49 KB for MiniLM at 32).
+    cache_size: int = Field(0, ge=0)
     embed_dim: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _cache_needs_freeze(self) -> "HFTextConfig":
+        if self.cache_size and not self.freeze:
+            raise ValueError("cache_size needs freeze: true (a trained encoder's outputs change every step)")
+        return self
 
     def resolved_path(self) -> str:
         return minilm_path() if self.path == "minilm" else self.path
@@ -134,7 +145,12 @@ class HFTokenizer:
 
 @TEXT_TOWERS.register("hf_text")
 class HFText(TextTower):
-    """A Hugging Face encoder loaded from a local folder (never from a hub), plus a projection."""
+    """A Hugging Face encoder loaded from a local folder (never from a hub), plus a projection.
+
+    `freeze: true` keeps the encoder fixed: no gradients, always in eval mode (a frozen feature
+    extractor does not drop out, so the same text always gives the same features), and with
+    `cache_size` its outputs are memoised per token-id row. Only the projection trains.
+    """
 
     config_class = HFTextConfig
 
@@ -150,12 +166,48 @@ class HFText(TextTower):
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
         self.pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
         self.proj = nn.Linear(hf_config.hidden_size, embed_dim, bias=False)
+        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.cache_hits = self.cache_misses = 0
         if config.freeze:
             self.model.requires_grad_(False)
+            self.model.eval()
+
+    def train(self, mode: bool = True) -> "HFText":
+        super().train(mode)
+        if self.config.freeze:
+            self.model.eval()
+        return self
+
+    def _hidden(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=token_ids, attention_mask=mask.long()).last_hidden_state  # (B, L, H)
+
+    def _frozen_hidden(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's (B, L, H) hidden states, each distinct row encoded at most once."""
+        with torch.no_grad():
+            if not self.config.cache_size:
+                return self._hidden(token_ids, mask)
+            keys = [row.tobytes() for row in token_ids.cpu().numpy()]
+            missing = list(dict.fromkeys(k for k in keys if k not in self._cache))  # distinct, in order
+            self.cache_misses += len(missing)
+            self.cache_hits += len(keys) - len(missing)
+            if missing:
+                first: dict[bytes, int] = {}
+                for index, key in enumerate(keys):
+                    first.setdefault(key, index)
+                rows = [first[k] for k in missing]
+                hidden = self._hidden(token_ids[rows], mask[rows])
+                for key, value in zip(missing, hidden):
+                    self._cache[key] = value
+            out = torch.stack([self._cache[k] for k in keys])
+            for key in keys:
+                self._cache.move_to_end(key)
+            while len(self._cache) > self.config.cache_size:
+                self._cache.popitem(last=False)
+            return out
 
     def forward(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         mask = token_ids != self.pad_id  # (B, L)
-        hidden = self.model(input_ids=token_ids, attention_mask=mask.long()).last_hidden_state  # (B, L, H)
+        hidden = self._frozen_hidden(token_ids, mask) if self.config.freeze else self._hidden(token_ids, mask)
         if self.config.pooling == "cls":
             pooled = hidden[:, 0]
         else:
