@@ -42,6 +42,7 @@ class DataConfig(_Strict):
     caption_key: str = "txt"
     # Loader-side sampling of K sub-captions from a long caption (fine-grained heads).
     sub_captions: int = Field(0, ge=0)
+    sub_caption_sentences: int = Field(3, ge=1, description="most sentences per sub-caption (FLAIR: 3)")
     # Loader-side sentence split (`data_pipelines.text.split_sentences`): at most this many
     # sentences per sample as batch["sentences"] (B, S, L) with batch["sentence_mask"] (B, S).
     sentences: int = Field(0, ge=0)

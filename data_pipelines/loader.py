@@ -321,6 +321,7 @@ class _Pipeline:
     caption_key: str = "txt"
     max_image_pixels: int = 89_478_485
     sub_captions: int = 0
+    sub_caption_sentences: int = 3
     sentences: int = 0
     seed: int = 0
     max_bad_fraction: float = 1.0
@@ -409,7 +410,8 @@ class _Pipeline:
         }
         if self.sub_captions:
             draws = [
-                sample_sub_captions(caption, self.sub_captions, random.Random(_seed("sub", self.seed, epoch, key)))
+                sample_sub_captions(caption, self.sub_captions, random.Random(_seed("sub", self.seed, epoch, key)),
+                                    self.sub_caption_sentences)
                 for caption, key in zip(captions, batch["key"])
             ]
             tokens = self.tokenizer([text for sample in draws for text in sample])  # (B*K, L)
@@ -674,7 +676,8 @@ def build_train_loader(
                             f"({world_size} ranks x batch size {batch_size})")
     pipeline = _Pipeline(
         preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size, caption_key=cfg.caption_key,
-        max_image_pixels=cfg.max_image_pixels, sub_captions=cfg.sub_captions, sentences=cfg.sentences,
+        max_image_pixels=cfg.max_image_pixels, sub_captions=cfg.sub_captions,
+        sub_caption_sentences=cfg.sub_caption_sentences, sentences=cfg.sentences,
         seed=seed, max_bad_fraction=cfg.max_bad_fraction, bad_window=cfg.bad_window,
     )
     return TrainLoader(_TrainDataset(

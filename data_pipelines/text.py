@@ -101,8 +101,9 @@ def caption_sentences(caption: str) -> list[str]:
     return split_sentences(caption)
 
 
-def sample_sub_captions(caption: str, k: int, rng: random.Random) -> list[str]:
-    """`k` sub-captions of 1-3 sentences each, drawn from the sentences of `caption`.
+def sample_sub_captions(caption: str, k: int, rng: random.Random, max_sentences: int = 3) -> list[str]:
+    """`k` sub-captions of 1 to `max_sentences` (FLAIR: 3) sentences each, drawn from the
+    sentences of `caption`.
 
     Each draw is, with equal chance, a run of consecutive sentences or sentences picked at
     random (kept in reading order). Deterministic given `rng`'s state. A caption with no
@@ -111,7 +112,7 @@ def sample_sub_captions(caption: str, k: int, rng: random.Random) -> list[str]:
     sentences = caption_sentences(caption) or [caption.strip()]
     draws = []
     for _ in range(k):
-        count = rng.randint(1, min(3, len(sentences)))
+        count = rng.randint(1, min(max_sentences, len(sentences)))
         if rng.random() < 0.5:
             start = rng.randrange(len(sentences) - count + 1)
             picked = sentences[start:start + count]

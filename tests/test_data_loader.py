@@ -406,6 +406,8 @@ def test_sample_sub_captions():
     assert set(sample_sub_captions(json.dumps(["a cat", "on a mat"]), 20, random.Random(0))) <= {
         "a cat", "on a mat", "a cat on a mat"}
     assert sample_sub_captions("no boundary here", 2, random.Random(0)) == ["no boundary here"] * 2
+    singles = sample_sub_captions(caption, 30, random.Random(1), max_sentences=1)
+    assert set(singles) <= set(order) and len(set(singles)) > 1
 
 
 # --------------------------------------------------------------------------------------------
