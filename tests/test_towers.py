@@ -105,7 +105,7 @@ def test_frozen_hf_text_cache_gives_the_encoders_own_outputs():
     for ids in (first, second):
         want, got = plain(ids), cached(ids)
         for key in ("text_embed", "text_tokens"):
-            torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)  # pads: zero in both
         assert torch.equal(got["text_mask"], want["text_mask"])
     assert cached.cache_misses == 2 + 2 and cached.cache_hits == 1 + 2  # LRU: "a small nodule." goes
     assert len(cached._cache) == 3
@@ -119,3 +119,30 @@ def test_text_cache_without_freeze_is_refused():
     cls = TEXT_TOWERS.get("hf_text")
     with pytest.raises(ValueError, match="cache_size needs freeze"):
         cls.config_class(type="hf_text", path="minilm", cache_size=10)
+
+
+def test_hf_text_mlp_projection():
+    """proj: mlp is open_clip's HF-tower MLP head (Linear-GELU-Linear, no bias)."""
+    cls = TEXT_TOWERS.get("hf_text")
+    tower = cls(cls.config_class(type="hf_text", path="minilm", context_length=16, freeze=True, proj="mlp"), E)
+    assert [type(m).__name__ for m in tower.proj] == ["Linear", "GELU", "Linear"]
+    assert tower.proj[0].in_features == 384 and tower.proj[2].out_features == E
+    out = tower(tower.tokenizer()(["a small nodule.", "no pleural effusion."]))
+    assert out["text_embed"].shape == (2, E) and out["text_tokens"].shape == (2, 16, E)
+    assert not out["text_tokens"][~out["text_mask"]].any()  # padding stays zero through the bias-free MLP
+
+
+def test_hf_text_drops_all_padding_columns_without_changing_outputs():
+    """Columns that are padding in every row are cut before the encoder and padded back: the
+    real tokens' states equal a full-length pass."""
+    cls = TEXT_TOWERS.get("hf_text")
+    tower = cls(cls.config_class(type="hf_text", path="minilm", context_length=48), E).eval()
+    ids = tower.tokenizer()(["a small nodule in the left upper region.", "no pleural effusion."])
+    mask = ids != tower.pad_id
+    assert not mask[:, 20:].any()  # most of the 48 columns are padding
+    with torch.no_grad():
+        full = tower.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        out = tower(ids)
+    want = tower.proj(full.masked_fill(~mask[..., None], 0.0))
+    torch.testing.assert_close(out["text_tokens"], want, atol=1e-5, rtol=1e-5)
+    assert out["text_tokens"].shape == (2, 48, E)

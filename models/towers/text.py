@@ -7,6 +7,7 @@ from collections import OrderedDict
 from typing import Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -107,10 +108,13 @@ class HFTextConfig(TowerConfig):
     path: str = "minilm"
     context_length: int = Field(64, ge=4)
     pooling: Literal["mean", "cls"] = "mean"
+    # Projection to embed_dim, as open_clip's HF towers: "linear", or "mlp" (Linear-GELU-Linear,
+    # hidden (width + embed_dim) // 2) for more capacity on top of a frozen encoder.
+    proj: Literal["linear", "mlp"] = "linear"
     freeze: bool = False
     # With `freeze`, keep up to this many encoder outputs (one per distinct token-id row, LRU) so
     # a caption or sentence seen before is never re-encoded; 0 turns the cache off. Each entry
-    # holds the row's hidden states: context_length x hidden_size floats (49 KB for MiniLM at 32).
+    # holds the row's hidden states at its real tokens: n x hidden_size floats (MiniLM: 1.5 KB a token).
     cache_size: int = Field(0, ge=0)
     embed_dim: Optional[int] = None
 
@@ -165,7 +169,12 @@ class HFText(TextTower):
         self.model = AutoModel.from_pretrained(path, local_files_only=True)
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
         self.pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
-        self.proj = nn.Linear(hf_config.hidden_size, embed_dim, bias=False)
+        width = hf_config.hidden_size
+        if config.proj == "mlp":
+            hidden = (width + embed_dim) // 2
+            self.proj = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, embed_dim, bias=False))
+        else:
+            self.proj = nn.Linear(width, embed_dim, bias=False)
         self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.cache_hits = self.cache_misses = 0
         if config.freeze:
@@ -179,26 +188,36 @@ class HFText(TextTower):
         return self
 
     def _hidden(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=token_ids, attention_mask=mask.long()).last_hidden_state  # (B, L, H)
+        """(B, L, H) last hidden states, zero at padding (so cached and fresh outputs agree)."""
+        length = token_ids.shape[1]
+        used = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+        # The columns past the longest row are padding in every row: drop them before the encoder
+        # (attention never sees padding, so the real tokens' states are unchanged) and pad back.
+        hidden = self.model(input_ids=token_ids[:, :used], attention_mask=mask[:, :used].long()).last_hidden_state
+        hidden = hidden.masked_fill(~mask[:, :used].unsqueeze(-1), 0.0)
+        return F.pad(hidden, (0, 0, 0, length - used)) if used < length else hidden
 
     def _frozen_hidden(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The frozen encoder's (B, L, H) hidden states, each distinct row encoded at most once."""
+        """The frozen encoder's (B, L, H) hidden states, each distinct row encoded at most once.
+        A cache entry keeps only the row's real tokens (n, H)."""
         with torch.no_grad():
             if not self.config.cache_size:
                 return self._hidden(token_ids, mask)
             keys = [row.tobytes() for row in token_ids.cpu().numpy()]
-            missing = list(dict.fromkeys(k for k in keys if k not in self._cache))  # distinct, in order
+            first: dict[bytes, int] = {}
+            for index, key in enumerate(keys):
+                first.setdefault(key, index)
+            missing = [k for k in first if k not in self._cache]  # distinct, in order
             self.cache_misses += len(missing)
             self.cache_hits += len(keys) - len(missing)
             if missing:
-                first: dict[bytes, int] = {}
-                for index, key in enumerate(keys):
-                    first.setdefault(key, index)
                 rows = [first[k] for k in missing]
                 hidden = self._hidden(token_ids[rows], mask[rows])
-                for key, value in zip(missing, hidden):
-                    self._cache[key] = value
-            out = torch.stack([self._cache[k] for k in keys])
+                for key, row, value in zip(missing, rows, hidden):
+                    self._cache[key] = value[mask[row]].clone()
+            entries = [self._cache[k] for k in keys]
+            out = entries[0].new_zeros((*token_ids.shape, entries[0].shape[-1]))  # (B, L, H)
+            out[mask] = torch.cat(entries)
             for key in keys:
                 self._cache.move_to_end(key)
             while len(self._cache) > self.config.cache_size:
