@@ -36,6 +36,19 @@ def test_run_folder_contents(tmp_path, digits_dir):
     assert results["zeroshot_samples"] == 359  # every held-out digit scored once
     assert (run_dir / "plots" / "loss.png").stat().st_size > 1000
 
+    # A second fresh run into the same folder would take the first run's step_6 checkpoint for its
+    # own and append to its metrics: refused in one line, nothing touched; --overwrite replaces it.
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    again = run_vlp("train", config, check=False)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines()[-1].startswith(f"vlp: error: {run_dir} already holds a run")
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+    run_vlp("train", config, "train.steps=4", "--overwrite")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss/total" in r] == [1, 2, 3, 4]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert not (run_dir / "checkpoints" / "step_00000006").exists()
+
 
 @pytest.mark.parametrize("heads", [{"clip": {}}, {"meru": {"temperature_init": 0.07}}], ids=["clip", "meru"])
 def test_resume_ends_with_the_same_weights(tmp_path, digits_dir, heads):

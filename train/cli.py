@@ -27,8 +27,8 @@ def bad_input_types() -> tuple[type[BaseException], ...]:
     from train.export import ExportError
 
     # ValueError last: evaluator/source option checks raise it with a one-line message.
-    return (ConfigError, DataError, ExportError, UnsafeCheckpoint, FileNotFoundError, NotADirectoryError, KeyError,
-            ValueError)
+    return (ConfigError, DataError, ExportError, UnsafeCheckpoint, FileNotFoundError, FileExistsError,
+            NotADirectoryError, KeyError, ValueError)
 
 
 def parse_options(items: list[str]) -> dict:
@@ -51,6 +51,8 @@ def launch_local_ranks(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "train.cli", "train", args.config, *args.overrides]
     if args.resume:
         argv += ["--resume", args.resume]
+    if args.overwrite:
+        argv += ["--overwrite"]
     procs = []
     for rank in range(args.nproc):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc),
@@ -92,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch_local_ranks(args)
     from train.trainer import train
 
-    results = train(config, resume=args.resume)
+    results = train(config, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"run_dir": str(config.run_dir), **results}))
     return 0
@@ -109,7 +111,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides += [f"train.steps={args.steps}", f"train.warmup_steps={min(20, args.steps // 5)}"]
     config = load_config(REPO_CONFIGS / "demo.yaml", overrides)
     started = time.time()
-    results = train(config, resume=None)
+    results = train(config, resume=None, overwrite=True)  # the demo replaces its own earlier run
     rows = [("zero-shot top-1 (held-out digits)", results.get("zeroshot_top1")),
             ("zero-shot top-5", results.get("zeroshot_top5")),
             ("mean per-class recall", results.get("zeroshot_mean_per_class_recall")),
@@ -177,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     p.add_argument("--nproc", type=int, default=1, help="start N local ranks")
     p.add_argument("--resume", default=None, help="latest | PATH")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same run folder")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train and evaluate a small CLIP on digits, on CPU")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -28,6 +29,25 @@ from train.schedule import itstime, warmup_cosine
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite losses, too much bad data); exit code 1."""
+
+
+class RunExists(FileExistsError):
+    """A fresh run was pointed at a run folder that already holds another run's results."""
+
+
+def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool, is_main: bool) -> None:
+    """A fresh run never mixes with an earlier run in the same folder: its checkpoints would be
+    taken for this run's (a stale `step_N` at the final step) and its metrics appended to."""
+    earlier = [name for name in ("checkpoints", "metrics.jsonl", "results.json") if (run_dir / name).exists()]
+    if resume is not None or not earlier:
+        return
+    if not overwrite:
+        raise RunExists(f"{run_dir} already holds a run ({earlier[0]}): --resume latest continues it, "
+                        f"--overwrite replaces it, or pick another name=...")
+    if is_main:
+        import shutil
+
+        shutil.rmtree(run_dir)
 
 
 def seed_everything(seed: int) -> None:
@@ -160,11 +180,15 @@ def nonfinite_heads(logging: dict[str, Any]) -> list[str]:
     )
 
 
-def train(config: Any, resume: str | None = None) -> dict[str, Any]:
-    """Train one run to `config.train.steps`; returns the final evaluation results."""
+def train(config: Any, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train one run to `config.train.steps`; returns the final evaluation results.
+
+    `resume`: "latest" or a checkpoint path; `overwrite`: delete an earlier run in the same run
+    folder first (without it, a fresh run into a used folder is refused)."""
     preemption.install_handlers()  # first: a USR1 during set-up must not kill the job unsaved
-    env = init_distributed(config.train.dist_timeout_s)
     run_dir = config.run_dir
+    claim_run_dir(run_dir, resume, overwrite, int(os.environ.get("RANK", "0")) == 0)
+    env = init_distributed(config.train.dist_timeout_s)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
