@@ -351,3 +351,81 @@ def test_ct_evaluator_runs_on_a_tiny_semi_synthetic_split(tmp_path):
     assert 0.0 <= results["ct_pointing_chance"] <= 1.0 and results["ct_pointing_sentences"] > 0
     assert 0.0 <= results["ct_pointing_acc"] <= 1.0
     assert all(0.0 <= v <= 1.0 for k, v in results.items() if k.startswith("ct_auroc/"))
+
+
+# --------------------------------------------------------------------------------------------
+# ct_findings: the pooled volume against single report sentences
+# --------------------------------------------------------------------------------------------
+
+
+def test_ct_findings_positives_follow_the_reports_and_the_loss_is_siglips():
+    """Volume 0's report: "no cyst", "nodule"; volume 1's: "no cyst", "mass". "no cyst" of either
+    report is a positive of both volumes; "mass" is a negative of volume 0. The loss is the
+    plain multi-positive sigmoid sum over (volume, sentence) / B, and reaches both towers."""
+    from models.heads.ct_findings import CtFindingsConfig, CtFindingsHead
+
+    e = 8
+    basis = torch.eye(e)
+    no_cyst, nodule, mass = basis[0], basis[1], basis[2]
+    sentences = torch.stack([torch.stack([no_cyst, nodule]), torch.stack([no_cyst, mass])]).requires_grad_()
+    volumes = F.normalize(torch.randn(2, e), dim=-1).requires_grad_()
+    head = CtFindingsHead(CtFindingsConfig(), e)
+    mask = torch.tensor([[True, True], [True, True]])
+    out = head(HeadInputs(local={"image_normed": volumes, "sentence_embed": sentences}, gathered={},
+                          batch={"sentence_mask": mask}))
+    positive = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.float)  # rows: volumes; cols: v0s0 v0s1 v1s0 v1s1
+    flat = sentences.reshape(4, e)
+    logits = 10.0 * volumes @ flat.T - 10.0
+    want = -F.logsigmoid((positive * 2 - 1) * logits).sum() / 2
+    torch.testing.assert_close(out["loss"], want)
+    assert out["logging"]["positives_per_volume"] == 3
+    out["loss"].backward()
+    assert volumes.grad.abs().sum() > 0 and sentences.grad.abs().sum() > 0
+
+
+def test_ct_findings_ignores_padding_sentences():
+    from models.heads.ct_findings import CtFindingsConfig, CtFindingsHead
+
+    torch.manual_seed(0)
+    head = CtFindingsHead(CtFindingsConfig(), 8)
+    volumes = F.normalize(torch.randn(2, 8), dim=-1)
+    sentences = torch.randn(2, 3, 8)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    base = head(HeadInputs(local={"image_normed": volumes, "sentence_embed": sentences}, gathered={},
+                           batch={"sentence_mask": mask}))["loss"]
+    sentences[0, 2] = sentences[1, 1:] = 100.0  # padding rows may hold anything
+    again = head(HeadInputs(local={"image_normed": volumes, "sentence_embed": sentences}, gathered={},
+                            batch={"sentence_mask": mask}))["loss"]
+    torch.testing.assert_close(base, again)
+
+
+def _rank_findings(rank: int, world_size: int, volumes, sentences, mask):
+    from models.heads.ct_findings import CtFindingsConfig, CtFindingsHead
+
+    head = CtFindingsHead(CtFindingsConfig(init_logit_bias=-2.0), embed_dim=volumes.shape[-1])
+    per = volumes.shape[0] // world_size
+    part = slice(rank * per, (rank + 1) * per)
+    local_volumes = volumes[part].clone().requires_grad_(True)
+    local_sentences = sentences[part].clone().requires_grad_(True)
+    inputs = HeadInputs(local={"image_normed": F.normalize(local_volumes, dim=-1), "sentence_embed": local_sentences},
+                        gathered={}, batch={"sentence_mask": mask[part]}, rank=rank, world_size=world_size)
+    loss = head(inputs)["loss"]
+    loss.backward()
+    return loss.item(), local_volumes.grad.numpy(), local_sentences.grad.numpy()
+
+
+def test_ct_findings_two_gloo_ranks_equal_one_process():
+    """Other ranks' sentences are positives/negatives alike; the ranks' mean loss and averaged
+    gradients equal the single-process global batch's."""
+    torch.manual_seed(5)
+    volumes, sentences = torch.randn(4, 8), torch.randn(4, 3, 8)
+    sentences[2, 0] = sentences[0, 1]  # a sentence shared by reports on different ranks
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    single = _rank_findings(0, 1, volumes, sentences, mask)
+    results = run_ranks(_rank_findings, 2, volumes, sentences, mask)
+    assert sum(r[0] for r in results) / 2 == pytest.approx(single[0], rel=1e-5)
+    # Halved (DDP's mean over 2 ranks), each rank's local gradients are the global batch's.
+    torch.testing.assert_close(torch.from_numpy(np.concatenate([r[1] for r in results])) / 2,
+                               torch.from_numpy(single[1]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(np.concatenate([r[2] for r in results])) / 2,
+                               torch.from_numpy(single[2]), atol=1e-5, rtol=1e-4)
