@@ -207,3 +207,20 @@ def test_write_shards_failure_leaves_no_partial_shard(tmp_path):
         write_shards(samples(), tmp_path, "p", max_count=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p-000000.tar", "p-000001.tar", "sizes.json"]
     assert json.loads((tmp_path / "sizes.json").read_text()) == {"p-000000.tar": 2, "p-000001.tar": 2}
+
+
+def test_ensure_built_refuses_a_folder_built_with_other_options(tmp_path):
+    """A config's `build` writes a stamp of its source and options; another config pointing at
+    the same folder with other options gets a one-line error instead of the stale shards."""
+    import json as _json
+
+    from data_pipelines.errors import DataError
+    from train.data import STAMP, ensure_built
+
+    spec = str(tmp_path / "d" / "digits-train-000000.tar")
+    options = {"image_size": 8, "caption_style": "hierarchical", "generic_fraction": 0.15}
+    ensure_built(spec, "digits", str(tmp_path / "d"), options, is_main=True)
+    assert _json.loads((tmp_path / "d" / STAMP).read_text()) == {"source": "digits", "options": options}
+    ensure_built(spec, "digits", str(tmp_path / "d"), dict(options), is_main=True)  # same options: fine
+    with pytest.raises(DataError, match=r"built as digits with options .*generic_fraction.*0\.15.*remove"):
+        ensure_built(spec, "digits", str(tmp_path / "d"), {**options, "generic_fraction": 0.3}, is_main=True)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import fcntl
+import json
 from pathlib import Path
 
 from data_pipelines.config import DataConfig
+from data_pipelines.errors import DataError
 from data_pipelines.loader import is_local, local_path, expand_urls
 
 
@@ -13,10 +15,31 @@ def missing_shards(spec: str) -> list[str]:
     return [u for u in expand_urls(spec) if is_local(u) and not Path(local_path(u)).is_file()]
 
 
+STAMP = ".vlp-build.json"  # what a `build` wrote into its folder: source and options
+
+
+def _check_stamp(out: Path, build: str, options: dict) -> None:
+    """Shards built by an earlier config with other options must not pass for this config's."""
+    stamp = out / STAMP
+    if not stamp.is_file():
+        return
+    earlier = json.loads(stamp.read_text())
+    wanted = {"source": build, "options": options}
+    if earlier != json.loads(json.dumps(wanted, default=str)):
+        raise DataError(
+            f"{out} was built as {earlier['source']} with options {earlier['options']}, this config asks for "
+            f"{build} with {options}: remove {out} to rebuild it, or set data.build_dir to another folder"
+        )
+
+
 def ensure_built(spec: str, build: str | None, build_dir: str | None, options: dict, is_main: bool) -> None:
     """Build `build` into `build_dir` when shards named by `spec` are missing (rank 0 builds;
-    the caller barriers). Raises FileNotFoundError naming the first missing shard otherwise."""
+    the caller barriers). Raises FileNotFoundError naming the first missing shard otherwise, and
+    DataError when the folder was built by this pipeline with other source options."""
     missing = missing_shards(spec)
+    if build is not None:
+        out = Path(build_dir or Path(local_path(expand_urls(spec)[0])).parent)
+        _check_stamp(out, build, options)
     if not missing:
         return
     if build is None:
@@ -33,6 +56,7 @@ def ensure_built(spec: str, build: str | None, build_dir: str | None, options: d
         try:
             if missing_shards(spec):
                 build_source(build, out, **options)
+                (out / STAMP).write_text(json.dumps({"source": build, "options": options}, default=str) + "\n")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     still = missing_shards(spec)
