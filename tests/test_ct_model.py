@@ -371,8 +371,9 @@ def test_ct_findings_positives_follow_the_reports_and_the_loss_is_siglips():
     volumes = F.normalize(torch.randn(2, e), dim=-1).requires_grad_()
     head = CtFindingsHead(CtFindingsConfig(), e)
     mask = torch.tensor([[True, True], [True, True]])
+    ids = torch.tensor([[[5, 1], [5, 2]], [[5, 1], [5, 3]]])  # token ids: "no cyst" is the same row twice
     out = head(HeadInputs(local={"image_normed": volumes, "sentence_embed": sentences}, gathered={},
-                          batch={"sentence_mask": mask}))
+                          batch={"sentence_mask": mask, "sentences": ids}))
     positive = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.float)  # rows: volumes; cols: v0s0 v0s1 v1s0 v1s1
     flat = sentences.reshape(4, e)
     logits = 10.0 * volumes @ flat.T - 10.0
@@ -391,15 +392,17 @@ def test_ct_findings_ignores_padding_sentences():
     volumes = F.normalize(torch.randn(2, 8), dim=-1)
     sentences = torch.randn(2, 3, 8)
     mask = torch.tensor([[True, True, False], [True, False, False]])
+    ids = torch.arange(6).reshape(2, 3, 1)
     base = head(HeadInputs(local={"image_normed": volumes, "sentence_embed": sentences}, gathered={},
-                           batch={"sentence_mask": mask}))["loss"]
+                           batch={"sentence_mask": mask, "sentences": ids}))["loss"]
     sentences[0, 2] = sentences[1, 1:] = 100.0  # padding rows may hold anything
+    ids[0, 2] = ids[1, 1:] = ids[0, 0]
     again = head(HeadInputs(local={"image_normed": volumes, "sentence_embed": sentences}, gathered={},
-                            batch={"sentence_mask": mask}))["loss"]
+                            batch={"sentence_mask": mask, "sentences": ids}))["loss"]
     torch.testing.assert_close(base, again)
 
 
-def _rank_findings(rank: int, world_size: int, volumes, sentences, mask):
+def _rank_findings(rank: int, world_size: int, volumes, sentences, mask, ids):
     from models.heads.ct_findings import CtFindingsConfig, CtFindingsHead
 
     head = CtFindingsHead(CtFindingsConfig(init_logit_bias=-2.0), embed_dim=volumes.shape[-1])
@@ -408,7 +411,8 @@ def _rank_findings(rank: int, world_size: int, volumes, sentences, mask):
     local_volumes = volumes[part].clone().requires_grad_(True)
     local_sentences = sentences[part].clone().requires_grad_(True)
     inputs = HeadInputs(local={"image_normed": F.normalize(local_volumes, dim=-1), "sentence_embed": local_sentences},
-                        gathered={}, batch={"sentence_mask": mask[part]}, rank=rank, world_size=world_size)
+                        gathered={}, batch={"sentence_mask": mask[part], "sentences": ids[part]},
+                        rank=rank, world_size=world_size)
     loss = head(inputs)["loss"]
     loss.backward()
     return loss.item(), local_volumes.grad.numpy(), local_sentences.grad.numpy()
@@ -419,10 +423,11 @@ def test_ct_findings_two_gloo_ranks_equal_one_process():
     gradients equal the single-process global batch's."""
     torch.manual_seed(5)
     volumes, sentences = torch.randn(4, 8), torch.randn(4, 3, 8)
-    sentences[2, 0] = sentences[0, 1]  # a sentence shared by reports on different ranks
+    ids = torch.arange(12).reshape(4, 3, 1)
+    sentences[2, 0], ids[2, 0] = sentences[0, 1], ids[0, 1]  # a sentence shared by reports on different ranks
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
-    single = _rank_findings(0, 1, volumes, sentences, mask)
-    results = run_ranks(_rank_findings, 2, volumes, sentences, mask)
+    single = _rank_findings(0, 1, volumes, sentences, mask, ids)
+    results = run_ranks(_rank_findings, 2, volumes, sentences, mask, ids)
     assert sum(r[0] for r in results) / 2 == pytest.approx(single[0], rel=1e-5)
     # Halved (DDP's mean over 2 ranks), each rank's local gradients are the global batch's.
     torch.testing.assert_close(torch.from_numpy(np.concatenate([r[1] for r in results])) / 2,

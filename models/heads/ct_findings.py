@@ -6,8 +6,11 @@ only ever pairs the volume with its whole report, in which a present finding and
 ("No nodule is seen.") differ by a word among seventy. This head pairs the pooled volume with
 every report sentence of the global batch, negated and normal ones included, in a sigmoid loss
 (SigLIP's, multi-positive as FLAIR's): sentence j is a positive for volume i when volume i's
-report holds it (or a sentence with cosine >= `duplicate_threshold` to it, so "No cyst is
-seen." in five reports is a positive for all five), and a negative otherwise.
+report holds it (or the same sentence: "No cyst is seen." in five reports is a positive for
+all five), and a negative otherwise. "Same sentence"
+means the same token ids (batch["sentences"]), never a learned similarity: a threshold on the
+embeddings being trained feeds back (more positives pull the sentences together, which makes
+more positives) and collapsed every sentence onto one point in a first version.
 
 A finding a report leaves unmentioned is a negative for that volume even when true (the
 ct-lesions reports mention only some absent kinds); the loss still ranks "No cyst is seen."
@@ -28,25 +31,26 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from models.distributed import gather_with_grad
+from models.distributed import gather_no_grad, gather_with_grad
 from models.heads.base import HEADS, Head, HeadConfig, HeadInputs
 
 
 def findings_loss(
-    volumes: Tensor, sentences: Tensor, owners: Tensor, rank_offset: int, logit_scale: Tensor,
-    logit_bias: Tensor, duplicate_threshold: float,
+    volumes: Tensor, sentences: Tensor, token_ids: Tensor, owners: Tensor, rank_offset: int,
+    logit_scale: Tensor, logit_bias: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Multi-positive sigmoid loss of volumes against report sentences.
 
     volumes: (B, E) L2-normalised, this rank's; sentences: (M, E) L2-normalised, every rank's
-    real sentences; owners: (M,) global index of each sentence's volume; rank_offset: global
-    index of this rank's first volume. Returns (loss summed over rows / B, positives per row), fp32.
+    real sentences; token_ids: (M, L) their token ids (equal rows = the same sentence); owners:
+    (M,) global index of each sentence's volume; rank_offset: global index of this rank's first
+    volume. Returns (loss summed over rows / B, positives per row), fp32.
     """
     volumes, sentences = volumes.float(), sentences.float()
     logits = logit_scale * volumes @ sentences.T + logit_bias  # (B, M)
     with torch.no_grad():
         local = torch.arange(volumes.shape[0], device=volumes.device) + rank_offset
-        same_text = sentences @ sentences.T >= duplicate_threshold  # (M, M)
+        same_text = (token_ids.unsqueeze(1) == token_ids.unsqueeze(0)).all(-1)  # (M, M)
         own = owners.unsqueeze(0) == local.unsqueeze(1)  # (B, M): sentence m is in volume b's report
         positive = (own.float() @ same_text.float()) > 0  # (B, M): b's report holds a duplicate of m
     signs = positive.float() * 2 - 1
@@ -58,7 +62,6 @@ class CtFindingsConfig(HeadConfig):
     init_logit_scale: float = Field(math.log(10.0), description="log of the initial scale (SigLIP)")
     init_logit_bias: float = -10.0
     max_logit_scale: float = Field(100.0, gt=0)
-    duplicate_threshold: float = Field(0.98, gt=0, le=1, description="cosine at which two sentences count as the same")
 
 
 @HEADS.register("ct_findings")
@@ -77,8 +80,8 @@ class CtFindingsHead(Head):
         return {"logit_scale", "logit_bias"}
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
-        if "sentence_mask" not in inputs.batch:
-            raise ValueError("ct_findings needs batch['sentence_mask'] (set data.sentences > 0)")
+        if "sentence_mask" not in inputs.batch or "sentences" not in inputs.batch:
+            raise ValueError("ct_findings needs batch['sentences'] and batch['sentence_mask'] (set data.sentences > 0)")
         volumes = inputs.local["image_normed"]  # (B, E)
         sentences = F.normalize(inputs.local["sentence_embed"].float(), dim=-1)  # (B, S, E)
         batch, num = sentences.shape[:2]
@@ -86,12 +89,13 @@ class CtFindingsHead(Head):
         if tuple(mask.shape) != (batch, num):
             raise ValueError(f"ct_findings: sentence_mask {tuple(mask.shape)} does not match sentences {(batch, num)}")
         all_sentences = gather_with_grad(sentences)  # (N, S, E)
-        all_mask = gather_with_grad(mask.float()).bool()  # (N, S); no gradient flows through a mask
+        all_mask = gather_no_grad(mask.to(torch.uint8)).bool()  # (N, S)
+        all_ids = gather_no_grad(torch.as_tensor(inputs.batch["sentences"], device=volumes.device))  # (N, S, L)
         rows = all_mask.nonzero(as_tuple=False)  # (M, 2): (global volume, sentence)
         scale = self.logit_scale.float().clamp(max=math.log(self.config.max_logit_scale)).exp()
         loss, positives = findings_loss(
-            volumes, all_sentences[rows[:, 0], rows[:, 1]], rows[:, 0], inputs.rank * batch, scale,
-            self.logit_bias.float(), self.config.duplicate_threshold,
+            volumes, all_sentences[rows[:, 0], rows[:, 1]], all_ids[rows[:, 0], rows[:, 1]], rows[:, 0],
+            inputs.rank * batch, scale, self.logit_bias.float(),
         )
         return {"loss": loss, "logging": {"logit_scale": scale.detach()[0], "logit_bias": self.logit_bias.detach()[0],
                                           "positives_per_volume": positives}}
