@@ -376,7 +376,7 @@ def test_ct_findings_positives_follow_the_reports_and_the_loss_is_siglips():
                           batch={"sentence_mask": mask, "sentences": ids}))
     positive = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.float)  # rows: volumes; cols: v0s0 v0s1 v1s0 v1s1
     flat = sentences.reshape(4, e)
-    logits = 10.0 * volumes @ flat.T - 10.0
+    logits = 10.0 * volumes @ flat.T + CtFindingsConfig().init_logit_bias
     want = -F.logsigmoid((positive * 2 - 1) * logits).sum() / 2
     torch.testing.assert_close(out["loss"], want)
     assert out["logging"]["positives_per_volume"] == 3

@@ -60,7 +60,9 @@ def findings_loss(
 
 class CtFindingsConfig(HeadConfig):
     init_logit_scale: float = Field(math.log(10.0), description="log of the initial scale (SigLIP)")
-    init_logit_bias: float = -10.0
+    # SigLIP starts at -10 for one positive among 32k; a report shares its normal sentences with many
+    # others (about 25 positives among 144 sentences on ct-lesions), so start nearer that prior.
+    init_logit_bias: float = -2.0
     max_logit_scale: float = Field(100.0, gt=0)
 
 
