@@ -187,7 +187,9 @@ def train(config: Any, resume: str | None = None, overwrite: bool = False) -> di
     folder first (without it, a fresh run into a used folder is refused)."""
     preemption.install_handlers()  # first: a USR1 during set-up must not kill the job unsaved
     run_dir = config.run_dir
-    claim_run_dir(run_dir, resume, overwrite, int(os.environ.get("RANK", "0")) == 0)
+    # Before init_distributed, so every rank decides alike; the rank as launchers or srun set it.
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    claim_run_dir(run_dir, resume, overwrite, rank == 0)
     env = init_distributed(config.train.dist_timeout_s)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
