@@ -87,6 +87,10 @@ def build_engine(config: Any, model: torch.nn.Module) -> Any:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config)
     )
+    if engine.dp_world_size == 1 and config.deepspeed.zero_stage == 0:
+        # One data-parallel rank: nothing to all-reduce, but the engine would still flatten every
+        # gradient into a bucket and copy it back each step (about 5 of 120 ms on the demo model).
+        engine.enable_backward_allreduce = False
     if tr.compile:
         engine.compile()
     return engine
