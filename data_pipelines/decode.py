@@ -44,6 +44,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """
     with Image.open(io.BytesIO(data)) as image:
         check_pixels(image, max_pixels)
+        if image.mode == "RGB":  # convert() would copy: load the pixels and hand them over as they are
+            image.load()
+            return image
         return image.convert("RGB")
 
 

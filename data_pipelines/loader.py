@@ -363,24 +363,12 @@ class _Pipeline:
 
     def decode(self, sample: dict, rng_seed: int) -> dict:
         caption = self.caption(sample)
-        with _seeded(rng_seed):
-            if self.wants_sample:
-                try:
-                    image = self.preprocess(sample)
-                except Exception:  # noqa: BLE001 - any failure of a user preprocess is a bad sample
-                    raise _BadSample("bad_image") from None
-            else:
-                data = self.image_bytes(sample)
-                try:
-                    pil = decode_image(data, self.max_image_pixels)
-                except Image.DecompressionBombError:
-                    raise _BadSample("image_too_large") from None
-                except Exception:  # noqa: BLE001
-                    raise _BadSample("bad_image") from None
-                try:
-                    image = self.preprocess(pil)
-                except Exception:  # noqa: BLE001
-                    raise _BadSample("bad_image") from None
+        if getattr(self.preprocess, "wants_seed", False):
+            # It draws its augmentation from the seed it is handed: no global RNG to reseed.
+            image = self._image(sample, lambda pil: self.preprocess(pil, rng_seed))
+        else:
+            with _seeded(rng_seed):
+                image = self._image(sample, self.preprocess)
         label = -1
         if "cls" in sample:
             try:
@@ -396,10 +384,33 @@ class _Pipeline:
         return {"image": image, "caption": caption, "label": label, "key": sample["__key__"], "meta": meta,
                 "url": sample.get("__url__", "")}
 
+    def _image(self, sample: dict, preprocess: Callable) -> Any:
+        if self.wants_sample:
+            try:
+                return self.preprocess(sample)
+            except Exception:  # noqa: BLE001 - any failure of a user preprocess is a bad sample
+                raise _BadSample("bad_image") from None
+        data = self.image_bytes(sample)
+        try:
+            pil = decode_image(data, self.max_image_pixels)
+        except Image.DecompressionBombError:
+            raise _BadSample("image_too_large") from None
+        except Exception:  # noqa: BLE001
+            raise _BadSample("bad_image") from None
+        try:
+            return preprocess(pil)
+        except Exception:  # noqa: BLE001
+            raise _BadSample("bad_image") from None
+
+    def finish_images(self, images: Any) -> Any:
+        """The preprocess's batch step (e.g. normalising uint8 images in one op), if it has one."""
+        finish = getattr(self.preprocess, "finish_batch", None)
+        return finish(images) if finish is not None else images
+
     def collate(self, items: list[dict], bad: Counter, bad_shards: set[str], epoch: int) -> dict:
         captions = [item["caption"] for item in items]
         batch = {
-            "image": default_collate([item["image"] for item in items]),
+            "image": self.finish_images(default_collate([item["image"] for item in items])),
             "text": self.tokenizer(captions),
             "label": torch.tensor([item["label"] for item in items], dtype=torch.long),
             "key": [item["key"] for item in items],
@@ -653,7 +664,10 @@ def build_train_loader(
     `preprocess`: PIL.Image (RGB) -> Tensor of shape (C, H, W), or, when it has
     `wants_sample = True`, the raw sample dict -> tensor (extension -> bytes, e.g. "npy",
     "nii.gz", "txt", plus "__key__" and "__url__" strings); whatever it raises counts the sample
-    as "bad_image". Its outputs are stacked with torch's default_collate. `tokenizer`: list[str] ->
+    as "bad_image". With `wants_seed = True` it is called as `preprocess(image, seed)` and draws
+    its augmentation from that per-sample seed (otherwise torch, random and numpy are seeded around
+    the call). Its outputs are stacked with torch's default_collate, then passed through its
+    `finish_batch(images)` when it has one (e.g. uint8 -> normalised float, once per batch). `tokenizer`: list[str] ->
     LongTensor of shape (N, L). Both must be picklable when `cfg.workers > 0`.
     Raises DataError when a shard is missing or there are fewer samples than one global batch.
     """

@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from data_pipelines.image_transforms import ClipImageTransform
 from models.towers.base import IMAGE_TOWERS, ImageTower, TowerConfig, share_with_zero3
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -42,25 +43,6 @@ class OpenClipVitConfig(TowerConfig):
         )
 
 
-class _Preprocess:
-    """Picklable wrapper around open_clip's transform (built lazily inside each worker)."""
-
-    def __init__(self, image_size: int, train: bool, mean, std) -> None:
-        self.args = (image_size, train, tuple(mean), tuple(std))
-        self._fn = None
-
-    def __call__(self, image):
-        if self._fn is None:
-            from open_clip.transform import image_transform
-
-            size, train, mean, std = self.args
-            self._fn = image_transform(size, is_train=train, mean=mean, std=std)
-        return self._fn(image)
-
-    def __getstate__(self):
-        return {"args": self.args, "_fn": None}
-
-
 @IMAGE_TOWERS.register("open_clip_vit")
 class OpenClipVit(ImageTower):
     config_class = OpenClipVitConfig
@@ -81,7 +63,7 @@ class OpenClipVit(ImageTower):
 
     def preprocess(self, train: bool):
         c = self.config
-        return _Preprocess(c.image_size, train, c.mean, c.std)
+        return ClipImageTransform(c.image_size, train, c.mean, c.std)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
@@ -137,7 +119,7 @@ class TimmTower(ImageTower):
 
     def preprocess(self, train: bool):
         c = self.config
-        return _Preprocess(c.image_size, train, c.mean, c.std)
+        return ClipImageTransform(c.image_size, train, c.mean, c.std)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
