@@ -6,6 +6,7 @@ Writes JPEG shards to a temp folder, then measures samples/s of
   * loader: `build_train_loader` with workers=1 and workers=2 (per-worker rate = rate / workers),
     timed in steady state (from the first batch on: worker start-up is reported separately).
 Prints ONE JSON line. ratio = per-worker loader rate (workers=1) / plain rate; target >= 0.9.
+vlp_transform_ratio: the same loader with vlp's own transform (what `vlp train` uses) / plain.
 cpu_ratio = plain CPU ms per sample / worker CPU ms per sample: the same comparison measured in
 CPU time, which a machine shared with other jobs distorts far less than wall time.
 
@@ -30,6 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipelines.config import DataConfig  # noqa: E402
+from data_pipelines.image_transforms import ClipImageTransform  # noqa: E402
 from data_pipelines.loader import build_train_loader  # noqa: E402
 from data_pipelines.shards import write_shards  # noqa: E402
 
@@ -120,6 +122,7 @@ def main() -> None:
 
     torch.set_num_threads(1)  # DataLoader workers run with one thread; the plain loop does too
     preprocess = open_clip.image_transform(224, is_train=False)
+    fast = ClipImageTransform(224, train=False, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
     tokenizer = Tokenizer()
     samples = make_samples(args.samples, args.image_size)
     with tempfile.TemporaryDirectory() as folder:
@@ -135,6 +138,11 @@ def main() -> None:
                 result = loader_rate(urls, workers, preprocess, tokenizer, args.batch_size, args.shuffle_buffer)
                 if workers not in runs or result["samples_per_s"] > runs[workers]["samples_per_s"]:
                     runs[workers] = result
+            # The same shards through vlp's own transform (data_pipelines.image_transforms: the
+            # same PIL resampling, normalised once per batch), as `vlp train` runs them.
+            result = loader_rate(urls, 1, fast, tokenizer, args.batch_size, args.shuffle_buffer)
+            if "vlp" not in runs or result["samples_per_s"] > runs["vlp"]["samples_per_s"]:
+                runs["vlp"] = result
     per_worker_1 = runs[1]["samples_per_s"]
     per_worker_2 = runs[2]["samples_per_s"] / 2
     print(json.dumps({
@@ -144,7 +152,10 @@ def main() -> None:
         "loader_workers2_samples_per_s": round(runs[2]["samples_per_s"], 1),
         "loader_workers2_per_worker_samples_per_s": round(per_worker_2, 1),
         "ratio_workers2_per_worker": round(per_worker_2 / plain, 3),
-        "startup_s": {str(w): round(r["startup_s"], 2) for w, r in runs.items()},
+        "vlp_transform_samples_per_s": round(runs["vlp"]["samples_per_s"], 1),
+        "vlp_transform_ratio": round(runs["vlp"]["samples_per_s"] / plain, 3),
+        "vlp_transform_worker_cpu_ms_per_sample": round(runs["vlp"]["worker_cpu_ms_per_sample"], 3),
+        "startup_s": {str(w): round(r["startup_s"], 2) for w, r in runs.items() if w != "vlp"},
         # Load-independent view: CPU per sample in a worker vs in the plain loop (start-up included
         # for the workers), and what the main process spends receiving batches.
         "plain_cpu_ms_per_sample": round(plain_cpu, 3),

@@ -5,7 +5,7 @@ batch 64, AdamW) one after another in fresh processes on the same shards, with t
 count, and report steady-state samples/s (the first log window, which holds start-up, is
 dropped). Prints one JSON line; `--png` also draws the comparison.
 
-    python benchmarks/throughput.py [--steps 80] [--threads 2] [--png docs/img/throughput.png]
+    python benchmarks/throughput.py [--steps 80] [--threads 2] [--repeats 2] [--workers N] [--png docs/img/throughput.png]
 """
 
 from __future__ import annotations
@@ -132,8 +132,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--png", default=None)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of the three runs")
+    parser.add_argument("--workers", type=int, default=None, help="data workers for vlp and open_clip "
+                        "(default: the demo config's)")
     args = parser.parse_args()
     tree = demo_tree()
+    if args.workers is not None:
+        tree["data"]["workers"] = args.workers
     os.chdir(ROOT)
     urls = ensure_shards(tree)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
@@ -141,14 +146,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         started = time.time()
-        vlp = run_vlp(tree, args.steps, log_every, env, work)
-        oc = run_open_clip(tree, str(ROOT / urls), args.steps, log_every, env, work)
-        bare = run_bare(tree, args.steps, env, work)
+        vlp, oc, bare = [], [], []
+        # Interleaved rounds: on a machine whose speed drifts (CPU steal), each contender sees
+        # the same conditions; the medians are over every round's log windows.
+        for round_index in range(args.repeats):
+            round_dir = work / f"round{round_index}"
+            round_dir.mkdir()
+            vlp += run_vlp(tree, args.steps, log_every, env, round_dir)
+            oc += run_open_clip(tree, str(ROOT / urls), args.steps, log_every, env, round_dir)
+            bare += run_bare(tree, args.steps, env, round_dir)
     result = {
         "benchmark": "throughput",
         "model": "open_clip ViT 4x128 @32px + text 3x128, embed 128, batch 64, fp32, CPU",
         "threads": args.threads,
         "steps": args.steps,
+        "repeats": args.repeats,
+        "workers": tree["data"].get("workers", 2),
         "vlp_samples_per_s": round(statistics.median(vlp), 2),
         "open_clip_samples_per_s": round(statistics.median(oc), 2),
         "bare_loop_samples_per_s": round(statistics.median(bare), 2),
