@@ -55,6 +55,16 @@ def test_tower_shapes_and_mean_pool_matches_monai_vit():
     torch.testing.assert_close(out["image_embed"], tower.proj(hidden.mean(1)))
 
 
+def test_max_pool_is_the_elementwise_max_of_monai_hidden_states():
+    torch.manual_seed(0)
+    tower = small_tower(pool="max").eval()
+    volumes = torch.randn(3, 1, 16, 16, 8)
+    hidden, _ = tower.vit(volumes)  # (B, P, W)
+    pooled = tower(volumes)["image_embed"]
+    torch.testing.assert_close(pooled, tower.proj(hidden.amax(1)))
+    assert not torch.allclose(pooled, tower.proj(hidden.mean(1)))
+
+
 def test_cls_pool_and_separate_token_projection():
     tower = small_tower(pool="cls", token_proj="separate")
     out = tower(torch.randn(2, 1, 16, 16, 8))

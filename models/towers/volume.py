@@ -34,7 +34,9 @@ class MonaiViT3DConfig(TowerConfig):
     num_heads: int = Field(12, ge=1)
     dropout_rate: float = Field(0.0, ge=0, lt=1)
     qkv_bias: bool = False
-    pool: Literal["mean", "cls"] = "mean"
+    # The global embedding: mean of the patch tokens, a learned CLS token, or the element-wise
+    # max over patches (a finding that fills 1 of 64 patches is 1/64 of a mean, all of a max).
+    pool: Literal["mean", "cls", "max"] = "mean"
     # "shared": patch tokens go through the pooled embedding's projection (open_clip's
     # convention; with mean pooling the global embedding is then the mean of the token
     # embeddings); "separate": a projection of their own for the token-level heads.
@@ -110,7 +112,10 @@ class MonaiViT3D(ImageTower):
             x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
         x = self.vit.norm(x)
         tokens = x[:, prefix:]
-        pooled = x[:, 0] if prefix else tokens.mean(dim=1)
+        if prefix:
+            pooled = x[:, 0]
+        else:
+            pooled = tokens.amax(dim=1) if self.config.pool == "max" else tokens.mean(dim=1)
         return pooled, tokens
 
     def forward(self, volumes: torch.Tensor) -> dict[str, torch.Tensor]:
