@@ -40,6 +40,10 @@ class DataConfig(_Strict):
     shuffle_buffer: int = Field(1000, ge=0)
     workers: int = Field(2, ge=0)
     caption_key: str = "txt"
+    # A second, more generic caption per sample (e.g. "parent.txt": "a digit" for "a handwritten
+    # 7") -> batch["parent_text"] (B, 1, L); the meru head's `parent_weight` puts each sample's
+    # image and caption inside its parent's entailment cone.
+    parent_caption_key: Optional[str] = None
     # Loader-side sampling of K sub-captions from a long caption (fine-grained heads).
     sub_captions: int = Field(0, ge=0)
     sub_caption_sentences: int = Field(3, ge=1, description="most sentences per sub-caption (FLAIR: 3)")

@@ -319,6 +319,7 @@ class _Pipeline:
     tokenizer: Callable[[list[str]], torch.Tensor]
     batch_size: int
     caption_key: str = "txt"
+    parent_caption_key: Optional[str] = None
     max_image_pixels: int = 89_478_485
     sub_captions: int = 0
     sub_caption_sentences: int = 3
@@ -331,8 +332,8 @@ class _Pipeline:
     def wants_sample(self) -> bool:
         return bool(getattr(self.preprocess, "wants_sample", False))
 
-    def caption(self, sample: dict) -> str:
-        data = sample.get(self.caption_key)
+    def caption(self, sample: dict, key: Optional[str] = None) -> str:
+        data = sample.get(key or self.caption_key)
         if data is None:
             raise _BadSample("missing_field")
         try:
@@ -353,6 +354,8 @@ class _Pipeline:
         """The cheap checks used while skipping batches on resume (no image decode)."""
         try:
             self.caption(sample)
+            if self.parent_caption_key:
+                self.caption(sample, self.parent_caption_key)
             if not self.wants_sample:
                 peek_image(self.image_bytes(sample), self.max_image_pixels)
         except _BadSample:
@@ -363,6 +366,7 @@ class _Pipeline:
 
     def decode(self, sample: dict, rng_seed: int) -> dict:
         caption = self.caption(sample)
+        parent = self.caption(sample, self.parent_caption_key) if self.parent_caption_key else None
         if getattr(self.preprocess, "wants_seed", False):
             # It draws its augmentation from the seed it is handed: no global RNG to reseed.
             image = self._image(sample, lambda pil: self.preprocess(pil, rng_seed))
@@ -382,7 +386,7 @@ class _Pipeline:
             except ValueError:
                 meta = {}
         return {"image": image, "caption": caption, "label": label, "key": sample["__key__"], "meta": meta,
-                "url": sample.get("__url__", "")}
+                "url": sample.get("__url__", ""), "parent": parent}
 
     def _image(self, sample: dict, preprocess: Callable) -> Any:
         if self.wants_sample:
@@ -419,6 +423,9 @@ class _Pipeline:
             "bad": {reason: bad.get(reason, 0) for reason in BAD_REASONS},
             "bad_shards": sorted(bad_shards),
         }
+        if self.parent_caption_key:
+            batch["parent_caption"] = [item["parent"] for item in items]
+            batch["parent_text"] = self.tokenizer(batch["parent_caption"])[:, None]  # (B, 1, L)
         if self.sub_captions:
             draws = [
                 sample_sub_captions(caption, self.sub_captions, random.Random(_seed("sub", self.seed, epoch, key)),
@@ -690,7 +697,7 @@ def build_train_loader(
                             f"({world_size} ranks x batch size {batch_size})")
     pipeline = _Pipeline(
         preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size, caption_key=cfg.caption_key,
-        max_image_pixels=cfg.max_image_pixels, sub_captions=cfg.sub_captions,
+        parent_caption_key=cfg.parent_caption_key, max_image_pixels=cfg.max_image_pixels, sub_captions=cfg.sub_captions,
         sub_caption_sentences=cfg.sub_caption_sentences, sentences=cfg.sentences,
         seed=seed, max_bad_fraction=cfg.max_bad_fraction, bad_window=cfg.bad_window,
     )

@@ -13,7 +13,7 @@ from models.towers import IMAGE_TOWERS, TEXT_TOWERS
 
 
 # Extra text groups a head can ask for in `needs`: encoded key -> batch key of (B, K, L) token ids.
-EXTRA_TEXT = {"sub_text_embed": "sub_text", "sentence_embed": "sentences"}
+EXTRA_TEXT = {"sub_text_embed": "sub_text", "sentence_embed": "sentences", "parent_text_embed": "parent_text"}
 
 
 class VLPModel(nn.Module):

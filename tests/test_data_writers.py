@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_pipelines.errors import DataError
@@ -180,6 +181,36 @@ def test_digits_hierarchical_and_deterministic(tmp_path):
     generic = sum(s["txt"].decode() in GENERIC_CAPTIONS for s in first.values())
     assert 0.28 < generic / len(first) < 0.39
     assert Image.open(io.BytesIO(next(iter(first.values()))["png"])).mode == "L"
+
+
+def test_digits_parent_captions_keep_the_plain_captions_and_reach_the_batch(tmp_path):
+    """caption_style=parent: the specific captions are exactly the plain build's, each sample also
+    carries a generic parent caption, and the loader hands it over as batch["parent_text"]."""
+    from data_pipelines.config import DataConfig
+    from data_pipelines.loader import build_train_loader
+    from models.towers.text import OpenClipTokenizer
+
+    build("digits", tmp_path / "plain", image_size=8, seed=3)
+    build("digits", tmp_path / "parent", image_size=8, seed=3, caption_style="parent")
+    plain, parent = read_dir(tmp_path / "plain"), read_dir(tmp_path / "parent")
+    assert {k: s["txt"] for k, s in plain.items()} == {k: s["txt"] for k, s in parent.items()}
+    parents = [s["parent.txt"].decode() for s in parent.values()]
+    assert set(parents) == set(GENERIC_CAPTIONS) and "parent.txt" not in next(iter(plain.values()))
+
+    cfg = DataConfig(train=[{"urls": str(tmp_path / "parent" / "digits-train-{000000..000002}.tar")}],
+                     workers=0, parent_caption_key="parent.txt")
+    loader = build_train_loader(cfg, preprocess=lambda image: torch.zeros(1), tokenizer=OpenClipTokenizer(12),
+                                batch_size=16, rank=0, world_size=1, seed=0)
+    batch = next(loader.iterate(0))
+    assert batch["parent_text"].shape == (16, 1, 12)
+    assert all(json.loads(json.dumps(m))["parent_caption"] == p for m, p in zip(batch["meta"], batch["parent_caption"]))
+    assert torch.equal(batch["parent_text"][:, 0], OpenClipTokenizer(12)(batch["parent_caption"]))
+    # A shard without the key: every sample is bad for lack of the field, named as such.
+    cfg = DataConfig(train=[{"urls": str(tmp_path / "plain" / "digits-train-{000000..000002}.tar")}],
+                     workers=0, parent_caption_key="parent.txt", max_bad_fraction=0.5, bad_window=20)
+    with pytest.raises(DataError, match="missing_field"):
+        next(build_train_loader(cfg, preprocess=lambda image: torch.zeros(1), tokenizer=OpenClipTokenizer(12),
+                                batch_size=16, rank=0, world_size=1, seed=0).iterate(0))
 
 
 def test_split_test_keeps_duplicates_on_one_side():

@@ -90,6 +90,28 @@ def test_forward_backward_and_scalars():
     torch.testing.assert_close(logged["logit_scale"], torch.tensor(1 / 0.07))
 
 
+def test_parent_entailment_term_against_the_reference():
+    """parent_weight adds 0.5 (E(parent, image) + E(parent, text)) and leaves the rest alone."""
+    image, text = features(6, seed=3)
+    parent = 0.3 * torch.randn(6, EMBED, generator=torch.Generator().manual_seed(4))
+    base = make_head()(inputs_for(image, text))
+    head = make_head(parent_weight=0.5)
+    assert "parent_text_embed" in head.needs and "parent_text_embed" not in MeruHead.needs
+    parent_in = parent.clone().requires_grad_()
+    inputs = inputs_for(image, text)
+    inputs.local["parent_text_embed"] = parent_in[:, None]  # (B, 1, E), as the model encodes it
+    out = head(inputs)
+    scale, curv = EMBED**-0.5, 1.0
+    lifted = {name: ref_lift(t, scale, curv) for name, t in (("image", image), ("text", text), ("parent", parent))}
+    expected = 0.5 * (ref_entailment(lifted["parent"], lifted["image"], curv, 0.1)
+                      + ref_entailment(lifted["parent"], lifted["text"], curv, 0.1))
+    torch.testing.assert_close(out["logging"]["parent_entailment_loss"].double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["loss"].double(), base["loss"].double() + 0.5 * expected, rtol=1e-4, atol=1e-6)
+    assert expected > 0  # the case is not trivially inside every cone
+    out["loss"].backward()
+    assert parent_in.grad is not None and parent_in.grad.abs().sum() > 0
+
+
 def test_scalars_are_clamped_in_forward():
     head = make_head(curv_init=2.0)
     with torch.no_grad():
@@ -273,6 +295,8 @@ def test_configs_load():
         assert {ev.type for ev in config.evals} == {"zeroshot", "hierarchy"}
     with pytest.raises(ValueError, match=r"model\.heads\.meru\.curv_int: unknown key"):
         load_config("configs/meru_demo.yaml", ["model.heads.meru.curv_int=2.0"])
+    with pytest.raises(ValueError, match=r"model\.heads\.meru needs data\.parent_caption_key set"):
+        load_config("configs/meru_demo.yaml", ["model.heads.meru.parent_weight=0.1"])
 
 
 def test_hierarchy_evaluator(tmp_path):

@@ -160,13 +160,16 @@ def experiment_class() -> type[BaseModel]:
         def _heads_have_their_data(self):
             from models.dual_encoder import EXTRA_TEXT
 
-            wanted = {key for name in self.model.heads_dict() for key in HEADS.get(name).needs}
-            sizes = {"sub_text": ("data.sub_captions", self.data.sub_captions), "sentences": ("data.sentences", self.data.sentences)}
+            heads = self.model.heads_dict()
+            needs = {name: HEADS.get(name).needs_for(cfg) for name, cfg in heads.items()}
+            sizes = {"sub_text": ("data.sub_captions", self.data.sub_captions, "> 0"),
+                     "sentences": ("data.sentences", self.data.sentences, "> 0"),
+                     "parent_text": ("data.parent_caption_key", self.data.parent_caption_key, "set")}
             for embed_key, batch_key in EXTRA_TEXT.items():
-                field, value = sizes[batch_key]
-                if embed_key in wanted and value == 0:
-                    users = [n for n in self.model.heads_dict() if embed_key in HEADS.get(n).needs]
-                    raise ValueError(f"model.heads.{users[0]} needs {field} > 0 (it reads batch['{batch_key}'])")
+                field, value, wanted = sizes[batch_key]
+                users = [name for name in heads if embed_key in needs[name]]
+                if users and not value:
+                    raise ValueError(f"model.heads.{users[0]} needs {field} {wanted} (it reads batch['{batch_key}'])")
             return self
 
         @property

@@ -61,12 +61,14 @@ def build(
     mode: Literal["RGB", "L"] = "RGB",
     seed: int = 0,
     test_fraction: float = 0.2,
-    caption_style: Literal["plain", "hierarchical"] = "plain",
+    caption_style: Literal["plain", "hierarchical", "parent"] = "plain",
     generic_fraction: float = GENERIC_FRACTION,
     shard_size: int = 500,
 ) -> dict:
     """Options: image_size (px), resize (nearest|bilinear), mode (RGB|L), seed, test_fraction,
-    caption_style (plain|hierarchical: a `generic_fraction` of captions are generic), shard_size."""
+    caption_style (plain; hierarchical: a `generic_fraction` of captions are generic instead of
+    specific; parent: every sample keeps its plain caption and gets a generic one as `parent.txt`,
+    for `data.parent_caption_key`), shard_size."""
     from sklearn.datasets import load_digits
 
     if arg:
@@ -75,8 +77,8 @@ def build(
         raise DataError(f"digits: resize must be 'nearest' or 'bilinear', got {resize!r}")
     if mode not in ("RGB", "L"):
         raise DataError(f"digits: mode must be 'RGB' or 'L', got {mode!r}")
-    if caption_style not in ("plain", "hierarchical"):
-        raise DataError(f"digits: caption_style must be 'plain' or 'hierarchical', got {caption_style!r}")
+    if caption_style not in ("plain", "hierarchical", "parent"):
+        raise DataError(f"digits: caption_style must be 'plain', 'hierarchical' or 'parent', got {caption_style!r}")
     if not 0 <= generic_fraction < 1:
         raise DataError(f"digits: generic_fraction must be in [0, 1), got {generic_fraction}")
     if not 0 < test_fraction < 1:
@@ -88,6 +90,8 @@ def build(
     test = split_test(images, labels, test_fraction, seed)
 
     rng = random.Random(seed)
+    # Parent captions come from an RNG of their own, so the specific captions are the plain build's.
+    parent_rng = random.Random(seed + 1) if caption_style == "parent" else None
     resample = Image.NEAREST if resize == "nearest" else Image.BILINEAR
     out_dir = Path(out_dir)
     summary: dict[str, Any] = {"source": "digits", "counts": {}, "shards": {}}
@@ -95,7 +99,7 @@ def build(
         indices = [i for i in range(len(labels)) if test[i] == (split == "test")]
         samples = (
             _sample(i, images[i], int(labels[i]), split, image_size, resample, mode,
-                    caption_style, generic_fraction, rng)
+                    caption_style, generic_fraction, rng, parent_rng)
             for i in indices
         )
         paths = write_shards(progress(samples, total=len(indices), desc=f"digits {split}", unit="img"),
@@ -146,7 +150,8 @@ def split_test(images: np.ndarray, labels: np.ndarray, test_fraction: float, see
     return test
 
 
-def _sample(index, pixels, label, split, image_size, resample, mode, caption_style, generic_fraction, rng) -> dict:
+def _sample(index, pixels, label, split, image_size, resample, mode, caption_style, generic_fraction, rng,
+            parent_rng=None) -> dict:
     image = Image.fromarray(pixels, mode="L").resize((image_size, image_size), resample)
     if mode == "RGB":
         image = image.convert("RGB")
@@ -158,4 +163,7 @@ def _sample(index, pixels, label, split, image_size, resample, mode, caption_sty
         caption = rng.choice(CAPTION_TEMPLATES).format(n=label, w=DIGIT_CLASSNAMES[label])
     meta = {"label": label, "class_name": DIGIT_CLASSNAMES[label], "split": split, "source_index": index,
             "caption": caption}
-    return {"__key__": f"{index:06d}", "png": buffer.getvalue(), "txt": caption, "cls": label, "json": meta}
+    sample = {"__key__": f"{index:06d}", "png": buffer.getvalue(), "txt": caption, "cls": label, "json": meta}
+    if parent_rng is not None:
+        sample["parent.txt"] = meta["parent_caption"] = parent_rng.choice(GENERIC_CAPTIONS)
+    return sample

@@ -61,6 +61,12 @@ class Head(nn.Module):
         super().__init__()
         self.config = config
         self.embed_dim = embed_dim
+        self.needs = self.needs_for(config)
+
+    @classmethod
+    def needs_for(cls, config: HeadConfig) -> tuple[str, ...]:
+        """What a head with this config reads (config validation asks before building the model)."""
+        return cls.needs
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError

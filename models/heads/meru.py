@@ -43,6 +43,11 @@ class MeruConfig(HeadConfig):
     max_logit_scale: float = Field(100.0, gt=0)
     entail_weight: float = Field(0.2, ge=0, description="lambda of the entailment term (0.2 in MERU)")
     min_radius: float = Field(0.1, gt=0, description="K of the entailment cone half aperture")
+    # Weight of the parent-caption entailment (needs data.parent_caption_key): each sample's
+    # generic parent caption ("a digit") must entail both its image and its specific caption, as
+    # HyCoCLIP's inter- and intra-modal terms (Pal et al. 2024). The parents take no part in the
+    # contrastive term, so generic captions never stand in for a class caption there. 0: off.
+    parent_weight: float = Field(0.0, ge=0)
     # Logged as meru/curv_bound_steps; a warning is printed once when c has sat at a bound for
     # this many consecutive training steps (0: never warn). See docs/meru.md.
     curv_bound_warn_steps: int = Field(1000, ge=0)
@@ -156,6 +161,10 @@ class MeruHead(Head):
     needs = ("image_embed", "text_embed")
     gathered_keys = ("image_embed", "text_embed")
 
+    @classmethod
+    def needs_for(cls, config: MeruConfig) -> tuple[str, ...]:
+        return cls.needs + (("parent_text_embed",) if config.parent_weight > 0 else ())
+
     def __init__(self, config: MeruConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)
         self.config: MeruConfig = config
@@ -213,6 +222,12 @@ class MeruHead(Head):
         )
         entailment = entailment_loss(text, image, curv, self.config.min_radius)
         loss = contrastive + self.config.entail_weight * entailment
+        parent = None
+        if self.config.parent_weight > 0:
+            parent = self.lift_text(inputs.local["parent_text_embed"][:, 0])  # (B, E)
+            parent_entailment = 0.5 * (entailment_loss(parent, image, curv, self.config.min_radius)
+                                       + entailment_loss(parent, text, curv, self.config.min_radius))
+            loss = loss + self.config.parent_weight * parent_entailment
 
         at_bound = self._track_bound()
         with torch.no_grad():
@@ -229,6 +244,9 @@ class MeruHead(Head):
                 "text_radius": L.origin_dist(text, curv).mean(),
                 "image_radius": L.origin_dist(image, curv).mean(),
             }
+            if parent is not None:
+                logging_out["parent_entailment_loss"] = parent_entailment
+                logging_out["parent_radius"] = L.origin_dist(parent, curv).mean()
         return {"loss": loss, "logging": logging_out}
 
     @torch.no_grad()
