@@ -59,7 +59,13 @@ def make_shims(bin_dir: Path, log: Path) -> None:
     """Fakes that log their argv (one JSON line each) and, for launchers, exec the command."""
     record = f"open({str(log)!r}, 'a').write(json.dumps({{'prog': os.path.basename(sys.argv[0]), 'argv': sys.argv[1:], " \
              f"'env': {{k: v for k, v in os.environ.items() if k.startswith(('VLP_TEST_', 'RANK', 'MASTER_'))}}}}) + '\\n')"
-    write_shim(bin_dir, "vlp", record)
+    # vlp: `vlp deepspeed ...` is the launcher (it starts the command after --no_local_rank).
+    write_shim(
+        bin_dir,
+        "vlp",
+        record + "\nif 'deepspeed' in sys.argv[1:3] and '--no_local_rank' in sys.argv:\n    args = sys.argv[sys.argv.index('--no_local_rank') + 1:]\n"
+        "    os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1')\n    os.execvp(args[0], args)",
+    )
     write_shim(bin_dir, "module", record)
     write_shim(bin_dir, "scontrol", record + "\nprint('node01')")
     # srun: drop leading options, then run the task like a one-task step would.
@@ -70,13 +76,8 @@ def make_shims(bin_dir: Path, log: Path) -> None:
         "os.environ.update(SLURM_PROCID='0', SLURM_LOCALID='0', SLURM_NTASKS='1', SLURM_NODEID='0')\n"
         "os.execvp(args[0], args)",
     )
-    # deepspeed: everything after --no_local_rank is the command it would start per rank.
-    write_shim(
-        bin_dir,
-        "deepspeed",
-        record + "\nargs = sys.argv[sys.argv.index('--no_local_rank') + 1:]\n"
-        "os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1')\nos.execvp(args[0], args)",
-    )
+    # A `deepspeed` on PATH must not be what the job runs (an unactivated venv has none).
+    write_shim(bin_dir, "deepspeed", "sys.exit('the job ran deepspeed from PATH')")
 
 
 def render(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -282,13 +283,29 @@ def test_deepspeed_launcher(tmp_path, capsys, monkeypatch, sentinel):
     assert code == 0
     assert "#SBATCH --ntasks-per-node=1\n" in script and "#SBATCH --gpus-per-node=8\n" in script
     calls = run_script(script, tmp_path)
-    deepspeed = [call for call in calls if call["prog"] == "deepspeed"][0]["argv"]
+    launcher, trainer = vlp_calls(calls)
+    assert launcher["argv"][0] == "deepspeed"  # `vlp deepspeed`: DeepSpeed's runner in vlp's interpreter
+    deepspeed = launcher["argv"][1:]
     hostfile = Path(deepspeed[deepspeed.index("--hostfile") + 1])
     assert hostfile.read_text() == "node01 slots=8\n"
     for flag, value in [("--node_rank", "0"), ("--master_addr", "node01"), ("--master_port", str(10000 + 1234))]:
         assert deepspeed[deepspeed.index(flag) + 1] == value
     assert "--no_ssh" in deepspeed and "--no_python" in deepspeed
-    assert vlp_calls(calls)[0]["argv"] == ["train", str(config), override, "--resume", "latest"]
+    assert deepspeed[deepspeed.index("--no_local_rank") + 1:] == ["vlp", "train", str(config), override, "--resume", "latest"]
+    assert trainer["argv"] == ["train", str(config), override, "--resume", "latest"]
+
+
+def test_deepspeed_launcher_with_a_multi_word_command(tmp_path, capsys, monkeypatch):
+    """A profile command of several words (`python -m train.cli`) starts the launcher and every
+    rank with all of its words."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "cfg", tmp_path / "runs")
+    profile = write_profile(tmp_path, {"command": ["vlp", "--flag with space"]})
+    code, script, _ = render([str(config), "--profile", str(profile), "--launcher", "deepspeed"], capsys)
+    assert code == 0
+    launcher, trainer = vlp_calls(run_script(script, tmp_path))
+    assert launcher["argv"][:2] == ["--flag with space", "deepspeed"]
+    assert trainer["argv"] == ["--flag with space", "train", str(config), "--resume", "latest"]
 
 
 def test_cpu_tasks_and_gpu_task_count(tmp_path, capsys, monkeypatch):

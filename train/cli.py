@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True)
     p.set_defaults(func=cmd_export)
 
+    sub.add_parser("deepspeed", add_help=False,
+                   help="DeepSpeed's launcher in vlp's interpreter: vlp deepspeed [deepspeed args] (used by Slurm jobs)")
+
     for module_name in PLUGIN_COMMANDS:
         try:
             module = importlib.import_module(module_name)
@@ -221,7 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_deepspeed(argv: list[str]) -> int:
+    """DeepSpeed's multi-node launcher (`deepspeed ARGS`) run by this interpreter, so jobs need
+    no `deepspeed` script on PATH (`vlp submit --launcher deepspeed` jobs call this)."""
+    from deepspeed.launcher.runner import main as deepspeed_main
+
+    return int(deepspeed_main(argv) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["deepspeed"]:
+        # Every argument goes to DeepSpeed's own parser (argparse's REMAINDER would stop at the
+        # first option-like word); listed in `vlp --help` by the stub parser below.
+        return cmd_deepspeed(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -303,11 +303,14 @@ _SRUN_TASK = (
     "bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec \"$@\"' vlp-task"
 )
 # One task per node runs the deepspeed launcher; it must survive SIGUSR1 (the trainer processes it
-# starts install their own handler), and it forwards SIGTERM to them itself.
+# starts install their own handler), and it forwards SIGTERM to them itself. The launcher is
+# `vlp deepspeed` (DeepSpeed's runner in vlp's own interpreter), not a `deepspeed` looked up on
+# PATH, which a job started from an unactivated venv or a container does not have: "$2" is the
+# number of words of the profile's command, so "${@:3:$2}" is that command and "${@:3}" the entry.
 _DEEPSPEED_TASK = (
-    "bash -c 'trap \"\" USR1; exec deepspeed --hostfile \"$1\" --no_ssh --node_rank \"$SLURM_NODEID\""
-    " --master_addr \"$MASTER_ADDR\" --master_port \"$MASTER_PORT\" --no_python --no_local_rank \"${@:2}\"'"
-    " vlp-node \"$HOSTFILE\""
+    "bash -c 'trap \"\" USR1; exec \"${@:3:$2}\" deepspeed --hostfile \"$1\" --no_ssh --node_rank \"$SLURM_NODEID\""
+    " --master_addr \"$MASTER_ADDR\" --master_port \"$MASTER_PORT\" --no_python --no_local_rank \"${@:3}\"'"
+    " vlp-node \"$HOSTFILE\" {words}"
 )
 
 
@@ -326,7 +329,8 @@ def _launch(job: Job) -> tuple[list[str], str]:
         'HOSTFILE="$RUN_DIR/slurm/hostfile.$SLURM_JOB_ID"',
         f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\\$/ slots={job.slots_per_node}/" >"$HOSTFILE"',
     ]
-    return setup, f"{srun_words} --ntasks-per-node=1 \\\n    {_DEEPSPEED_TASK} \\\n    {entry}"
+    task = _DEEPSPEED_TASK.replace("{words}", str(len(job.profile.command)))
+    return setup, f"{srun_words} --ntasks-per-node=1 \\\n    {task} \\\n    {entry}"
 
 
 def render(job: Job, template: Path = TEMPLATE) -> str:
