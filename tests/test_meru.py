@@ -296,7 +296,7 @@ def test_configs_load():
     with pytest.raises(ValueError, match=r"model\.heads\.meru\.curv_int: unknown key"):
         load_config("configs/meru_demo.yaml", ["model.heads.meru.curv_int=2.0"])
     with pytest.raises(ValueError, match=r"model\.heads\.meru needs data\.parent_caption_key set"):
-        load_config("configs/meru_demo.yaml", ["model.heads.meru.parent_weight=0.1"])
+        load_config("configs/meru_demo.yaml", ["data.parent_caption_key=null"])
 
 
 def test_hierarchy_evaluator(tmp_path):
@@ -354,3 +354,21 @@ def test_tiled_contrastive_equals_dense_in_loss_and_gradients():
     torch.testing.assert_close(tiled, dense)
     for a, b in zip(tiled_grads, dense_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_model_encodes_parent_captions_once_for_the_head():
+    """configs/meru_demo.yaml reads batch["parent_text"] (B, 1, L) through the text tower; the
+    parent term reaches the loss and the text tower's gradients."""
+    model, config = tiny_meru_model()
+    model.train()
+    assert "parent_text_embed" in model.objective.needs and config.data.parent_caption_key == "parent.txt"
+    tokenizer = model.text.tokenizer()
+    batch = {"image": torch.randn(4, 3, 32, 32), "text": tokenizer([f"a handwritten {i}" for i in range(4)]),
+             "parent_text": tokenizer(["a digit", "a number", "a digit", "a handwritten number"])[:, None]}
+    out = model(batch)
+    logged = out["logging"]
+    assert torch.isfinite(out["loss"]) and logged["meru/parent_entailment_loss"] >= 0
+    expected = logged["meru/contrastive_loss"] + 0.1 * logged["meru/entailment_loss"] + 0.1 * logged["meru/parent_entailment_loss"]
+    torch.testing.assert_close(logged["loss/meru"], expected)
+    out["loss"].backward()
+    assert model.text.model.token_embedding.weight.grad is not None
