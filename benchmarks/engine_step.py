@@ -4,7 +4,7 @@ No data loading: both arms run the demo model (configs/demo.yaml) on one fixed i
 one process, and time forward, backward and optimizer step separately (median ms over the steps
 after a warm-up). `throughput.py` measures the whole pipeline; this isolates the engine's share.
 
-    python benchmarks/engine_step.py --steps 40
+    python benchmarks/engine_step.py --steps 40 [train.compile=true | train.channels_last=true ...]
 """
 
 from __future__ import annotations
@@ -59,8 +59,12 @@ def time_steps(forward, backward, step, steps: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value for the engine arm's config, e.g. "
+                        "train.compile=true or train.channels_last=true (the bare arm stays eager)")
     args = parser.parse_args()
     config = load_config(tree=yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()))
+    engine_config = load_config(tree=yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()),
+                                overrides=args.overrides)
     tr, b = config.train, config.train.batch_size
     batch = {"image": torch.randn(b, 3, config.model.image.image_size, config.model.image.image_size),
              "text": torch.randint(1, 49000, (b, config.model.text.context_length))}
@@ -81,17 +85,18 @@ def main() -> None:
     bare = time_steps(lambda: model(batch)["loss"], bare_backward, bare_step, args.steps)
 
     torch.manual_seed(0)
-    engine = build_engine(config, VLPModel(config.model))
+    engine = build_engine(engine_config, VLPModel(engine_config.model))
 
 
     def engine_step() -> None:  # the trainer's own step: its clip (fp32, ZeRO 0), then DeepSpeed's step
-        clip_gradients(engine, config)
+        clip_gradients(engine, engine_config)
         engine.step()
 
     eng = time_steps(lambda: engine(batch)["loss"], engine.backward, engine_step, args.steps)
 
     print(json.dumps({"benchmark": "engine_step", "model": "configs/demo.yaml, batch 64, fp32, CPU",
-                      "threads": torch.get_num_threads(), "steps": args.steps, "bare": bare, "engine": eng,
+                      "threads": torch.get_num_threads(), "steps": args.steps, "engine_overrides": args.overrides,
+                      "bare": bare, "engine": eng,
                       "engine_over_bare": round(eng["total_ms"] / bare["total_ms"], 3)}))
 
 

@@ -56,6 +56,12 @@ def test_bad_values_name_the_key_path(override, message):
         load_config(DEMO, [override])
 
 
+def test_channels_last_is_refused_under_zero():
+    load_config(DEMO, ["train.channels_last=true"])  # ZeRO 0: fine
+    with pytest.raises(ConfigError, match=r"train\.channels_last needs deepspeed\.zero_stage 0 \(got 2\)"):
+        load_config(DEMO, ["train.channels_last=true", "deepspeed.zero_stage=2"])
+
+
 def test_head_that_needs_sub_captions_refuses_a_config_without_them():
     with pytest.raises(ConfigError, match=r"model\.heads\.flair needs data\.sub_captions > 0"):
         load_config(ROOT / "configs" / "flair_shapes.yaml", ["data.sub_captions=0"])

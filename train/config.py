@@ -57,7 +57,11 @@ class TrainConfig(_Strict):
     # torch's fused AdamW kernel: ~6x faster optimizer steps on CPU than the foreach one
     # (benchmarks/throughput.py); turn off for optimizers DeepSpeed must see as plain.
     fused_adamw: bool = True
+    # torch.compile each tower (the FLOPs), not the loss heads: inductor in torch 2.14 drops the
+    # gradient of the loss when a head also returns a detached copy of it for logging.
     compile: bool = False
+    # Tower parameters and image batches in channels_last (pays for conv towers); ZeRO 0 only,
+    # since ZeRO 1-3 keep parameters as views of flat buffers.
     channels_last: bool = False
     dist_timeout_s: float = Field(600, gt=0)
 
@@ -155,6 +159,13 @@ def experiment_class() -> type[BaseModel]:
             if not _NAME.match(value) or ".." in value:
                 raise ValueError(f"{value!r} must be letters, digits, '_', '.', '-' (it names the run folder)")
             return value
+
+        @model_validator(mode="after")
+        def _channels_last_without_zero(self):
+            if self.train.channels_last and self.deepspeed.zero_stage > 0:
+                raise ValueError(f"train.channels_last needs deepspeed.zero_stage 0 (got {self.deepspeed.zero_stage}): "
+                                 "ZeRO keeps parameters as views of flat buffers")
+            return self
 
         @model_validator(mode="after")
         def _heads_have_their_data(self):

@@ -100,17 +100,22 @@ def build_engine(config: Any, model: torch.nn.Module) -> Any:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, tr.steps, tr.warmup_steps, tr.min_lr_ratio)
     )
-    if tr.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config)
     )
+    if tr.channels_last:
+        # After initialize: DeepSpeed's parameter broadcast views each parameter as bytes, which
+        # needs contiguous memory. `.to` swaps each parameter's data in place, so the optimizer
+        # keeps the same tensors (config validation allows this at ZeRO 0 only).
+        model.to(memory_format=torch.channels_last)
     if engine.dp_world_size == 1 and config.deepspeed.zero_stage == 0:
         # One data-parallel rank: nothing to all-reduce, but the engine would still flatten every
         # gradient into a bucket and copy it back each step (about 5 of 120 ms on the demo model).
         engine.enable_backward_allreduce = False
     if tr.compile:
-        engine.compile()
+        # The towers in place (parameter names and checkpoints unchanged); see TrainConfig.compile.
+        model.image.compile()
+        model.text.compile()
     return engine
 
 
