@@ -116,7 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ("zero-shot top-5", results.get("zeroshot_top5")),
             ("mean per-class recall", results.get("zeroshot_mean_per_class_recall")),
             ("training steps", config.train.steps),
-            ("wall time (s)", round(time.time() - started, 1)),
+            ("wall time (s)", f"{time.time() - started:.0f}"),
             ("run folder", str(config.run_dir))]
     width = max(len(name) for name, _ in rows)
     print("\nvlp demo: CLIP on scikit-learn's real digits, trained on CPU")
