@@ -369,7 +369,7 @@ class _Pipeline:
         parent = self.caption(sample, self.parent_caption_key) if self.parent_caption_key else None
         if getattr(self.preprocess, "wants_seed", False):
             # It draws its augmentation from the seed it is handed: no global RNG to reseed.
-            image = self._image(sample, lambda pil: self.preprocess(pil, rng_seed))
+            image = self._image(sample, lambda image_or_sample: self.preprocess(image_or_sample, rng_seed))
         else:
             with _seeded(rng_seed):
                 image = self._image(sample, self.preprocess)
@@ -391,7 +391,7 @@ class _Pipeline:
     def _image(self, sample: dict, preprocess: Callable) -> Any:
         if self.wants_sample:
             try:
-                return self.preprocess(sample)
+                return preprocess(sample)
             except Exception:  # noqa: BLE001 - any failure of a user preprocess is a bad sample
                 raise _BadSample("bad_image") from None
         data = self.image_bytes(sample)
