@@ -25,7 +25,6 @@ for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_AD
 os.environ.setdefault("MASTER_PORT", "29541")
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from models.dual_encoder import VLPModel  # noqa: E402
 from train.config import load_config  # noqa: E402
@@ -62,9 +61,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for the engine arm's config, e.g. "
                         "train.compile=true or train.channels_last=true (the bare arm stays eager)")
     args = parser.parse_args()
-    config = load_config(tree=yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()))
-    engine_config = load_config(tree=yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()),
-                                overrides=args.overrides)
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    engine_config = load_config(ROOT / "configs" / "demo.yaml", args.overrides)
     tr, b = config.train, config.train.batch_size
     batch = {"image": torch.randn(b, 3, config.model.image.image_size, config.model.image.image_size),
              "text": torch.randint(1, 49000, (b, config.model.text.context_length))}
