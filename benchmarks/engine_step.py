@@ -26,9 +26,9 @@ os.environ.setdefault("MASTER_PORT", "29541")
 
 import torch  # noqa: E402
 
-from models.dual_encoder import VLPModel  # noqa: E402
-from train.config import load_config  # noqa: E402
-from train.trainer import build_engine, clip_gradients  # noqa: E402
+from vlp.models.dual_encoder import VLPModel  # noqa: E402
+from vlp.train.config import load_config  # noqa: E402
+from vlp.train.trainer import build_engine, clip_gradients  # noqa: E402
 
 WARMUP = 5
 

@@ -40,9 +40,9 @@ def clip_flops_per_sample(batch: int, embed: int = 512) -> float:
 
 
 def run(mode_compile: bool, batch: int, steps: int, peak: float) -> dict:
-    from train.config import load_config
-    from train.distributed import init_distributed
-    from train.trainer import build_engine, build_model
+    from vlp.train.config import load_config
+    from vlp.train.distributed import init_distributed
+    from vlp.train.trainer import build_engine, build_model
 
     init_distributed()
     config = load_config(ROOT / "configs" / "clip_vit_b16.yaml",

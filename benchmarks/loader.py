@@ -30,10 +30,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipelines.config import DataConfig  # noqa: E402
-from data_pipelines.image_transforms import ClipImageTransform  # noqa: E402
-from data_pipelines.loader import build_train_loader  # noqa: E402
-from data_pipelines.shards import write_shards  # noqa: E402
+from vlp.data_pipelines.config import DataConfig  # noqa: E402
+from vlp.data_pipelines.image_transforms import ClipImageTransform  # noqa: E402
+from vlp.data_pipelines.loader import build_train_loader  # noqa: E402
+from vlp.data_pipelines.shards import write_shards  # noqa: E402
 
 
 class Tokenizer:

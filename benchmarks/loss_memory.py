@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -56,7 +55,7 @@ def run_case(impl: str, num: int, dim: int, threads: int, reps: int, tile_size: 
     sys.path.insert(0, str(ROOT))
     from open_clip.loss import ClipLoss
 
-    from models.heads.clip import clip_loss
+    from vlp.models.heads.clip import clip_loss
 
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)

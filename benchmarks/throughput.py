@@ -33,8 +33,8 @@ def demo_tree() -> dict:
 
 
 def ensure_shards(tree: dict) -> str:
-    from train.data import ensure_train_data
-    from data_pipelines.config import DataConfig
+    from vlp.data_pipelines.config import DataConfig
+    from vlp.train.data import ensure_train_data
 
     ensure_train_data(DataConfig.model_validate(tree["data"]), is_main=True)
     return tree["data"]["train"][0]["urls"]
@@ -45,7 +45,7 @@ def run_vlp(tree: dict, steps: int, log_every: int, env: dict, workdir: Path) ->
     tree["train"] = dict(tree["train"], steps=steps, log_every=log_every, checkpoint_every=0, warmup_steps=5)
     config = workdir / "vlp.yaml"
     config.write_text(yaml.safe_dump(tree))
-    subprocess.run([sys.executable, "-m", "train.cli", "train", str(config)], cwd=ROOT, env=env, check=True,
+    subprocess.run([sys.executable, "-m", "vlp.train.cli", "train", str(config)], cwd=ROOT, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = [json.loads(l) for l in (workdir / "runs" / "throughput" / "metrics.jsonl").read_text().splitlines()]
     # Skip the last window too: it can be shorter than log_every.
@@ -100,8 +100,8 @@ def run_bare(tree: dict, steps: int, env: dict, workdir: Path) -> list[float]:
     code = f"""
 import json, sys, time, torch
 sys.path.insert(0, {str(ROOT)!r})
-from train.config import load_config
-from models.dual_encoder import VLPModel
+from vlp.train.config import load_config
+from vlp.models.dual_encoder import VLPModel
 tree = json.loads(sys.argv[1])
 config = load_config(tree=tree)
 torch.manual_seed(0)

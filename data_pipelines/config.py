@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+from vlp.core.config import Strict
 
 
 def refuse_shell_urls(spec: str, where: str = "", hint: str = "set data.allow_pipe_urls: true to allow them") -> str:
@@ -19,7 +17,7 @@ def refuse_shell_urls(spec: str, where: str = "", hint: str = "set data.allow_pi
     return spec
 
 
-class SourceConfig(_Strict):
+class SourceConfig(Strict):
     """One shard source. `urls` is a webdataset shard spec: brace ranges
     (`shards/{000000..000099}.tar`) and several specs joined with `::`."""
 
@@ -27,7 +25,7 @@ class SourceConfig(_Strict):
     weight: float = Field(1.0, gt=0)
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     train: list[SourceConfig] = Field(min_length=1)
     # Offline dataset to build into `build_dir` when the shards named in `train` are absent
     # (`vlp shards build NAME --out build_dir`): "digits", "shapes", "ct-lesions", ...

@@ -31,8 +31,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from data_pipelines.errors import DataError
-from data_pipelines.text import split_report_sections, split_sentences
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.text import split_report_sections, split_sentences
 
 DEFAULT_HU_WINDOW = (-1000.0, 1000.0)
 
@@ -520,7 +520,7 @@ def batch_sentence_normal(batch: dict[str, Any], max_sentences: int) -> torch.Te
     captions = batch.get("caption")
     if captions is None:
         return torch.zeros(len(batch.get("sentence_mask", [])), max_sentences, dtype=torch.bool)
-    from data_pipelines.text import caption_sentences
+    from vlp.data_pipelines.text import caption_sentences
 
     flags = torch.zeros(len(captions), max_sentences, dtype=torch.bool)
     for b, caption in enumerate(captions):

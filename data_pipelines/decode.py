@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_pipelines.errors import DataError
+from vlp.data_pipelines.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # Shard member extensions the loader takes as the image, in order of preference.

@@ -57,10 +57,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
-from data_pipelines.config import DataConfig
-from data_pipelines.decode import IMAGE_EXTENSIONS, allow_pixels, decode_image, peek_image
-from data_pipelines.errors import DataError
-from data_pipelines.text import caption_sentences, sample_sub_captions
+from vlp.data_pipelines.config import DataConfig
+from vlp.data_pipelines.decode import (
+    IMAGE_EXTENSIONS,
+    allow_pixels,
+    decode_image,
+    peek_image,
+)
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.text import caption_sentences, sample_sub_captions
 
 __all__ = [
     "BAD_REASONS", "BadSampleMonitor", "EvalLoader", "TrainLoader", "build_eval_loader", "build_train_loader",

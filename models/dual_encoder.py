@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from models.objective import Objective
-from models.towers import IMAGE_TOWERS, TEXT_TOWERS
-
+from vlp.models.objective import Objective
+from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
 
 # Extra text groups a head can ask for in `needs`: encoded key -> batch key of (B, K, L) token ids.
 EXTRA_TEXT = {"sub_text_embed": "sub_text", "sentence_embed": "sentences", "parent_text_embed": "parent_text"}

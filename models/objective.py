@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.distributed import gather_with_grad, world
-from models.heads.base import HEADS, HeadConfig, HeadInputs
+from vlp.core.collectives import gather_with_grad, world
+from vlp.models.heads.base import HEADS, HeadConfig, HeadInputs
 
 # Derived features the objective can build from the encoder outputs on demand.
 _NORMED = {"image_normed": "image_embed", "text_normed": "text_embed"}

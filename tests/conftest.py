@@ -32,7 +32,7 @@ def read_tar(path) -> dict:
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     """The real digits, built once per test session with the project's own source."""
-    from data_pipelines.sources import build
+    from vlp.data_pipelines.sources import build
 
     out = tmp_path_factory.mktemp("digits")
     build("digits", out, shard_size=400)
@@ -72,7 +72,7 @@ def run_vlp(*args, timeout=600, env=None, check=True) -> subprocess.CompletedPro
 
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run(
-        [sys.executable, "-m", "train.cli", *map(str, args)],
+        [sys.executable, "-m", "vlp.train.cli", *map(str, args)],
         cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
     if check and proc.returncode != 0:

@@ -6,14 +6,13 @@ VLP_FAULT_EXIT_RANK=1, VLP_FAULT_EXIT_CALL=3   that rank dies (os._exit) on that
 
 import os
 import sys
-
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from models.heads.clip import ClipHead  # noqa: E402
+from vlp.models.heads.clip import ClipHead  # noqa: E402
 
 calls = {"n": 0}
 nan_calls = {int(c) for c in os.environ.get("VLP_FAULT_NAN_CALLS", "").split(",") if c}
@@ -35,6 +34,6 @@ def faulty_forward(self, inputs):
 ClipHead.forward = faulty_forward
 
 if __name__ == "__main__":
-    from train.cli import main
+    from vlp.train.cli import main
 
     sys.exit(main(sys.argv[1:]))

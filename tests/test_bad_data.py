@@ -4,18 +4,17 @@ the shards, a shard that vanishes mid-epoch is survived, and random corruption n
 import io
 import json
 import os
-import tarfile
 
 import pytest
 import torch
 import yaml
+from conftest import run_vlp, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import run_vlp, tiny_config
-from data_pipelines.errors import DataError
-from data_pipelines.shards import write_shards
 from test_data_loader import _bad_shards, png, train_loader, write
+
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.shards import write_shards
 
 
 def _with_train_urls(config, urls, **data):
@@ -98,8 +97,9 @@ def test_corrupted_shard_bytes_never_crash_the_loader(tmp_path_factory, data):
             assert torch.isfinite(batch["image"]).all()
     except DataError as error:
         assert str(error).strip()
-    from data_pipelines.loader import build_eval_loader
     from test_data_loader import ByteTokenizer, to_tensor
+
+    from vlp.data_pipelines.loader import build_eval_loader
 
     try:
         for batch in build_eval_loader(str(shard), preprocess=to_tensor, tokenizer=ByteTokenizer(), batch_size=4):
@@ -111,9 +111,9 @@ def test_corrupted_shard_bytes_never_crash_the_loader(tmp_path_factory, data):
 def test_ct_volumes_with_nan_voxels_or_wrong_dimensions_are_skipped_and_counted(tmp_path):
     """The volume transform refuses them; the loader counts each as bad_image and goes on."""
     import numpy as np
-
-    from data_pipelines.ct import VolumePreprocess
     from test_data_loader import ByteTokenizer
+
+    from vlp.data_pipelines.ct import VolumePreprocess
 
     def npy(array):
         buffer = io.BytesIO()
@@ -132,7 +132,7 @@ def test_ct_volumes_with_nan_voxels_or_wrong_dimensions_are_skipped_and_counted(
     write_shards(samples, tmp_path, "ct")
     preprocess = VolumePreprocess(train=False, spacing=None, roi=(8, 8, 8))
     config_urls = str(tmp_path / "ct-000000.tar")
-    from data_pipelines.loader import build_eval_loader
+    from vlp.data_pipelines.loader import build_eval_loader
 
     batches = list(build_eval_loader(config_urls, preprocess=preprocess, tokenizer=ByteTokenizer(), batch_size=4))
     keys = [k for b in batches for k in b["key"]]

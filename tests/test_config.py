@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.config import ConfigError, dump_config, load_config
+from vlp.train.config import ConfigError, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

@@ -20,7 +20,7 @@ import pydicom.data
 import pytest
 import torch
 
-from data_pipelines.ct import (
+from vlp.data_pipelines.ct import (
     HUInfo,
     Volume,
     VolumeError,
@@ -35,8 +35,12 @@ from data_pipelines.ct import (
     to_hu,
     volume_to_npy,
 )
-from data_pipelines.sources import build
-from data_pipelines.sources.ct import CT_RATE_ABNORMALITIES, atlas_path, location_words
+from vlp.data_pipelines.sources import build
+from vlp.data_pipelines.sources.ct import (
+    CT_RATE_ABNORMALITIES,
+    atlas_path,
+    location_words,
+)
 
 RADMATCH_CHEST = "radmatch/assets/fewshot/chest-ct/reports_gt/example_1.txt"
 

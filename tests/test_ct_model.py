@@ -5,16 +5,14 @@ ct_contrastive head against open_clip, and the CT evaluator's AUROC and pointing
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist_utils import run_ranks
-from models.heads.base import HeadInputs
-from models.heads.ct_align import (
+
+from vlp.models.heads.base import HeadInputs
+from vlp.models.heads.ct_align import (
     CtAlignConfig,
     CtAlignHead,
     alignment_loss,
@@ -23,15 +21,15 @@ from models.heads.ct_align import (
     selection_weights,
     sentence_regions,
 )
-from models.heads.ct_contrastive import CtContrastiveConfig, CtContrastiveHead
-from models.heads.masked_volume import (
+from vlp.models.heads.ct_contrastive import CtContrastiveConfig, CtContrastiveHead
+from vlp.models.heads.masked_volume import (
     MaskedVolumeConfig,
     MaskedVolumeHead,
     patchify,
     random_patch_mask,
     reconstruction_loss,
 )
-from models.towers.volume import MonaiViT3D, MonaiViT3DConfig
+from vlp.models.towers.volume import MonaiViT3D, MonaiViT3DConfig
 
 
 def small_tower(**overrides) -> MonaiViT3D:
@@ -325,7 +323,7 @@ def test_ct_contrastive_equals_open_clip_loss():
 def test_auroc_per_class_skips_single_label_classes():
     from sklearn.metrics import roc_auc_score
 
-    from train.evals.ct import auroc_per_class
+    from vlp.train.evals.ct import auroc_per_class
 
     probabilities = np.array([[0.9, 0.1], [0.2, 0.3], [0.7, 0.8]])
     labels = np.array([[1, 0], [0, 0], [1, 0]])
@@ -336,9 +334,9 @@ def test_auroc_per_class_skips_single_label_classes():
 def test_ct_evaluator_runs_on_a_tiny_semi_synthetic_split(tmp_path):
     from types import SimpleNamespace
 
-    from data_pipelines.sources import build
-    from train.evals.base import EvalContext
-    from train.evals.ct import CtEvalConfig, evaluate_ct
+    from vlp.data_pipelines.sources import build
+    from vlp.train.evals.base import EvalContext
+    from vlp.train.evals.ct import CtEvalConfig, evaluate_ct
 
     build("ct-lesions", tmp_path, train_size=1, test_size=8, size=16, spacing=8.0, seed=1)
     tower = small_tower(roi=(16, 16, 16), patch_size=(8, 8, 8), spacing=None, hu_window=(-200.0, 400.0))

@@ -18,11 +18,20 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.config import DataConfig
-from data_pipelines.errors import DataError
-from data_pipelines.loader import BadSampleMonitor, build_eval_loader, build_train_loader, check_urls
-from data_pipelines.shards import write_shards
-from data_pipelines.text import sample_sub_captions, split_report_sections, split_sentences
+from vlp.data_pipelines.config import DataConfig
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.loader import (
+    BadSampleMonitor,
+    build_eval_loader,
+    build_train_loader,
+    check_urls,
+)
+from vlp.data_pipelines.shards import write_shards
+from vlp.data_pipelines.text import (
+    sample_sub_captions,
+    split_report_sections,
+    split_sentences,
+)
 
 TEXT_LEN = 96
 
@@ -445,7 +454,7 @@ def test_uneven_shards_on_real_ranks_step_together(tmp_path):
 @pytest.mark.parametrize("fmt,suffix", [(tarfile.USTAR_FORMAT, "tar"), (tarfile.GNU_FORMAT, "tar"),
                                         (tarfile.PAX_FORMAT, "tar"), (tarfile.PAX_FORMAT, "tar.gz")])
 def test_tar_reader_matches_tarfile(tmp_path, fmt, suffix):
-    from data_pipelines.loader import _read_shard
+    from vlp.data_pipelines.loader import _read_shard
 
     names = ["a.txt", "a.png", "deep/" * 24 + "b.txt", "deep/" * 24 + "b.png", "x" * 120 + ".txt",
              "caf\u00e9.txt", "big.bin"]

@@ -10,12 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import read_tar
 from PIL import Image
 
-from data_pipelines.errors import DataError
-from data_pipelines.sources import SOURCES, build
-from data_pipelines.sources.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, GENERIC_CAPTIONS, split_test
-from conftest import read_tar
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.sources import SOURCES, build
+from vlp.data_pipelines.sources.digits import (
+    DIGIT_CLASSNAMES,
+    DIGIT_TEMPLATES,
+    GENERIC_CAPTIONS,
+    split_test,
+)
 
 
 def read_dir(out: Path, pattern: str = "*.tar") -> dict[str, dict[str, bytes]]:
@@ -186,9 +191,9 @@ def test_digits_hierarchical_and_deterministic(tmp_path):
 def test_digits_parent_captions_keep_the_plain_captions_and_reach_the_batch(tmp_path):
     """caption_style=parent: the specific captions are exactly the plain build's, each sample also
     carries a generic parent caption, and the loader hands it over as batch["parent_text"]."""
-    from data_pipelines.config import DataConfig
-    from data_pipelines.loader import build_train_loader
-    from models.towers.text import OpenClipTokenizer
+    from vlp.data_pipelines.config import DataConfig
+    from vlp.data_pipelines.loader import build_train_loader
+    from vlp.models.towers.text import OpenClipTokenizer
 
     build("digits", tmp_path / "plain", image_size=8, seed=3)
     build("digits", tmp_path / "parent", image_size=8, seed=3, caption_style="parent")
@@ -227,7 +232,7 @@ def test_split_test_keeps_duplicates_on_one_side():
 
 
 def test_write_shards_failure_leaves_no_partial_shard(tmp_path):
-    from data_pipelines.shards import write_shards
+    from vlp.data_pipelines.shards import write_shards
 
     def samples():
         for index in range(5):
@@ -245,8 +250,8 @@ def test_ensure_built_refuses_a_folder_built_with_other_options(tmp_path):
     the same folder with other options gets a one-line error instead of the stale shards."""
     import json as _json
 
-    from data_pipelines.errors import DataError
-    from train.data import STAMP, ensure_built
+    from vlp.data_pipelines.errors import DataError
+    from vlp.train.data import STAMP, ensure_built
 
     spec = str(tmp_path / "d" / "digits-train-000000.tar")
     options = {"image_size": 8, "caption_style": "hierarchical", "generic_fraction": 0.15}

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import read_tar, tiny_config
 from dist_utils import run_ranks
-from models.heads.base import Head, HeadConfig
-from train.evals import EVALUATORS, EvalContext
-from train.evals.retrieval import RetrievalConfig, retrieval_ranks, sample_captions
-from train.evals.zeroshot import ZeroShotConfig, resolve_names
+from PIL import Image
+
+from vlp.models.heads.base import Head, HeadConfig
+from vlp.train.evals import EVALUATORS, EvalContext
+from vlp.train.evals.retrieval import RetrievalConfig, retrieval_ranks, sample_captions
+from vlp.train.evals.zeroshot import ZeroShotConfig, resolve_names
 
 
 # ----------------------------------------------------------------------------- references
@@ -52,7 +52,7 @@ def test_chunked_ranks_equal_dense_ranking(chunk):
 
 
 def test_meru_ranks_by_lorentzian_scores():
-    from models.heads.meru import MeruConfig, MeruHead
+    from vlp.models.heads.meru import MeruConfig, MeruHead
 
     image, text, owner = random_retrieval_set(seed=1)
     head = MeruHead(MeruConfig(), 16)
@@ -65,7 +65,7 @@ def test_meru_ranks_by_lorentzian_scores():
 
 
 def test_flair_rerank_matches_flair_dense_topk():
-    from models.heads.flair import FlairConfig, FlairHead
+    from vlp.models.heads.flair import FlairConfig, FlairHead
 
     torch.manual_seed(0)
     image, text, owner = random_retrieval_set(num_images=12, num_texts=30, seed=2)
@@ -107,7 +107,7 @@ def test_caption_sources():
 # ----------------------------------------------------------------------------- on shards
 def write_caption_shards(out_dir, count=23):
     """Tiny retrieval shards: random 32 px images, 1-3 captions each, all three caption layouts."""
-    from data_pipelines.shards import write_shards
+    from vlp.data_pipelines.shards import write_shards
 
     rng = np.random.default_rng(0)
     samples = []
@@ -128,8 +128,8 @@ def write_caption_shards(out_dir, count=23):
 
 
 def tiny_model(tmp_path, digits_dir):
-    from models.dual_encoder import VLPModel
-    from train.config import load_config
+    from vlp.models.dual_encoder import VLPModel
+    from vlp.train.config import load_config
 
     torch.manual_seed(0)
     config = load_config(tiny_config(tmp_path, digits_dir))
@@ -162,8 +162,8 @@ def dense_retrieval_reference(model, shard_dir):
 
 
 def _retrieval_on_rank(rank, world_size, model_state, config_path, spec):
-    from models.dual_encoder import VLPModel
-    from train.config import load_config
+    from vlp.models.dual_encoder import VLPModel
+    from vlp.train.config import load_config
 
     config = load_config(config_path)
     model = VLPModel(config.model)
@@ -210,7 +210,7 @@ def test_clip_benchmark_name_files(tmp_path, digits_dir):
     for data in (wds / "test" / "0.tar", wds):  # a shard, or the clip_benchmark folder itself
         names, templates = resolve_names(ZeroShotConfig(data=str(data)))
         assert names[0] == "zero" and templates[0] == "a photo of the number {c}."
-    from train.evals.common import resolve_shard_spec
+    from vlp.train.evals.common import resolve_shard_spec
 
     assert resolve_shard_spec(str(wds)) == str(wds / "test" / "0.tar")
     with pytest.raises(KeyError, match="needs `dataset`"):
@@ -230,8 +230,8 @@ def clip_benchmark_layout(digits_dir, out=None):
 
 
 def _zeroshot_on_rank(rank, world_size, model_state, config_path, spec):
-    from models.dual_encoder import VLPModel
-    from train.config import load_config
+    from vlp.models.dual_encoder import VLPModel
+    from vlp.train.config import load_config
 
     config = load_config(config_path)
     model = VLPModel(config.model)
@@ -255,8 +255,8 @@ def test_zeroshot_two_ranks_equal_one(tmp_path, digits_dir):
 def test_flair_checkpoint_retrieval_reranks_through_the_evaluator(tmp_path, digits_dir):
     """A FLAIR model end to end: the evaluator's text->image R@k with `rerank_topk` equal those of
     `FlairHead.pairwise_scores(topk=K)` on directly encoded images (tokens) and captions."""
-    from models.dual_encoder import VLPModel
-    from train.config import load_config
+    from vlp.models.dual_encoder import VLPModel
+    from vlp.train.config import load_config
 
     tree = __import__("yaml").safe_load(tiny_config(tmp_path, digits_dir).read_text())
     tree["model"]["heads"] = {"flair": {"num_heads": 2}}

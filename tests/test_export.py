@@ -10,10 +10,17 @@ import types
 import pytest
 import torch
 import yaml
+from conftest import run_vlp, tiny_config
 
-from conftest import DEMO_CONFIG, run_vlp, tiny_config
-from train.export import (
-    EXPORTERS, ExportError, consolidate, export_checkpoint, export_model, load_model, read_state_dict, sha256,
+from vlp.train.export import (
+    EXPORTERS,
+    ExportError,
+    consolidate,
+    export_checkpoint,
+    export_model,
+    load_model,
+    read_state_dict,
+    sha256,
 )
 
 
@@ -37,8 +44,8 @@ def fit_image_projection(model, train_spec, classnames, templates):
     least squares so each training digit's embedding points at its class's text embedding.
     Untrained, the tiny model predicts one class for every image, and two evaluators agreeing
     on that could not fail."""
-    from data_pipelines.loader import build_eval_loader
-    from train.evals.common import class_embeddings
+    from vlp.data_pipelines.loader import build_eval_loader
+    from vlp.train.evals.common import class_embeddings
 
     vit = model.image.model
     with torch.no_grad():
@@ -54,8 +61,8 @@ def fit_image_projection(model, train_spec, classnames, templates):
 
 
 def model_from_tree(tree):
-    from models.dual_encoder import VLPModel
-    from train.config import load_config
+    from vlp.models.dual_encoder import VLPModel
+    from vlp.train.config import load_config
 
     torch.manual_seed(0)
     config = load_config(tree=tree)
@@ -155,7 +162,7 @@ def test_clip_benchmark_agrees_with_vlp_eval(zero3_run, tmp_path, digits_dir, mo
     from clip_benchmark.metrics import zeroshot_classification
     from clip_benchmark.models import load_clip
 
-    from train.evals.zeroshot import ZeroShotConfig, resolve_names
+    from vlp.train.evals.zeroshot import ZeroShotConfig, resolve_names
 
     monkeypatch.setattr(zeroshot_classification, "accuracy", numpy2_safe_accuracy)
     wds = clip_benchmark_layout(digits_dir, tmp_path / "wds")

@@ -13,12 +13,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_utils import run_ranks
 from torch.testing import assert_close
 
-from dist_utils import run_ranks
-from models.heads import HEADS, HeadInputs
-from models.heads.filip import FilipConfig, FilipHead, random_token_subset, token_similarity
-from models.heads.flair import (
+from vlp.models.heads import HEADS, HeadInputs
+from vlp.models.heads.filip import (
+    FilipConfig,
+    FilipHead,
+    random_token_subset,
+    token_similarity,
+)
+from vlp.models.heads.flair import (
     FlairConfig,
     FlairHead,
     TextConditionedPool,
@@ -322,7 +327,7 @@ def _global_inputs(name, world, batch):
 
 
 def _make_objective(name):
-    from models.objective import Objective
+    from vlp.models.objective import Objective
 
     torch.manual_seed(0)
     cfg = FlairConfig(num_heads=HEADS_N) if name == "flair" else FilipConfig()

@@ -9,16 +9,25 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_utils import run_ranks
 from open_clip.loss import ClipLoss, SigLipLoss
 from pydantic import ValidationError
 from torch.testing import assert_close
 
-from dist_utils import run_ranks
-from models.distributed import gather_with_grad
-from models.heads import HEADS, HeadInputs
-from models.heads.clip import ClipConfig, ClipHead, clip_loss, clip_loss_and_accuracy
-from models.heads.siglip import SigLipConfig, SigLipHead, siglip_loss
-from models.heads.tiled import tiled_cross_entropy, tiled_sigmoid_loss, tiled_symmetric_cross_entropy
+from vlp.core.collectives import gather_with_grad
+from vlp.models.heads import HEADS, HeadInputs
+from vlp.models.heads.clip import (
+    ClipConfig,
+    ClipHead,
+    clip_loss,
+    clip_loss_and_accuracy,
+)
+from vlp.models.heads.siglip import SigLipConfig, SigLipHead, siglip_loss
+from vlp.models.heads.tiled import (
+    tiled_cross_entropy,
+    tiled_sigmoid_loss,
+    tiled_symmetric_cross_entropy,
+)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 EMBED = 16
@@ -326,7 +335,7 @@ def test_configs_are_validated():
 
 
 def test_objective_sums_clip_and_siglip_as_open_clip_would():
-    from models.objective import Objective
+    from vlp.models.objective import Objective
 
     generator = torch.Generator().manual_seed(8)
     encoded = {"image_embed": 3 * torch.randn(6, EMBED, generator=generator),

@@ -13,8 +13,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from data_pipelines.image_transforms import ClipImageTransform
-from models.towers.text import HFTokenizer, OpenClipTokenizer, minilm_path
+from vlp.data_pipelines.image_transforms import ClipImageTransform
+from vlp.models.towers.text import HFTokenizer, OpenClipTokenizer, minilm_path
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from models import lorentz as L
+from vlp.models import lorentz as L
 
 CURVATURES = [0.1, 1.0, 10.0]
 

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist_utils import run_ranks
-from models.distributed import gather_with_grad
-from models.heads import HEADS, HeadInputs
-from models.heads.meru import MeruConfig, MeruHead, bounded, entailment_loss
 from test_lorentz import ambient_exterior_angle
+
+from vlp.core.collectives import gather_with_grad
+from vlp.models.heads import HEADS, HeadInputs
+from vlp.models.heads.meru import MeruConfig, MeruHead, bounded, entailment_loss
 
 EMBED = 16
 
@@ -157,7 +157,7 @@ def test_losses_match_dense_reference(curv_init):
 def test_entailment_zero_inside_cone_positive_on_violation():
     curv = torch.tensor([1.0])
     direction = F.normalize(torch.randn(6, EMBED, generator=torch.Generator().manual_seed(3)), dim=-1)
-    from models.lorentz import exp_map0
+    from vlp.models.lorentz import exp_map0
 
     text = exp_map0(direction * 1.0, curv)
     # Image further out along the caption's ray: inside the cone.
@@ -202,7 +202,7 @@ def test_warns_when_curvature_sits_at_bound(caplog):
     with torch.no_grad():
         head.log_curv.fill_(math.log(0.01))  # below 1.0 / 10
     batch = inputs_for(*features(4, seed=7))
-    with caplog.at_level(logging.WARNING, logger="models.heads.meru"):
+    with caplog.at_level(logging.WARNING, logger="vlp.models.heads.meru"):
         for _ in range(50):
             out = head(batch)
     assert out["logging"]["curv_bound_steps"].item() == 50
@@ -276,8 +276,8 @@ def test_two_ranks_match_single_process():
 
 
 def tiny_meru_model():
-    from models.dual_encoder import VLPModel
-    from train.config import load_config
+    from vlp.models.dual_encoder import VLPModel
+    from vlp.train.config import load_config
 
     overrides = ["model.image.layers=1", "model.text.layers=1", "model.embed_dim=32", "model.image.width=32",
                  "model.text.width=32", "model.text.heads=2", "model.image.head_width=16"]
@@ -287,7 +287,7 @@ def tiny_meru_model():
 
 
 def test_configs_load():
-    from train.config import load_config
+    from vlp.train.config import load_config
 
     for path in ("configs/meru_demo.yaml", "configs/meru_vit_b16.yaml"):
         config = load_config(path)
@@ -300,9 +300,9 @@ def test_configs_load():
 
 
 def test_hierarchy_evaluator(tmp_path):
-    from train.evals import EVALUATORS, EvalContext
-    from train.evals.common import encode_texts
-    from train.evals.hierarchy import evaluate_hierarchy
+    from vlp.train.evals import EVALUATORS, EvalContext
+    from vlp.train.evals.common import encode_texts
+    from vlp.train.evals.hierarchy import evaluate_hierarchy
 
     model, config = tiny_meru_model()
     evaluator_cfg = next(ev for ev in config.evals if ev.type == "hierarchy")
@@ -323,9 +323,9 @@ def test_hierarchy_evaluator(tmp_path):
 
 
 def test_hierarchy_needs_a_meru_head():
-    from models.dual_encoder import VLPModel
-    from train.config import load_config
-    from train.evals.hierarchy import evaluate_hierarchy
+    from vlp.models.dual_encoder import VLPModel
+    from vlp.train.config import load_config
+    from vlp.train.evals.hierarchy import evaluate_hierarchy
 
     config = load_config("configs/meru_demo.yaml", ["model.image.layers=1", "model.text.layers=1"])
     config.model.heads.meru = None
@@ -336,7 +336,7 @@ def test_hierarchy_needs_a_meru_head():
 
 def test_tiled_contrastive_equals_dense_in_loss_and_gradients():
     """The memory-bounded path (tile 3, N not a multiple) against the dense (B, N) one."""
-    from models.heads.meru import contrastive_loss
+    from vlp.models.heads.meru import contrastive_loss
 
     torch.manual_seed(0)
     image = (0.5 * torch.randn(5, 8, dtype=torch.float64)).requires_grad_()

@@ -9,12 +9,18 @@ import random
 
 import numpy as np
 import pytest
+from conftest import read_tar
 from PIL import Image
 
-from data_pipelines.errors import DataError
-from data_pipelines.sources import SOURCES, build
-from data_pipelines.sources.shapes import BACKGROUND, COLORS, decode_mask, encode_mask, render_sample
-from conftest import read_tar
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.sources import SOURCES, build
+from vlp.data_pipelines.sources.shapes import (
+    BACKGROUND,
+    COLORS,
+    decode_mask,
+    encode_mask,
+    render_sample,
+)
 
 OPTIONS = dict(train_size=40, test_size=12, shard_size=16, image_size=64)
 
@@ -122,7 +128,7 @@ def test_bad_options_are_one_line_errors(tmp_path):
 def test_mask_to_patches_follows_the_eval_resize_and_crop():
     import torch
 
-    from train.evals.grounding import mask_to_patches, object_patches
+    from vlp.train.evals.grounding import mask_to_patches, object_patches
 
     mask = np.zeros((64, 64), dtype=bool)
     mask[8:16, 16:24] = True  # exactly patch (row 1, col 2) of an 8 x 8 grid
@@ -144,7 +150,7 @@ def test_mask_to_patches_follows_the_eval_resize_and_crop():
 def test_pointing_iou_and_recall_on_hand_made_maps():
     import torch
 
-    from train.evals.grounding import pointing_and_iou, recall_at
+    from vlp.train.evals.grounding import pointing_and_iou, recall_at
 
     maps = torch.tensor([[0.0, 1.0, 0.9, 0.0], [1.0, 0.0, 0.0, 0.2]])
     targets = torch.tensor([[False, True, True, False], [False, False, True, True]])
@@ -160,9 +166,9 @@ def test_pointing_iou_and_recall_on_hand_made_maps():
 def test_grounding_evaluator_end_to_end(tmp_path):
     import torch
 
-    from models.dual_encoder import VLPModel
-    from train.config import load_config
-    from train.evals import EVALUATORS, EvalContext
+    from vlp.models.dual_encoder import VLPModel
+    from vlp.train.config import load_config
+    from vlp.train.evals import EVALUATORS, EvalContext
 
     build("shapes", tmp_path / "data", train_size=1, test_size=6, shard_size=10)
     tree = {

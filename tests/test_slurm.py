@@ -83,7 +83,7 @@ def wait_final(job_id: str, run_dir: Path, timeout_s: float = 900) -> str:
 def write_profile(folder: Path, **extra) -> Path:
     profile = {
         # The same `vlp` entry point; `python -m train.cli` because the repo is not pip-installed here.
-        "command": [sys.executable, "-m", "train.cli"],
+        "command": [sys.executable, "-m", "vlp.train.cli"],
         "env": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra.pop("env", {})},
         **extra,
     }
@@ -113,7 +113,7 @@ def tiny_config(folder: Path, data_dir: Path) -> Path:
 
 
 def vlp_submit(args: list[str], cwd: Path = ROOT) -> tuple[str, Path]:
-    result = subprocess.run([sys.executable, "-m", "train.cli", "submit", *args], cwd=cwd, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "vlp.train.cli", "submit", *args], cwd=cwd, capture_output=True,
                             text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
     assert result.returncode == 0, result.stderr
     job_id = re.search(r"submitted job (\d+)", result.stdout).group(1)
@@ -162,7 +162,7 @@ def test_two_task_job_trains_to_completion(reference_run):
     assert last_step(run_dir) == STEPS
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
     assert f"job {job_id} start" in log and "restart 0" in log
-    status = subprocess.run([sys.executable, "-m", "train.cli", "status", str(run_dir)], capture_output=True,
+    status = subprocess.run([sys.executable, "-m", "vlp.train.cli", "status", str(run_dir)], capture_output=True,
                             text=True, cwd=ROOT)
     assert status.returncode == 0 and f"{job_id} COMPLETED" in status.stdout and f"last step  {STEPS}" in status.stdout
 
@@ -242,7 +242,7 @@ def test_injection_through_real_sbatch_runs_nothing(tmp_path):
 PREEMPTIBLE = """
 import os, sys, time
 sys.path.insert(0, os.environ["PYTHONPATH"])
-from train import preemption
+from vlp.train import preemption
 preemption.install_handlers()
 print("task", os.environ["SLURM_PROCID"], "restart", os.environ.get("SLURM_RESTART_COUNT", "0"), flush=True)
 if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":

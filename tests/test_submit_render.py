@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train import preemption
-from train import status as status_cmd
-from train import submit
+from vlp.train import preemption, submit
+from vlp.train import status as status_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

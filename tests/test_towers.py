@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.towers import IMAGE_TOWERS, TEXT_TOWERS
+from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
 
 E = 16
 SMALL_IMAGE = {

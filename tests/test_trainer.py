@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import run_vlp, tiny_config
-from train.export import consolidate
+
+from vlp.train.export import consolidate
 
 pytestmark = pytest.mark.slow
 
@@ -143,9 +143,9 @@ def _clipped_steps(rank, world_size, config_path):
     import copy
     import os
 
-    from train.config import load_config
-    from train.schedule import warmup_cosine
-    from train.trainer import build_engine, build_model, clip_gradients
+    from vlp.train.config import load_config
+    from vlp.train.schedule import warmup_cosine
+    from vlp.train.trainer import build_engine, build_model, clip_gradients
 
     os.environ.setdefault("LOCAL_RANK", "0")
     config = load_config(config_path)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.distributed import barrier
+from vlp.core.collectives import barrier
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"

@@ -16,15 +16,15 @@ import yaml
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Subcommand modules that add themselves with `add_parser(subparsers)`.
-PLUGIN_COMMANDS = ("train.submit", "train.status")
+PLUGIN_COMMANDS = ("vlp.train.submit", "vlp.train.status")
 GRACE_S = 10  # seconds ranks get after SIGTERM before SIGKILL when a sibling rank died
 
 
 def bad_input_types() -> tuple[type[BaseException], ...]:
-    from data_pipelines.errors import DataError
-    from train.checkpoint import UnsafeCheckpoint
-    from train.config import ConfigError
-    from train.export import ExportError
+    from vlp.data_pipelines.errors import DataError
+    from vlp.train.checkpoint import UnsafeCheckpoint
+    from vlp.train.config import ConfigError
+    from vlp.train.export import ExportError
 
     # ValueError last: evaluator/source option checks raise it with a one-line message.
     return (ConfigError, DataError, ExportError, UnsafeCheckpoint, FileNotFoundError, FileExistsError,
@@ -45,10 +45,10 @@ def parse_options(items: list[str]) -> dict:
 # ---------------------------------------------------------------- train
 def launch_local_ranks(args: argparse.Namespace) -> int:
     """Start `--nproc` local ranks of this same command; if one fails, stop the others."""
-    from train.distributed import free_port
+    from vlp.train.distributed import free_port
 
     port = str(free_port())
-    argv = [sys.executable, "-m", "train.cli", "train", args.config, *args.overrides]
+    argv = [sys.executable, "-m", "vlp.train.cli", "train", args.config, *args.overrides]
     if args.resume:
         argv += ["--resume", args.resume]
     if args.overwrite:
@@ -87,12 +87,12 @@ def launch_local_ranks(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from train.config import load_config
+    from vlp.train.config import load_config
 
     config = load_config(args.config, args.overrides)  # validate before starting anything
     if args.nproc > 1 and "RANK" not in os.environ:
         return launch_local_ranks(args)
-    from train.trainer import train
+    from vlp.train.trainer import train
 
     results = train(config, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -102,8 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from train.config import load_config
-    from train.trainer import train
+    from vlp.train.config import load_config
+    from vlp.train.trainer import train
 
     out = Path(args.out)
     overrides = [f"output_dir={out.parent}", f"name={out.name}", *args.overrides]
@@ -128,7 +128,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- shards
 def cmd_shards_build(args: argparse.Namespace) -> int:
-    from data_pipelines.sources import build
+    from vlp.data_pipelines.sources import build
 
     summary = build(args.source, args.out, **parse_options(args.option))
     print(json.dumps(summary, default=str))
@@ -137,8 +137,8 @@ def cmd_shards_build(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- eval / export
 def cmd_eval(args: argparse.Namespace) -> int:
-    from train.evals import EVALUATORS, EvalContext
-    from train.export import load_model
+    from vlp.train.evals import EVALUATORS, EvalContext
+    from vlp.train.export import load_model
 
     evaluator_cls = EVALUATORS.get(args.task)
     options = parse_options(args.option)
@@ -163,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from train.export import export_checkpoint
+    from vlp.train.export import export_checkpoint
 
     out = export_checkpoint(Path(args.checkpoint), Path(args.out), args.format)
     print(json.dumps({"format": args.format, "out": str(out)}))
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as error:
-        from train.trainer import TrainingStopped
+        from vlp.train.trainer import TrainingStopped
 
         if isinstance(error, TrainingStopped):
             print(f"vlp: stopped: {error}", file=sys.stderr)

@@ -18,7 +18,6 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
@@ -28,19 +27,18 @@ from pydantic import (
     model_validator,
 )
 
-from data_pipelines.config import DataConfig
-from models.registry import nearest
+from vlp.core.config import Strict
+from vlp.core.registry import nearest
+from vlp.data_pipelines.config import DataConfig
 
 
 class ConfigError(ValueError):
     """A bad config: the message names the file and dotted key path. The CLI exits with code 2."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1, description="per-rank micro-batch size")
     lr: float = Field(5e-4, gt=0)
@@ -72,7 +70,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class DeepSpeedConfig(_Strict):
+class DeepSpeedConfig(Strict):
     zero_stage: int = Field(0, ge=0, le=3)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = Field(1, ge=1)
@@ -95,14 +93,14 @@ def _tagged(registry, attr: str = "config_class"):
 @functools.lru_cache(maxsize=1)
 def experiment_class() -> type[BaseModel]:
     """Build `ExperimentConfig` from the registries (imported here so every component registers)."""
-    from models.heads import HEADS
-    from models.towers import IMAGE_TOWERS, TEXT_TOWERS
-    from train.evals import EVALUATORS
+    from vlp.models.heads import HEADS
+    from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
+    from vlp.train.evals import EVALUATORS
 
     heads_fields = {name: (Optional[cls.config_class], None) for name, cls in HEADS.items()}
-    HeadsConfig = create_model("HeadsConfig", __base__=_Strict, **heads_fields)
+    HeadsConfig = create_model("HeadsConfig", __base__=Strict, **heads_fields)
 
-    class ModelConfig(_Strict):
+    class ModelConfig(Strict):
         embed_dim: int = Field(512, ge=1)
         image: _tagged(IMAGE_TOWERS)
         text: _tagged(TEXT_TOWERS)
@@ -142,7 +140,7 @@ def experiment_class() -> type[BaseModel]:
 
     evals_union = _tagged(EVALUATORS)
 
-    class ExperimentConfig(_Strict):
+    class ExperimentConfig(Strict):
         name: str
         seed: int = 0
         output_dir: str = "runs"
@@ -169,7 +167,7 @@ def experiment_class() -> type[BaseModel]:
 
         @model_validator(mode="after")
         def _heads_have_their_data(self):
-            from models.dual_encoder import EXTRA_TEXT
+            from vlp.models.dual_encoder import EXTRA_TEXT
 
             heads = self.model.heads_dict()
             needs = {name: HEADS.get(name).needs_for(cfg) for name, cfg in heads.items()}

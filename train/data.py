@@ -6,9 +6,9 @@ import fcntl
 import json
 from pathlib import Path
 
-from data_pipelines.config import DataConfig
-from data_pipelines.errors import DataError
-from data_pipelines.loader import is_local, local_path, expand_urls
+from vlp.data_pipelines.config import DataConfig
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.loader import expand_urls, is_local, local_path
 
 
 def missing_shards(spec: str) -> list[str]:
@@ -46,7 +46,7 @@ def ensure_built(spec: str, build: str | None, build_dir: str | None, options: d
         raise FileNotFoundError(f"shard {missing[0]} does not exist (and no `build` source is configured)")
     if not is_main:
         return
-    from data_pipelines.sources import build as build_source
+    from vlp.data_pipelines.sources import build as build_source
 
     out = Path(build_dir or Path(missing[0]).parent)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ def free_port() -> int:
 def fill_env() -> None:
     """Make RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* present, from Slurm or for one process."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        from train.preemption import slurm_env_to_dist
+        from vlp.train.preemption import slurm_env_to_dist
 
         slurm_env_to_dist()
     if "RANK" not in os.environ:
@@ -65,21 +65,3 @@ def init_distributed(timeout_s: float = 600) -> DistEnv:
             dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False
         )
     return DistEnv(rank, local_rank, world_size, device)
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def all_reduce_max(value: float) -> float:
-    """The max of a Python number over ranks (used to agree on stop/skip decisions)."""
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())

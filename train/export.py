@@ -34,9 +34,8 @@ from typing import Any, Callable, Iterator
 import torch
 import yaml
 
-from train.checkpoint import deepspeed_safe_globals
-
-from models.registry import Registry
+from vlp.core.registry import Registry
+from vlp.train.checkpoint import deepspeed_safe_globals
 
 EXPORTERS: Registry[Callable[..., list[str]]] = Registry("export format")
 
@@ -224,7 +223,7 @@ def export_open_clip(model: torch.nn.Module, config: Any, out: Path) -> list[str
 
 
 def _scoring_head_name(model: torch.nn.Module) -> str | None:
-    from train.evals.common import scoring_head
+    from vlp.train.evals.common import scoring_head
 
     head = scoring_head(model)
     return next((name for name, h in model.objective.heads.items() if h is head), None)
@@ -358,7 +357,7 @@ def run_record(path: Path) -> tuple[int | None, dict]:
 
 # ------------------------------------------------------------------------------- reading
 def _resolve_checkpoint(path: Path) -> tuple[Path, str]:
-    from train.checkpoint import Checkpointer
+    from vlp.train.checkpoint import Checkpointer
 
     try:
         return Checkpointer(path, 1, 0).resolve(str(path))
@@ -377,7 +376,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if (path / SAFETENSORS_FILE).is_file() and (path / "config.yaml").is_file():
         return load_file(str(path / SAFETENSORS_FILE)), yaml.safe_load((path / "config.yaml").read_text())
     if (path / OPEN_CLIP_WEIGHTS).is_file() and (path / MODEL_CARD).is_file():
-        from train.config import load_config
+        from vlp.train.config import load_config
 
         tree = json.loads((path / MODEL_CARD).read_text())["config"]
         extras = load_file(str(path / EXTRAS_WEIGHTS)) if (path / EXTRAS_WEIGHTS).is_file() else {}
@@ -449,8 +448,8 @@ def consolidate(directory: Path, tag: str) -> dict[str, torch.Tensor]:
 
 def load_model(path: Path) -> tuple[torch.nn.Module, Any]:
     """Rebuild our model from any checkpoint or export; returns (model in eval mode, config)."""
-    from models.dual_encoder import VLPModel
-    from train.config import load_config
+    from vlp.models.dual_encoder import VLPModel
+    from vlp.train.config import load_config
 
     state, tree = read_state_dict(path)
     config = load_config(tree=tree)

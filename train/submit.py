@@ -14,6 +14,7 @@ shell commands by design (the profile is the user's own file, like ~/.bashrc).
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import os
 import re
 import shlex
@@ -24,12 +25,14 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from models.registry import nearest
-from train.preemption import slurm_env_to_dist  # noqa: F401 (re-exported: trainers import it from here too)
+from vlp.core.config import Strict
+from vlp.core.registry import nearest
+from vlp.train.preemption import slurm_env_to_dist  # noqa: F401 (re-exported: trainers import it from here too)
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
+# Shipped as package data (`vlp.slurm`), so a non-editable install renders the same script.
+TEMPLATE = Path(str(importlib.resources.files("vlp.slurm") / "job.sbatch"))
 DEFAULT_PROFILE = Path("~/.config/vlp/cluster.yaml")
 PROFILE_ENV = "VLP_CLUSTER_PROFILE"
 
@@ -79,18 +82,16 @@ def time_limit_seconds(limit: str) -> int:
 # --- cluster profile ----------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
-class ContainerConfig(_Strict):
+class ContainerConfig(Strict):
     image: str = Field(description="pyxis: image or .sqsh path; apptainer: .sif path")
     runtime: Literal["pyxis", "apptainer"] = "pyxis"
     mounts: list[str] = Field(default_factory=list, description="host:container paths")
     workdir: Optional[str] = None
 
 
-class ClusterProfile(_Strict):
+class ClusterProfile(Strict):
     """Cluster defaults a user keeps in one YAML file; command-line flags win over these."""
 
     partition: Optional[str] = None
@@ -176,7 +177,7 @@ def load_profile(path: Optional[Path]) -> ClusterProfile:
 # --- the job ------------------------------------------------------------------------------------
 
 
-class Job(_Strict):
+class Job(Strict):
     """Everything the script needs, resolved from config, profile and flags."""
 
     job_name: str
@@ -417,7 +418,7 @@ def sbatch(script_path: Path, workdir: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.config import ConfigError, load_config
+    from vlp.train.config import ConfigError, load_config
 
     try:
         config = load_config(args.config, args.overrides)

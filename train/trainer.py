@@ -18,13 +18,14 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from train import preemption
-from train.checkpoint import Checkpointer, TrainState
-from train.config import dump_config
-from train.data import ensure_eval_data, ensure_train_data
-from train.distributed import DistEnv, all_reduce_max, barrier, init_distributed
-from train.metrics import MetricsLogger, plot_loss_curves
-from train.schedule import itstime, warmup_cosine
+from vlp.core.collectives import all_reduce_max, barrier
+from vlp.train import preemption
+from vlp.train.checkpoint import Checkpointer, TrainState
+from vlp.train.config import dump_config
+from vlp.train.data import ensure_eval_data, ensure_train_data
+from vlp.train.distributed import DistEnv, init_distributed
+from vlp.train.metrics import MetricsLogger, plot_loss_curves
+from vlp.train.schedule import itstime, warmup_cosine
 
 
 class TrainingStopped(RuntimeError):
@@ -151,7 +152,7 @@ def engine_dtype(config: Any) -> torch.dtype:
 
 
 def build_model(config: Any):
-    from models.dual_encoder import VLPModel
+    from vlp.models.dual_encoder import VLPModel
 
     model = VLPModel(config.model)
     if config.train.grad_checkpointing:
@@ -160,7 +161,7 @@ def build_model(config: Any):
 
 
 def build_loader(config: Any, model: Any, env: DistEnv):
-    from data_pipelines.loader import build_train_loader
+    from vlp.data_pipelines.loader import build_train_loader
 
     return build_train_loader(
         config.data,
@@ -174,13 +175,13 @@ def build_loader(config: Any, model: Any, env: DistEnv):
 
 
 def build_evaluators(config: Any) -> list:
-    from train.evals import EVALUATORS
+    from vlp.train.evals import EVALUATORS
 
     return [EVALUATORS.get(ev.type)(ev) for ev in config.evals]
 
 
 def run_evaluators(evaluators: list, engine: Any, env: DistEnv, run_dir: Path, step: int, final: bool) -> dict:
-    from train.evals import EvalContext
+    from vlp.train.evals import EvalContext
 
     results: dict[str, float] = {}
     due = [ev for ev in evaluators if final or itstime(step, ev.config.every)]
@@ -238,7 +239,7 @@ def train(config: Any, resume: str | None = None, overwrite: bool = False) -> di
     else:
         seed_everything(config.seed + 1000 * env.rank)
     metrics = MetricsLogger(run_dir, env.is_main, config.train.steps, start_step=state.step)
-    from data_pipelines.loader import BadSampleMonitor
+    from vlp.data_pipelines.loader import BadSampleMonitor
 
     bad_monitor = BadSampleMonitor.from_config(config.data)
     results = run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluators, bad_monitor)
@@ -330,7 +331,7 @@ def finish_run(config: Any, engine: Any, results: dict, state: TrainState) -> No
     plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "loss.png")
     summary = {"name": config.name, "steps": state.step, "samples_seen": state.samples_seen, **results}
     if config.export:
-        from train.export import export_model, load_model
+        from vlp.train.export import export_model, load_model
 
         # Under ZeRO-3 each rank holds a slice of every weight: export the merged checkpoint.
         model = load_model(run_dir)[0] if config.deepspeed.zero_stage == 3 else engine.module

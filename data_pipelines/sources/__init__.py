@@ -14,7 +14,7 @@ import pkgutil
 from pathlib import Path
 from typing import Any, Callable
 
-from models.registry import Registry
+from vlp.core.registry import Registry
 
 SOURCES: Registry[Callable[..., dict]] = Registry("data source")
 

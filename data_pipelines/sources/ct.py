@@ -27,23 +27,22 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from tqdm import tqdm
 
-from data_pipelines.ct import (
+from vlp.core.config import Strict
+from vlp.data_pipelines.ct import (
     HUInfo,
     Volume,
-    VolumeError,
     is_normal_sentence,
     read_volume,
     report_sentences,
     resample_to_spacing,
-    to_hu,
     volume_to_npy,
 )
-from data_pipelines.errors import DataError
-from data_pipelines.shards import write_shards
-from data_pipelines.sources import SOURCES
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.shards import write_shards
+from vlp.data_pipelines.sources import SOURCES
 
 # The 18 abnormalities of CT-RATE's multi_abnormality_labels CSVs, in their column order.
 CT_RATE_ABNORMALITIES = (
@@ -95,8 +94,7 @@ def _safe_key(name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-class CtDirOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CtDirOptions(Strict):
 
     spacing: tuple[float, float, float] = (1.5, 1.5, 3.0)
     shard_size: int = Field(200, ge=1)
@@ -201,8 +199,7 @@ def build_ct(out_dir: Path, arg: str | None, **options: Any) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-class CtRateOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CtRateOptions(Strict):
 
     split: str = Field("train", pattern="^(train|valid)$")
     spacing: tuple[float, float, float] = (1.5, 1.5, 3.0)
@@ -353,8 +350,7 @@ NORMAL_FINDINGS = (
 )
 
 
-class LesionOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LesionOptions(Strict):
 
     train_size: int = Field(1200, ge=1)
     test_size: int = Field(300, ge=1)

@@ -18,10 +18,9 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-
-from data_pipelines.errors import DataError
-from data_pipelines.shards import atomic_write_text, progress, write_shards
-from data_pipelines.sources import SOURCES
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.shards import atomic_write_text, progress, write_shards
+from vlp.data_pipelines.sources import SOURCES
 
 DIGIT_CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # Zero-shot prompts for the evaluator (`{c}` is a class name from DIGIT_CLASSNAMES).

@@ -11,12 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-
-
-from data_pipelines.decode import IMAGE_SUFFIXES, image_member
-from data_pipelines.errors import DataError
-from data_pipelines.shards import progress, write_shards
-from data_pipelines.sources import SOURCES
+from vlp.data_pipelines.decode import IMAGE_SUFFIXES, image_member
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.shards import progress, write_shards
+from vlp.data_pipelines.sources import SOURCES
 
 
 @SOURCES.register("folder")

@@ -24,11 +24,12 @@ from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from data_pipelines.errors import DataError
-from data_pipelines.shards import write_shards
-from data_pipelines.sources import SOURCES
+from vlp.core.config import Strict
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.shards import write_shards
+from vlp.data_pipelines.sources import SOURCES
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {
@@ -50,10 +51,9 @@ PLACES = {
 }
 
 
-class ShapesOptions(BaseModel):
+class ShapesOptions(Strict):
     """Options of `vlp shards build shapes` (values from the command line arrive as strings)."""
 
-    model_config = ConfigDict(extra="forbid")
 
     image_size: int = Field(64, ge=32, le=512)
     train_size: int = Field(20000, ge=1)

@@ -11,12 +11,10 @@ import csv
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-
-
-from data_pipelines.decode import image_member
-from data_pipelines.errors import DataError
-from data_pipelines.shards import progress, write_shards
-from data_pipelines.sources import SOURCES
+from vlp.data_pipelines.decode import image_member
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.shards import progress, write_shards
+from vlp.data_pipelines.sources import SOURCES
 
 _IMAGE_COLUMNS = ("filepath", "image")
 _CAPTION_COLUMNS = ("title", "caption")

@@ -3,7 +3,7 @@
 import importlib
 import pkgutil
 
-from models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
 
 # One file per head: import them all so their @HEADS.register decorators run.
 for _module in pkgutil.iter_modules(__path__):

@@ -15,16 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from models.registry import Registry
+from vlp.core.config import Strict
+from vlp.core.registry import Registry
 
 
-class HeadConfig(BaseModel):
+class HeadConfig(Strict):
     """Fields every head accepts; a head's own config subclasses this."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     weight: float = 1.0
 

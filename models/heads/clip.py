@@ -18,8 +18,12 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from models.heads.base import HEADS, Head, HeadConfig, HeadInputs
-from models.heads.tiled import DEFAULT_TILE_SIZE, tiled_cross_entropy, tiled_symmetric_cross_entropy
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from vlp.models.heads.tiled import (
+    DEFAULT_TILE_SIZE,
+    tiled_cross_entropy,
+    tiled_symmetric_cross_entropy,
+)
 
 # Logits per direction (B * N) above which `clip_loss` uses the tiled kernels (CPU, fp32, E=512,
 # forward + backward, 2 threads; see the final report of benchmarks/loss_memory.py for large N).

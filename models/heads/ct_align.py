@@ -46,21 +46,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from models.distributed import gather_no_grad, gather_with_grad
-from models.heads.base import HEADS, Head, HeadConfig, HeadInputs
-
-
-def _fp32(tensor: Tensor) -> Tensor:
-    """At least fp32 (losses never run in half precision; float64 stays for gradcheck)."""
-    return tensor if tensor.dtype == torch.float64 else tensor.float()
+from vlp.core.collectives import at_least_fp32, gather_no_grad, gather_with_grad
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
 
 
 def patch_scores(patch_tokens: Tensor, sentences: Tensor) -> Tensor:
     """Cosine of every sentence with every patch of its own volume.
 
     patch_tokens: (B, P, E); sentences: (B, S, E) -> scores (B, S, P), fp32."""
-    patches = F.normalize(_fp32(patch_tokens), dim=-1)
-    text = F.normalize(_fp32(sentences), dim=-1)
+    patches = F.normalize(at_least_fp32(patch_tokens), dim=-1)
+    text = F.normalize(at_least_fp32(sentences), dim=-1)
     return torch.einsum("bse,bpe->bsp", text, patches)
 
 
@@ -88,7 +83,7 @@ def sentence_regions(
     patch_tokens: (B, P, E); sentences: (B, S, E) -> (regions (B, S, E) L2-normalised,
     weights (B, S, P))."""
     weights = selection_weights(patch_scores(patch_tokens, sentences), mode, k, temperature)
-    patches = F.normalize(_fp32(patch_tokens), dim=-1)
+    patches = F.normalize(at_least_fp32(patch_tokens), dim=-1)
     regions = torch.einsum("bsp,bpe->bse", weights, patches)
     return F.normalize(regions, dim=-1), weights
 
@@ -100,8 +95,8 @@ def cross_region_scores(
     """cos(sentence_i, region_i(b)): every sentence pooled over every volume.
 
     sentences: (M, E); patch_tokens: (N, P, E) -> (M, N), fp32."""
-    text = F.normalize(_fp32(sentences), dim=-1)
-    patches = F.normalize(_fp32(patch_tokens), dim=-1)
+    text = F.normalize(at_least_fp32(sentences), dim=-1)
+    patches = F.normalize(at_least_fp32(patch_tokens), dim=-1)
     scores = torch.einsum("me,npe->mnp", text, patches)  # (M, N, P)
     weights = selection_weights(scores, mode, k, temperature)
     regions = F.normalize(torch.einsum("mnp,npe->mne", weights, patches), dim=-1)  # (M, N, E)
@@ -124,7 +119,7 @@ def alignment_loss(
     all ranks) / world_size so the ranks' mean is the global mean.
     Returns (loss, top-1 accuracy of finding the own volume), fp32 scalars.
     """
-    logits = _fp32(similarity) * _fp32(logit_scale)  # (M, N)
+    logits = at_least_fp32(similarity) * at_least_fp32(logit_scale)  # (M, N)
     if logits.shape[0] == 0:
         return logits.sum() * 0.0, torch.zeros((), device=logits.device)
     if exclude is not None:
@@ -165,7 +160,7 @@ class CtAlignHead(Head):
 
     def aligned_mask(self, batch: dict[str, Any], shape: tuple[int, int]) -> Tensor:
         """(B, S) bool: real sentences, minus normal ones when `exclude_normal`."""
-        from data_pipelines.ct import batch_sentence_normal
+        from vlp.data_pipelines.ct import batch_sentence_normal
 
         if "sentence_mask" not in batch:
             raise ValueError("ct_align needs batch['sentence_mask'] (set data.sentences > 0)")
@@ -179,7 +174,7 @@ class CtAlignHead(Head):
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         c = self.config
         tokens = inputs.local["image_tokens"]  # (B, P, E)
-        sentences = F.normalize(_fp32(inputs.local["sentence_embed"]), dim=-1)  # (B, S, E)
+        sentences = F.normalize(at_least_fp32(inputs.local["sentence_embed"]), dim=-1)  # (B, S, E)
         batch, num_sentences = sentences.shape[:2]
         valid = self.aligned_mask(inputs.batch, (batch, num_sentences)).to(tokens.device)  # (B, S)
         all_tokens = gather_with_grad(tokens)  # (N, P, E)

@@ -7,8 +7,8 @@ its own so that a CT experiment names what it trains (`ct_contrastive` + `ct_ali
 
 from __future__ import annotations
 
-from models.heads.base import HEADS
-from models.heads.clip import ClipConfig, ClipHead
+from vlp.models.heads.base import HEADS
+from vlp.models.heads.clip import ClipConfig, ClipHead
 
 
 class CtContrastiveConfig(ClipConfig):

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from models.heads.base import HEADS, Head, HeadConfig, HeadInputs
-from models.heads.flair import at_least_fp32, contiguous_grad
+from vlp.core.collectives import at_least_fp32, contiguous_grad
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
 
 
 class FilipConfig(HeadConfig):

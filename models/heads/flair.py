@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from vlp.core.collectives import at_least_fp32, contiguous_grad
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
 
 
 class FlairConfig(HeadConfig):
@@ -57,33 +58,6 @@ class FlairConfig(HeadConfig):
 
 # ---------------------------------------------------------------------------------------------
 # Pure functions
-
-
-def at_least_fp32(tensor: Tensor) -> Tensor:
-    """fp16/bf16 -> fp32 for loss maths; fp32 and fp64 stay as they are (gradcheck runs in fp64)."""
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient.
-
-    The gloo backward of `torch.distributed.nn.all_gather` is an all-to-all that reads raw
-    storage, so a strided incoming gradient (FILIP's `amax` / `masked_fill` backward produce one)
-    is exchanged scrambled. Applied to the gathered tensors before any use.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous()
-
-
-def contiguous_grad(tensor: Tensor) -> Tensor:
-    """`tensor` unchanged; its gradient is made contiguous on the way back (see `_ContiguousGrad`)."""
-    return _ContiguousGrad.apply(tensor) if tensor.requires_grad else tensor
 
 
 def zero_slot_attention(queries: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,11 +21,10 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
 
 
 def patchify(volumes: Tensor, patch_size: tuple[int, int, int]) -> Tensor:

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from models import lorentz as L
-from models.heads.base import HEADS, Head, HeadConfig, HeadInputs
-from models.heads.tiled import DEFAULT_TILE_SIZE, tiled_cross_entropy
+from vlp.models import lorentz as L
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from vlp.models.heads.tiled import DEFAULT_TILE_SIZE, tiled_cross_entropy
 
 log = logging.getLogger(__name__)
 

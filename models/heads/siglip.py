@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from models.heads.base import HEADS, Head, HeadConfig, HeadInputs
-from models.heads.tiled import DEFAULT_TILE_SIZE, tiled_sigmoid_loss
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from vlp.models.heads.tiled import DEFAULT_TILE_SIZE, tiled_sigmoid_loss
 
 # Logits (B * N) from which `siglip_loss` uses the tiled kernel. The sigmoid loss has no row
 # normalisation, so tiling only adds the backward's recomputation of each block (one extra

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from models.registry import Registry
+from vlp.core.config import Strict
+from vlp.core.registry import Registry
 
 
-class TowerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class TowerConfig(Strict):
     type: str
 
 

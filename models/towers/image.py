@@ -8,8 +8,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from data_pipelines.image_transforms import ClipImageTransform
-from models.towers.base import IMAGE_TOWERS, ImageTower, TowerConfig, share_with_zero3
+from vlp.data_pipelines.image_transforms import ClipImageTransform
+from vlp.models.towers.base import (
+    IMAGE_TOWERS,
+    ImageTower,
+    TowerConfig,
+    share_with_zero3,
+)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from models.towers.base import TEXT_TOWERS, TextTower, TowerConfig, share_with_zero3
+from vlp.models.towers.base import TEXT_TOWERS, TextTower, TowerConfig, share_with_zero3
 
 
 class OpenClipTextConfig(TowerConfig):

@@ -20,8 +20,8 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data_pipelines.ct import DEFAULT_HU_WINDOW, VolumePreprocess
-from models.towers.base import IMAGE_TOWERS, ImageTower, TowerConfig
+from vlp.data_pipelines.ct import DEFAULT_HU_WINDOW, VolumePreprocess
+from vlp.models.towers.base import IMAGE_TOWERS, ImageTower, TowerConfig
 
 
 class MonaiViT3DConfig(TowerConfig):

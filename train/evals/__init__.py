@@ -3,7 +3,7 @@
 import importlib
 import pkgutil
 
-from train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
+from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("base", "common"):

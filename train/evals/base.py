@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from models.registry import Registry
+from vlp.core.config import Strict
+from vlp.core.registry import Registry
 
 
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class EvalConfig(Strict):
     type: str
     # Run every N training steps (0: only at the end of training).
     every: int = Field(0, ge=0)
@@ -31,7 +31,7 @@ class EvalConfig(BaseModel):
     @field_validator("data")
     @classmethod
     def _no_shell(cls, value: Optional[str]) -> Optional[str]:
-        from data_pipelines.config import refuse_shell_urls
+        from vlp.data_pipelines.config import refuse_shell_urls
 
         return refuse_shell_urls(value, hint="copy evaluation shards to a path") if value else value
 

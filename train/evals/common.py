@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-import torch.distributed as dist
+
+from vlp.core.collectives import all_reduce_max
 
 
 def scoring_head(model: Any) -> Any:
@@ -36,37 +37,6 @@ def class_embeddings(
     embeds = encode_texts(model, prompts, device, batch_size)  # (C*T, E)
     embeds = embeds.reshape(len(classnames), len(templates), -1)  # (C, T, E)
     return scoring_head(model).prompt_ensemble(embeds)
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
-
-
-def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's (n_r, ...) tensor in rank order -> (sum n_r, ...); the ranks may
-    hold different n_r (padded to the largest for the collective, then trimmed)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return tensor
-    world = dist.get_world_size()
-    count = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
-    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
 def zero3_partitioned(model: Any) -> bool:
@@ -118,7 +88,7 @@ def resolve_shard_spec(spec: str, split: str = "test") -> str:
     (`DIR/{split}/nshards.txt` + `DIR/{split}/{0..n-1}.tar`), else every `*.tar` in it."""
     from pathlib import Path
 
-    from data_pipelines.errors import DataError
+    from vlp.data_pipelines.errors import DataError
 
     folder = Path(spec)
     if not folder.is_dir():

@@ -24,11 +24,11 @@ from typing import Any, Iterator, Literal, Union
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from pydantic import Field
 
-from train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
-from train.evals.common import all_reduce_sum, encode_texts, scoring_head
+from vlp.core.collectives import all_reduce_sum, gather_objects
+from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
+from vlp.train.evals.common import encode_texts, scoring_head
 
 # CT-RATE's 18 abnormalities (the column names of its multi_abnormality_labels CSVs).
 CT_RATE_CLASSES = [
@@ -96,14 +96,6 @@ def _patch_boxes(grid: tuple[int, int, int], patch: tuple[int, int, int]) -> lis
     ]
 
 
-def _gather_lists(values: list) -> list:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, values)
-        return [v for part in parts for v in part]
-    return values
-
-
 def auroc_per_class(probabilities: np.ndarray, labels: np.ndarray, names: list[str]) -> dict[str, float]:
     """{name: AUROC} for the classes whose labels hold both 0 and 1 (others are left out)."""
     from sklearn.metrics import roc_auc_score
@@ -119,8 +111,8 @@ def auroc_per_class(probabilities: np.ndarray, labels: np.ndarray, names: list[s
 
 @torch.no_grad()
 def evaluate_ct(model: Any, config: CtEvalConfig, context: EvalContext) -> dict[str, float]:
-    from data_pipelines.loader import expand_urls
-    from models.heads.ct_align import patch_scores
+    from vlp.data_pipelines.loader import expand_urls
+    from vlp.models.heads.ct_align import patch_scores
 
     if not config.data:
         raise ValueError("evals.ct: `data` (a shard spec of held-out CT shards) is required")
@@ -185,8 +177,8 @@ def evaluate_ct(model: Any, config: CtEvalConfig, context: EvalContext) -> dict[
             hits += torch.tensor([float(touched[p]), 1.0, sum(touched) / len(touched)], dtype=torch.float64)
 
     hits = all_reduce_sum(hits.to(device)).cpu()
-    probabilities_all = np.asarray(_gather_lists(probabilities), dtype=np.float64).reshape(-1, len(names))
-    labels_all = np.asarray(_gather_lists(labels), dtype=np.int64).reshape(-1, len(names))
+    probabilities_all = np.asarray(gather_objects(probabilities), dtype=np.float64).reshape(-1, len(names))
+    labels_all = np.asarray(gather_objects(labels), dtype=np.int64).reshape(-1, len(names))
     if was_training:
         model.train()
     per_class = auroc_per_class(probabilities_all, labels_all, names)

@@ -31,12 +31,11 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field
 
-from train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
-from train.evals.common import all_reduce_sum
+from vlp.core.collectives import all_reduce_sum, gather_objects
+from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
 
 
 class GroundingConfig(EvalConfig):
@@ -104,15 +103,6 @@ def recall_at(scores: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...]
     return out
 
 
-def _gather_objects(items: list) -> list:
-    """Concatenate a per-rank Python list over ranks (rank order)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, items)
-        return [item for part in parts for item in part]
-    return items
-
-
 class _Maps:
     """The map and retrieval score of one method, computed from encoder outputs."""
 
@@ -135,7 +125,7 @@ class _Maps:
             return self.head.pairwise_scores(images["image_embed"], texts["text_embed"],
                                              image_tokens=images["image_tokens"], topk=topk)
         if self.method == "filip":
-            from models.heads.filip import token_similarity
+            from vlp.models.heads.filip import token_similarity
 
             n_text, length = texts["text_tokens"].shape[:2]
             chunk = max(1, int(2e7 // max(1, n_text * images["image_tokens"].shape[1] * length)))
@@ -146,8 +136,8 @@ class _Maps:
 
 
 def grounding(model: Any, config: GroundingConfig, context: EvalContext) -> dict[str, float]:
-    from data_pipelines.loader import build_eval_loader
-    from data_pipelines.sources.shapes import decode_mask
+    from vlp.data_pipelines.loader import build_eval_loader
+    from vlp.data_pipelines.sources.shapes import decode_mask
 
     model = getattr(model, "module", model)
     if not config.data:
@@ -210,9 +200,9 @@ def grounding(model: Any, config: GroundingConfig, context: EvalContext) -> dict
     results = {"pointing_acc": float(hits[0]) / total, "miou": float(hits[1]) / total}
 
     # Retrieval over the whole held-out set: every rank gathers the (small) set and scores it.
-    gathered_images = {k: torch.cat(_gather_objects(v)) for k, v in local_images.items() if v}
-    gathered_texts = {k: torch.cat(_gather_objects(v)) for k, v in local_texts.items() if v}
-    captions, sentences = _gather_objects(captions), _gather_objects(sentences)
+    gathered_images = {k: torch.cat(gather_objects(v)) for k, v in local_images.items() if v}
+    gathered_texts = {k: torch.cat(gather_objects(v)) for k, v in local_texts.items() if v}
+    captions, sentences = gather_objects(captions), gather_objects(sentences)
     scores = scorer.retrieval({k: v.to(device) for k, v in gathered_images.items()},
                               {k: v.to(device) for k, v in gathered_texts.items()}, config.retrieval_topk).cpu()
     positives = torch.tensor([[sentence in caption for sentence in sentences] for caption in captions], dtype=torch.bool)

@@ -18,9 +18,9 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import Field, field_validator
 
-from models import lorentz as L
-from train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
-from train.evals.common import encode_texts
+from vlp.models import lorentz as L
+from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
+from vlp.train.evals.common import encode_texts
 
 # Defaults for the digits demo: the generic captions are those the digits source mixes into
 # training with caption_style=hierarchical; the specific ones name a digit.
@@ -46,7 +46,7 @@ class HierarchyEvalConfig(EvalConfig):
 
 def meru_head(model: Any) -> Any:
     """The model's MERU head (`model.objective.heads["meru"]`); a clear error when there is none."""
-    from models.heads.meru import MeruHead
+    from vlp.models.heads.meru import MeruHead
 
     heads = getattr(getattr(model, "objective", None), "heads", {})
     for head in heads.values():

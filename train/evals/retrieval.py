@@ -33,11 +33,16 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from data_pipelines.errors import DataError
-from train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
-from train.evals.common import (
-    all_gather_rows, all_reduce_max, all_reduce_sum, encode_texts_lockstep, idle_image_forward, lockstep,
-    resolve_shard_spec, scoring_head, zero3_partitioned,
+from vlp.core.collectives import all_gather_rows, all_reduce_max, all_reduce_sum
+from vlp.data_pipelines.errors import DataError
+from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
+from vlp.train.evals.common import (
+    encode_texts_lockstep,
+    idle_image_forward,
+    lockstep,
+    resolve_shard_spec,
+    scoring_head,
+    zero3_partitioned,
 )
 
 # (queries (q,), keys (k,)) index tensors -> (q, k) scores; positive masks take broadcasting
@@ -196,7 +201,7 @@ def retrieval_ranks(
 
 @torch.no_grad()
 def evaluate_retrieval(model: Any, config: RetrievalConfig, context: EvalContext) -> dict[str, float]:
-    from data_pipelines.loader import build_eval_loader
+    from vlp.data_pipelines.loader import build_eval_loader
 
     if not config.data:
         raise DataError("evals.retrieval: `data` (a shard spec of held-out image-caption shards) is required")

@@ -23,11 +23,16 @@ from typing import Literal, Optional, Union
 import torch
 from pydantic import Field
 
-from data_pipelines.errors import DataError
-from train.data import expand_urls
-from train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
-from train.evals.common import (
-    all_reduce_sum, class_embeddings, idle_image_forward, lockstep, resolve_shard_spec, scoring_head,
+from vlp.core.collectives import all_reduce_sum
+from vlp.data_pipelines.errors import DataError
+from vlp.train.data import expand_urls
+from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
+from vlp.train.evals.common import (
+    class_embeddings,
+    idle_image_forward,
+    lockstep,
+    resolve_shard_spec,
+    scoring_head,
     zero3_partitioned,
 )
 
@@ -85,7 +90,7 @@ def resolve_names(config: ZeroShotConfig) -> tuple[list[str], list[str]]:
 
 
 def zeroshot_classify(model, config: ZeroShotConfig, context: EvalContext) -> dict[str, float]:
-    from data_pipelines.loader import build_eval_loader
+    from vlp.data_pipelines.loader import build_eval_loader
 
     classnames, templates = resolve_names(config)
     device = context.device
