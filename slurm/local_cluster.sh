@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# A one-node Slurm cluster on this machine, for tests and for trying `vlp submit` on a laptop.
+# A Slurm cluster of one or more nodes on this machine, for tests and for trying `vlp submit`.
 #
-#   bash slurm/local_cluster.sh install   # apt-get update + install slurm-wlm munge (Debian/Ubuntu)
-#   bash slurm/local_cluster.sh start     # write slurm.conf, start munged, slurmctld, slurmd; wait for idle
-#   bash slurm/local_cluster.sh status    # daemons and `sinfo`
-#   bash slurm/local_cluster.sh stop      # stop the three daemons (job state is kept)
+#   bash slurm/local_cluster.sh install            # apt-get update + install slurm-wlm munge (Debian/Ubuntu)
+#   bash slurm/local_cluster.sh start [--nodes N]  # write slurm.conf, start munged, slurmctld and one
+#                                                  # slurmd per node; wait until every node is idle
+#   bash slurm/local_cluster.sh status             # daemons and `sinfo`
+#   bash slurm/local_cluster.sh stop               # stop every daemon this script started (job state is kept)
+#
+# One node (the default) is this host under its own name. With --nodes N > 1 the nodes are
+# vlp-n1 ... vlp-nN: Slurm's multiple-slurmd mode (Debian's slurm-wlm 22.05 is built with it),
+# one slurmd per node, each with its own port, spool folder, pid and log file, all on this host
+# (NodeHostname) and reached at 127.0.0.1 (NodeAddr). Slurm sees N nodes: it allocates them,
+# starts each node's tasks through that node's slurmd (SLURMD_NODENAME names it) and can lose
+# one of them. Jobs rendezvous at the first node's NodeAddr, as on a real cluster.
 #
 # Needs root. Every subcommand is idempotent. No systemd is needed: the daemons are started
 # directly and their state lives under $VLP_SLURM_STATE (default /var/spool/vlp-slurm).
@@ -19,6 +27,8 @@ MARKER="# written by vlp slurm/local_cluster.sh"
 MUNGE_KEY=/etc/munge/munge.key
 MUNGE_RUN=/run/munge
 WAIT_S=${VLP_SLURM_WAIT_S:-60}
+NODES=1
+NODE_PORT0=17000  # slurmd ports with --nodes N > 1: 17001 ... 1700N
 
 log() { echo "[local_cluster] $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -59,13 +69,25 @@ write_conf() {
     hw=$(slurmd -C | head -n 1 | sed -e 's/^NodeName=[^ ]* //' -e 's/ RealMemory=[0-9]*//')
     cpus=$(nproc)
     mkdir -p "$CONF_DIR" "$STATE/ctld" "$STATE/d" "$STATE/log"
+    local node_lines partition_nodes i
+    if ((NODES == 1)); then
+        node_lines="NodeName=$host NodeAddr=127.0.0.1 $hw State=UNKNOWN"
+        partition_nodes=$host
+    else
+        node_lines=""
+        for i in $(seq 1 "$NODES"); do
+            node_lines+="NodeName=vlp-n$i NodeHostname=$host NodeAddr=127.0.0.1 Port=$((NODE_PORT0 + i)) $hw State=UNKNOWN"$'\n'
+        done
+        node_lines=${node_lines%$'\n'}
+        partition_nodes="vlp-n[1-$NODES]"
+    fi
     if [[ -f $CONF ]] && ! grep -qxF "$MARKER" "$CONF"; then
         die "$CONF exists and was not written by this script; refusing to overwrite it"
     fi
     local new
     new=$(cat <<EOF
 $MARKER
-# One node, root-run daemons, no cgroups and no accounting database.
+# $NODES node(s), root-run daemons, no cgroups and no accounting database.
 ClusterName=vlp-local
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
@@ -75,11 +97,12 @@ AuthType=auth/munge
 # default 120 s); 10 s keeps requeue tests short here. Real clusters keep the default.
 AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/d
+# %n is the node name: one spool folder, pid file and log per slurmd (multiple-slurmd mode).
+SlurmdSpoolDir=$STATE/d/%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -103,8 +126,8 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 SlurmctldTimeout=30
 SlurmdTimeout=60
-NodeName=$host NodeAddr=127.0.0.1 $hw State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+$node_lines
+PartitionName=debug Nodes=$partition_nodes Default=YES MaxTime=INFINITE State=UP
 EOF
 )
     # cpus from nproc must agree with what slurmd -C reports; say so if not (containers with a
@@ -145,34 +168,44 @@ start_munge() {
     log "munged up"
 }
 
+# The node names of the slurm.conf this script wrote, one a line.
+node_names() { sed -n 's/^NodeName=\([^ ]*\) .*/\1/p' "$CONF"; }
+
 start_slurm() {
     if ! running "$STATE/slurmctld.pid"; then
         slurmctld
         log "slurmctld started"
     fi
-    if ! running "$STATE/slurmd.pid"; then
-        slurmd
-        log "slurmd started"
-    fi
+    local node
+    for node in $(node_names); do
+        if ! running "$STATE/slurmd-$node.pid"; then
+            slurmd -N "$node"
+            log "slurmd for node $node started"
+        fi
+    done
 }
 
-node_state() { sinfo -h -N -o '%t' 2>/dev/null | head -n 1; }
+node_state() { sinfo -h -n "$1" -N -o '%t' 2>/dev/null | head -n 1; }
 
 wait_idle() {
-    local deadline=$((SECONDS + WAIT_S)) state=""
-    while ((SECONDS < deadline)); do
-        state=$(node_state)
-        case $state in
-            idle | mix | alloc | comp) log "node $(hostname -s) is $state"; return 0 ;;
-            drain* | down* | drng*)
-                # A node left down/drained by an earlier run (e.g. the machine rebooted under it).
-                scontrol update NodeName="$(hostname -s)" State=RESUME 2>/dev/null || true ;;
-        esac
-        sleep 1
+    local deadline=$((SECONDS + WAIT_S)) node state=""
+    for node in $(node_names); do
+        while :; do
+            state=$(node_state "$node")
+            case $state in
+                idle | mix | alloc | comp) log "node $node is $state"; break ;;
+                drain* | down* | drng*)
+                    # A node left down/drained by an earlier run (e.g. the machine rebooted under it).
+                    scontrol update NodeName="$node" State=RESUME 2>/dev/null || true ;;
+            esac
+            if ((SECONDS >= deadline)); then
+                log "node $node state after ${WAIT_S}s: '${state:-no answer}'; logs in $STATE/log"
+                tail -n 20 "$STATE/log/slurmctld.log" "$STATE/log/slurmd-$node.log" >&2 || true
+                return 1
+            fi
+            sleep 1
+        done
     done
-    log "node state after ${WAIT_S}s: '${state:-no answer}'; logs in $STATE/log"
-    tail -n 20 "$STATE/log/slurmctld.log" "$STATE/log/slurmd.log" >&2 || true
-    return 1
 }
 
 cmd_start() {
@@ -180,7 +213,7 @@ cmd_start() {
     need_binaries
     write_conf
     start_munge
-    if ((CONF_CHANGED)) && { running "$STATE/slurmctld.pid" || running "$STATE/slurmd.pid"; }; then
+    if ((CONF_CHANGED)) && any_slurm_running; then
         log "slurm.conf changed: restarting the Slurm daemons"
         stop_slurm
     fi
@@ -202,8 +235,24 @@ stop_pidfile() {
     log "$name killed"
 }
 
+# Every slurmd pid file this script's configurations name (slurmd.pid: one-node configs
+# written before multiple-slurmd support).
+slurmd_pidfiles() { compgen -G "$STATE/slurmd*.pid" || true; }
+
+any_slurm_running() {
+    local pidfile
+    for pidfile in "$STATE/slurmctld.pid" $(slurmd_pidfiles); do
+        running "$pidfile" && return 0
+    done
+    return 1
+}
+
 stop_slurm() {
-    stop_pidfile slurmd "$STATE/slurmd.pid"
+    local pidfile
+    for pidfile in $(slurmd_pidfiles); do
+        stop_pidfile "$(basename "$pidfile" .pid)" "$pidfile"
+        rm -f "$pidfile"
+    done
     stop_pidfile slurmctld "$STATE/slurmctld.pid"
 }
 
@@ -215,7 +264,9 @@ cmd_stop() {
 
 cmd_status() {
     local name pidfile rc=0
-    for pair in "munged:$MUNGE_RUN/munged.pid" "slurmctld:$STATE/slurmctld.pid" "slurmd:$STATE/slurmd.pid"; do
+    local pairs=("munged:$MUNGE_RUN/munged.pid" "slurmctld:$STATE/slurmctld.pid")
+    for node in $(node_names); do pairs+=("slurmd $node:$STATE/slurmd-$node.pid"); done
+    for pair in "${pairs[@]}"; do
         name=${pair%%:*}
         pidfile=${pair#*:}
         if running "$pidfile"; then echo "$name: running (pid $(cat "$pidfile"))"; else echo "$name: stopped"; rc=1; fi
@@ -224,10 +275,21 @@ cmd_status() {
     return $rc
 }
 
+parse_start_args() {
+    while (($#)); do
+        case $1 in
+            --nodes) [[ ${2:-} =~ ^[1-9][0-9]?$ ]] || die "--nodes takes a node count from 1 to 99, got '${2:-}'"
+                     NODES=$2; shift 2 ;;
+            --nodes=*) parse_start_args --nodes "${1#--nodes=}"; shift ;;
+            *) die "start: unknown argument '$1' (usage: start [--nodes N])" ;;
+        esac
+    done
+}
+
 case ${1:-} in
     install) cmd_install ;;
-    start) cmd_start ;;
+    start) shift; parse_start_args "$@"; cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
-    *) echo "usage: bash slurm/local_cluster.sh install|start|stop|status" >&2; exit 2 ;;
+    *) echo "usage: bash slurm/local_cluster.sh install|start [--nodes N]|stop|status" >&2; exit 2 ;;
 esac

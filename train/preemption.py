@@ -196,6 +196,23 @@ def first_host(nodelist: str) -> str:
     return hosts[0]
 
 
+def node_address(node: str) -> str:
+    """The address Slurm reaches `node` by (its NodeAddr), else the node name itself. On most
+    clusters the two agree; where they differ (several slurmd per host, a management network
+    named apart from the nodes) only NodeAddr is sure to resolve from every node."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is not None:
+        try:
+            result = subprocess.run([scontrol, "-o", "show", "node", node], capture_output=True, text=True,
+                                    timeout=30, check=False)
+            match = re.search(r"(?:^| )NodeAddr=(\S+)", result.stdout) if result.returncode == 0 else None
+            if match:
+                return match.group(1)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return node
+
+
 def master_port(job_id: int | str) -> int:
     """A port per job (10000 + job_id % 20000): two jobs sharing a node do not collide, and every
     rank of one job computes the same port with no communication."""
@@ -207,7 +224,7 @@ def slurm_env_to_dist(environ: Optional[MutableMapping[str, str]] = None) -> dic
 
     Acts only when SLURM_PROCID is set and RANK is not (a launcher such as deepspeed or torchrun
     already set RANK and wins). Sets, without overwriting values already present:
-    MASTER_ADDR (first host of SLURM_JOB_NODELIST), MASTER_PORT (from SLURM_JOB_ID),
+    MASTER_ADDR (the NodeAddr of SLURM_JOB_NODELIST's first node), MASTER_PORT (from SLURM_JOB_ID),
     RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID, WORLD_SIZE=SLURM_NTASKS (LOCAL_WORLD_SIZE too,
     from SLURM_NTASKS_PER_NODE when it is a plain number). Returns what it set.
     """
@@ -224,7 +241,7 @@ def slurm_env_to_dist(environ: Optional[MutableMapping[str, str]] = None) -> dic
         wanted["LOCAL_WORLD_SIZE"] = per_node
     if "MASTER_ADDR" not in environ:
         nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-        wanted["MASTER_ADDR"] = first_host(nodelist) if nodelist else "127.0.0.1"
+        wanted["MASTER_ADDR"] = node_address(first_host(nodelist)) if nodelist else "127.0.0.1"
     if "MASTER_PORT" not in environ and environ.get("SLURM_JOB_ID"):
         wanted["MASTER_PORT"] = str(master_port(environ["SLURM_JOB_ID"]))
     applied = {key: value for key, value in wanted.items() if key not in environ}
