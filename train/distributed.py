@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -64,4 +65,11 @@ def init_distributed(timeout_s: float = 600) -> DistEnv:
         deepspeed.init_distributed(
             dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False
         )
+    if world_size > 1:
+        # One line per rank: which node and host each rank landed on and where it met the others
+        # (what a user reads first when a multi-node job misbehaves; the Slurm tests check it).
+        node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
+        print(f"[vlp] rank {rank} of {world_size} (local rank {local_rank}) on node {node}, host "
+              f"{socket.gethostname()}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+              file=sys.stderr, flush=True)
     return DistEnv(rank, local_rank, world_size, device)
