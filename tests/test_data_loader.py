@@ -18,14 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+from vlp.data_pipelines.bad_samples import BadSampleMonitor
 from vlp.data_pipelines.config import DataConfig
 from vlp.data_pipelines.errors import DataError
-from vlp.data_pipelines.loader import (
-    BadSampleMonitor,
-    build_eval_loader,
-    build_train_loader,
-    check_urls,
-)
+from vlp.data_pipelines.loader import build_eval_loader, build_train_loader
+from vlp.data_pipelines.sharding import check_urls
 from vlp.data_pipelines.shards import write_shards
 from vlp.data_pipelines.text import (
     sample_sub_captions,
@@ -454,7 +451,7 @@ def test_uneven_shards_on_real_ranks_step_together(tmp_path):
 @pytest.mark.parametrize("fmt,suffix", [(tarfile.USTAR_FORMAT, "tar"), (tarfile.GNU_FORMAT, "tar"),
                                         (tarfile.PAX_FORMAT, "tar"), (tarfile.PAX_FORMAT, "tar.gz")])
 def test_tar_reader_matches_tarfile(tmp_path, fmt, suffix):
-    from vlp.data_pipelines.loader import _read_shard
+    from vlp.data_pipelines.tar_reader import read_shard
 
     names = ["a.txt", "a.png", "deep/" * 24 + "b.txt", "deep/" * 24 + "b.png", "x" * 120 + ".txt",
              "caf\u00e9.txt", "big.bin"]
@@ -472,7 +469,7 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt, suffix):
     if fmt == tarfile.USTAR_FORMAT:
         assert len(names[2]) > 100  # stored with the ustar prefix field
     got = {}
-    for sample in _read_shard(str(path)):
+    for sample in read_shard(str(path)):
         assert "__bad__" not in sample
         for ext, data in sample.items():
             if not ext.startswith("__"):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from vlp.data_pipelines.config import DataConfig
 from vlp.data_pipelines.errors import DataError
-from vlp.data_pipelines.loader import expand_urls, is_local, local_path
+from vlp.data_pipelines.sharding import expand_urls
+from vlp.data_pipelines.tar_reader import is_local, local_path
 
 
 def missing_shards(spec: str) -> list[str]:

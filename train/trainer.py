@@ -239,7 +239,7 @@ def train(config: Any, resume: str | None = None, overwrite: bool = False) -> di
     else:
         seed_everything(config.seed + 1000 * env.rank)
     metrics = MetricsLogger(run_dir, env.is_main, config.train.steps, start_step=state.step)
-    from vlp.data_pipelines.loader import BadSampleMonitor
+    from vlp.data_pipelines.bad_samples import BadSampleMonitor
 
     bad_monitor = BadSampleMonitor.from_config(config.data)
     results = run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluators, bad_monitor)
