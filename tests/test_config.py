@@ -101,3 +101,30 @@ def test_missing_required_section(tmp_path):
     del tree["train"]
     with pytest.raises(ConfigError, match="train: required key is missing"):
         load_config(tree=tree)
+
+
+@pytest.mark.parametrize("argv,overrides", [
+    (["train", "c.yaml", "--overwrite", "train.steps=5"], ["train.steps=5"]),
+    (["train", "c.yaml", "a.b=1", "--nproc", "2", "c=2", "--resume", "latest", "d.e=[1, 2]"], ["a.b=1", "c=2", "d.e=[1, 2]"]),
+    (["demo", "--steps", "3", "train.lr=0.1", "--out", "runs/x", "seed=1"], ["train.lr=0.1", "seed=1"]),
+    (["submit", "c.yaml", "--dry-run", "train.steps=5", "--nodes", "2"], ["train.steps=5"]),
+])
+def test_overrides_anywhere_among_the_flags(argv, overrides):
+    """People type `vlp train CONFIG --overwrite train.steps=5`; argparse alone refuses it."""
+    from vlp.train import cli
+
+    args = cli.parse_command_line(cli.build_parser(), argv)
+    assert args.overrides == overrides
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "c.yaml", "--overwrite", "--bogus"],
+    ["train", "c.yaml", "--overwrite", "train.steps=5", "stray"],
+    ["export", "ckpt", "--out", "x", "--format", "timm", "train.steps=5"],  # export takes no overrides
+])
+def test_unknown_words_among_the_flags_still_exit_2(argv, capsys):
+    from vlp.train import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err

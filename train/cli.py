@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,6 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser.parse_args`, except that dotted overrides may come anywhere among the flags
+    (`vlp train CONFIG --overwrite train.steps=5`), as people type them.
+
+    argparse fills `overrides` (nargs="*") with the words right after CONFIG and leaves any later
+    ones over; `parse_intermixed_args` would collect them but refuses subparsers. So: parse what
+    is known, then take every leftover that looks like `key=value` as an override, in order,
+    where the subcommand has overrides; anything else (an unknown flag) is still an error, exit 2."""
+    args, leftovers = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *(word for word in leftovers if _OVERRIDE.match(word))]
+        leftovers = [word for word in leftovers if not _OVERRIDE.match(word)]
+    if leftovers:
+        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    return args
+
+
 def cmd_deepspeed(argv: list[str]) -> int:
     """DeepSpeed's multi-node launcher (`deepspeed ARGS`) run by this interpreter, so jobs need
     no `deepspeed` script on PATH (`vlp submit --launcher deepspeed` jobs call this)."""
@@ -239,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         # first option-like word); listed in `vlp --help` by the stub parser below.
         return cmd_deepspeed(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     try:
         return int(args.func(args) or 0)
     except bad_input_types() as error:
