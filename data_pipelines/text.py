@@ -1,4 +1,5 @@
-"""Caption text utilities: report-aware sentence splitting and sub-caption sampling.
+"""Caption and report text: report-aware sentence splitting, sub-caption sampling, and which
+report sentences state absence or normality.
 
 Radiology reports and long captions have section headers ("FINDINGS:", "Impression:"),
 numbered lists ("1. No effusion. 2. ...") and decimals ("3.5 cm") that a naive split on "."
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from typing import Sequence
 
 # Section names matched case-insensitively ("Findings:", "FINDINGS:", "findings:").
 _KNOWN_SECTIONS = (
@@ -120,3 +122,33 @@ def sample_sub_captions(caption: str, k: int, rng: random.Random, max_sentences:
             picked = [sentences[i] for i in sorted(rng.sample(range(len(sentences)), count))]
         draws.append(" ".join(picked))
     return draws
+
+
+def report_sentences(text: str, sections: Sequence[str] = ("findings", "impression")) -> list[str]:
+    """The sentences of the wanted sections of a report, in section order.
+
+    Section and sentence splitting are this module's (headers, enumerators, decimals,
+    abbreviations); a report without any of the wanted headers gives all its sentences.
+    """
+    parts = split_report_sections(text)
+    chosen = [parts[name] for name in sections if name in parts]
+    if not chosen:
+        chosen = list(parts.values())
+    return [sentence for part in chosen for sentence in split_sentences(part)]
+
+
+_NORMAL = re.compile(
+    r"\b(no|not|without|absent|negative for|free of|unremarkable|normal|within normal limits|"
+    r"preserved|clear|intact|patent|none)\b",
+    re.IGNORECASE,
+)
+_ABNORMAL_DESPITE = re.compile(r"\b(but|however|except|although)\b", re.IGNORECASE)
+
+
+def is_normal_sentence(sentence: str) -> bool:
+    """True for a sentence that states absence or normality ("No pleural effusion.", "The
+    heart is not enlarged."). Such sentences describe no region, so the alignment head must not
+    pull them onto a patch. A sentence that also turns ("no effusion, but a nodule") counts as
+    abnormal: misflagging an abnormal sentence as normal only drops its alignment term, while
+    the reverse would force a normal statement onto a patch."""
+    return bool(_NORMAL.search(sentence)) and not _ABNORMAL_DESPITE.search(sentence)

@@ -113,7 +113,7 @@ def test_ct_volumes_with_nan_voxels_or_wrong_dimensions_are_skipped_and_counted(
     import numpy as np
     from test_data_loader import ByteTokenizer
 
-    from vlp.data_pipelines.ct import VolumePreprocess
+    from vlp.data_pipelines.volume_transforms import VolumePreprocess
 
     def npy(array):
         buffer = io.BytesIO()

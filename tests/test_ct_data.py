@@ -20,27 +20,20 @@ import pydicom.data
 import pytest
 import torch
 
-from vlp.data_pipelines.ct import (
+from vlp.data_pipelines.sources import build
+from vlp.data_pipelines.sources.ct_lesions import atlas_path, location_words
+from vlp.data_pipelines.sources.ct_rate import CT_RATE_ABNORMALITIES
+from vlp.data_pipelines.text import is_normal_sentence, report_sentences
+from vlp.data_pipelines.volume_io import (
     HUInfo,
     Volume,
     VolumeError,
-    VolumePreprocess,
-    batch_sentence_normal,
-    collate_sentences,
     decode_sample_volume,
-    is_normal_sentence,
     read_volume,
-    report_sentences,
-    resample_to_spacing,
     to_hu,
     volume_to_npy,
 )
-from vlp.data_pipelines.sources import build
-from vlp.data_pipelines.sources.ct import (
-    CT_RATE_ABNORMALITIES,
-    atlas_path,
-    location_words,
-)
+from vlp.data_pipelines.volume_transforms import VolumePreprocess, resample_to_spacing
 
 RADMATCH_CHEST = "radmatch/assets/fewshot/chest-ct/reports_gt/example_1.txt"
 
@@ -240,17 +233,6 @@ def test_real_report_sentences_and_normal_flags():
     assert not is_normal_sentence("No effusion, but a new nodule in the right lower lobe.")
 
 
-def test_collate_sentences_pads_and_masks():
-    metas = [{"sentences": ["A nodule.", "No effusion."]}, {"sentences": ["a", "b", "c", "d"]}]
-    tokenizer = lambda texts: torch.tensor([[len(t)] for t in texts])  # noqa: E731
-    out = collate_sentences(metas, tokenizer, 3)
-    assert out["sentences"].shape == (2, 3, 1)
-    assert out["sentence_mask"].tolist() == [[True, True, False], [True, True, True]]
-    assert out["sentence_normal"].tolist() == [[False, True, False], [False, False, False]]
-    derived = batch_sentence_normal({"caption": ["FINDINGS: A nodule. No effusion."]}, 3)
-    assert derived.tolist() == [[False, True, False]]
-
-
 # ---------------------------------------------------------------------------------------------
 # sources
 
@@ -284,16 +266,15 @@ def test_ct_lesions_is_deterministic_and_consistent(tmp_path):
             seen_lesions += 1
             sentence = meta["sentences"][lesion["sentence_index"]]
             assert location_words(lesion["center"], 24) in sentence
-            assert not meta["sentence_normal"][lesion["sentence_index"]]
+            assert not is_normal_sentence(sentence)  # so ct_align keeps it in the alignment
             voxels = volume[mask == lesion["mask_value"]]
             assert voxels.size > 0
             if lesion["kind"] == "calcification":
                 assert voxels.mean() > 400
             if lesion["kind"] == "fat":
                 assert voxels.mean() < -50
-        for sentence, normal in zip(meta["sentences"], meta["sentence_normal"]):
-            if sentence.startswith("No "):
-                assert normal
+        assert all(is_normal_sentence(s) for s in meta["sentences"] if s.startswith("No "))
+        assert "sentence_normal" not in meta  # the ct_align head flags them, not the shards
         assert report_sentences(first[f"{key}.txt"].decode()) == meta["sentences"]
     assert seen_lesions > 0
 
@@ -350,7 +331,7 @@ def test_ct_rate_layout_rescales_once_and_uses_metadata_spacing(tmp_path):
     assert a.min() >= -1024
     assert raw["labels"]["Lung nodule"] == 1 and len(raw["labels"]) == 18
     assert "A 5 mm nodule in the right upper lobe." in raw["sentences"]
-    assert raw["sentence_normal"][raw["sentences"].index("No pleural effusion.")]
+    assert "No pleural effusion." in raw["sentences"] and "sentence_normal" not in raw
 
 
 def test_ct_dir_reads_nifti_and_dicom_with_reports_and_labels(tmp_path):

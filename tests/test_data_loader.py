@@ -324,6 +324,10 @@ def test_sub_captions_and_sentences(tmp_path):
             assert 1 <= len(parts) <= 3 and sub == " ".join(parts)
     other = list(make(1).iterate(0))
     assert any(not torch.equal(a["sub_text"], b["sub_text"]) for a, b in zip(first, other))
+    # The ct_align head's normal-sentence flags are about the sentences this loader sends.
+    from vlp.models.heads.ct_align import sentence_normal_flags
+
+    assert sentence_normal_flags(batch, 4).tolist() == [[False, True, False, False]] * 4
 
 
 def test_wants_sample_preprocess_gets_raw_bytes(tmp_path):

@@ -19,11 +19,11 @@ Patch selection (`selection`):
   still reaches the scores (through the softmax) and the chosen tokens.
 * "softmax": a softmax over all patches at `select_temperature` (soft attention pooling).
 
-Normal sentences ("No pleural effusion.", "The heart is not enlarged.") describe no region: a
-sentence flagged in batch["sentence_normal"] (set at data time by
-`data_pipelines.ct.is_normal_sentence`, or derived from the captions when the loader does not
-send it) is masked out of the alignment entirely; it still shapes the report embedding through
-the global `ct_contrastive` head.
+Normal sentences ("No pleural effusion.", "The heart is not enlarged.") describe no region: this
+head flags them (`sentence_normal_flags`: `is_normal_sentence` on the loader's own split of
+batch["caption"]) and masks them out of the alignment entirely; they still shape the report
+embedding through the global `ct_contrastive` head. A batch that carries its own
+batch["sentence_normal"] (B, S) is taken as it is.
 
 Duplicate findings ("Nodule as described." in two reports, the same lesion words twice) make
 false negatives: a volume holding a sentence with cosine >= `dedup_threshold` to sentence i is
@@ -47,6 +47,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from vlp.core.collectives import at_least_fp32, gather_no_grad, gather_with_grad
+from vlp.data_pipelines.text import caption_sentences, is_normal_sentence
 from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
 
 
@@ -132,6 +133,25 @@ def alignment_loss(
     return losses.sum() / denominator, accuracy
 
 
+def sentence_normal_flags(batch: dict[str, Any], max_sentences: int) -> Tensor:
+    """(B, S) bool: which of batch["sentences"] state absence or normality.
+
+    Derived from batch["caption"] with the loader's own split (`caption_sentences`, first S
+    sentences, the whole caption when it splits into none), so flag s is about sentence s of
+    batch["sentences"]; batch["sentence_normal"] when the batch carries it. All False when
+    neither is there. The shards store no flags: this head is their one owner."""
+    if "sentence_normal" in batch:
+        return torch.as_tensor(batch["sentence_normal"], dtype=torch.bool)
+    captions = batch.get("caption")
+    if captions is None:
+        return torch.zeros(len(batch.get("sentence_mask", [])), max_sentences, dtype=torch.bool)
+    flags = torch.zeros(len(captions), max_sentences, dtype=torch.bool)
+    for b, caption in enumerate(captions):
+        for s, sentence in enumerate((caption_sentences(caption) or [caption])[:max_sentences]):
+            flags[b, s] = is_normal_sentence(sentence)
+    return flags
+
+
 class CtAlignConfig(HeadConfig):
     selection: Literal["topk", "softmax"] = "topk"
     topk: int = Field(4, ge=1, description="patches kept per sentence (selection=topk)")
@@ -160,15 +180,13 @@ class CtAlignHead(Head):
 
     def aligned_mask(self, batch: dict[str, Any], shape: tuple[int, int]) -> Tensor:
         """(B, S) bool: real sentences, minus normal ones when `exclude_normal`."""
-        from vlp.data_pipelines.ct import batch_sentence_normal
-
         if "sentence_mask" not in batch:
             raise ValueError("ct_align needs batch['sentence_mask'] (set data.sentences > 0)")
         mask = torch.as_tensor(batch["sentence_mask"], dtype=torch.bool)
         if tuple(mask.shape) != shape:
             raise ValueError(f"ct_align: sentence_mask {tuple(mask.shape)} does not match sentences {shape}")
         if self.config.exclude_normal:
-            mask = mask & ~batch_sentence_normal(batch, shape[1]).to(mask.device)
+            mask = mask & ~sentence_normal_flags(batch, shape[1]).to(mask.device)
         return mask
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:

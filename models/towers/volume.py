@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlp.data_pipelines.ct import DEFAULT_HU_WINDOW, VolumePreprocess
+from vlp.data_pipelines.volume_transforms import DEFAULT_HU_WINDOW, VolumePreprocess
 from vlp.models.towers.base import IMAGE_TOWERS, ImageTower, TowerConfig
 
 
