@@ -9,7 +9,9 @@ be this session's while its jobs still run.
     launcher;
 (c) injection attempts through a real sbatch/srun run nothing and arrive literally;
 (d) Slurm's own `--signal=USR1@T` before the time limit reaches the srun tasks, and
-    `train.preemption.requeue()` brings the job back with SLURM_RESTART_COUNT=1.
+    `train.preemption.requeue()` brings the job back with SLURM_RESTART_COUNT=1;
+(e) `/venv/bin/vlp submit` from a shell whose PATH lacks the venv, with no `command` in the
+    profile, trains to completion: the job runs the submitting interpreter, not a `vlp` on PATH.
 """
 
 from __future__ import annotations
@@ -112,9 +114,11 @@ def tiny_config(folder: Path, data_dir: Path) -> Path:
     return path
 
 
-def vlp_submit(args: list[str], cwd: Path = ROOT) -> tuple[str, Path]:
-    result = subprocess.run([sys.executable, "-m", "vlp.train.cli", "submit", *args], cwd=cwd, capture_output=True,
-                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+def vlp_submit(args: list[str], cwd: Path = ROOT, entry: list[str] | None = None,
+               env: dict | None = None) -> tuple[str, Path]:
+    entry = entry or [sys.executable, "-m", "vlp.train.cli"]
+    result = subprocess.run([*entry, "submit", *args], cwd=cwd, capture_output=True,
+                            text=True, env=env or dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
     assert result.returncode == 0, result.stderr
     job_id = re.search(r"submitted job (\d+)", result.stdout).group(1)
     run_dir = Path(re.search(r"run folder (\S+)", result.stdout).group(1))
@@ -275,3 +279,28 @@ def test_signal_before_time_limit_reaches_tasks_and_requeue_restarts(tmp_path):
     assert state == "COMPLETED", log
     assert "task 0 reason USR1" in log and "task 1 reason USR1" in log, log
     assert "requeued" in log and "restart 1" in log and job_field(job_id, "Restarts") == "1", log
+
+
+def test_job_runs_the_submitting_vlp_from_a_shell_without_the_venv(tmp_path):
+    """Issue 14: `/venv/bin/vlp submit` from a shell without the venv on PATH used to render
+    `vlp train ...`, whose tasks died with `exec: vlp: not found` (exit 127)."""
+    venv_bin = Path(sys.executable).parent
+    entry = venv_bin / "vlp"
+    if not entry.is_file():
+        pytest.skip(f"no console script at {entry}")
+    path = ":".join(folder for folder in os.environ["PATH"].split(":") if Path(folder) != venv_bin)
+    env = {key: value for key, value in os.environ.items() if key not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = path
+    profile = write_profile(tmp_path / "cfg")
+    tree = yaml.safe_load(profile.read_text())
+    del tree["command"], tree["env"]["PYTHONPATH"]  # the default entry point, the installed package
+    profile.write_text(yaml.safe_dump(tree))
+    config = tiny_config(tmp_path / "cfg", tmp_path / "digits")
+    job_id, run_dir = vlp_submit([str(config), "--ntasks-per-node", str(TASKS), "--profile", str(profile),
+                                  f"output_dir={tmp_path / 'runs'}", "train.steps=5"],
+                                 cwd=tmp_path, entry=[str(entry)], env=env)
+    script = (run_dir / "slurm" / "job.sbatch").read_text()
+    assert re.search(rf"^VLP=\({re.escape(str(venv_bin))}/python3?(\.\d+)? -m vlp\.train\.cli\)$", script, re.M), script
+    state = wait_final(job_id, run_dir, timeout_s=600)
+    assert state == "COMPLETED", log_of(run_dir, job_id)[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 5

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlp.train import preemption, submit
+from vlp.train import preemption, slurm_profile, slurm_render, submit
 from vlp.train import status as status_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
+PYTHON = sys.executable  # the shims' interpreter, whatever a test does to sys.executable
+VENV_BIN = str(Path(sys.executable).parent)
 
 # Each payload would create the sentinel file if any shell evaluated it.
 PAYLOADS = [
@@ -50,21 +52,30 @@ def write_config(folder: Path, output_dir: Path, name: str = "tiny") -> Path:
 def write_shim(bin_dir: Path, name: str, body: str) -> None:
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / name
-    path.write_text(f"#!{sys.executable}\nimport json, os, sys\n{body}\n")
+    path.write_text(f"#!{PYTHON}\nimport json, os, sys\n{body}\n")
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def write_entry_point(folder: Path, name: str, record: str) -> None:
+    """A fake vlp entry point: `... deepspeed ...` is the launcher (it starts the command after
+    --no_local_rank), anything else a trainer that only records its argv."""
+    write_shim(
+        folder,
+        name,
+        record + "\nif 'deepspeed' in sys.argv[1:4] and '--no_local_rank' in sys.argv:\n    args = sys.argv[sys.argv.index('--no_local_rank') + 1:]\n"
+        "    os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1')\n    os.execvp(args[0], args)",
+    )
+
+
+def recorder(log: Path) -> str:
+    return f"open({str(log)!r}, 'a').write(json.dumps({{'prog': os.path.basename(sys.argv[0]), 'argv': sys.argv[1:], " \
+           f"'env': {{k: v for k, v in os.environ.items() if k.startswith(('VLP_TEST_', 'RANK', 'MASTER_'))}}}}) + '\\n')"
 
 
 def make_shims(bin_dir: Path, log: Path) -> None:
     """Fakes that log their argv (one JSON line each) and, for launchers, exec the command."""
-    record = f"open({str(log)!r}, 'a').write(json.dumps({{'prog': os.path.basename(sys.argv[0]), 'argv': sys.argv[1:], " \
-             f"'env': {{k: v for k, v in os.environ.items() if k.startswith(('VLP_TEST_', 'RANK', 'MASTER_'))}}}}) + '\\n')"
-    # vlp: `vlp deepspeed ...` is the launcher (it starts the command after --no_local_rank).
-    write_shim(
-        bin_dir,
-        "vlp",
-        record + "\nif 'deepspeed' in sys.argv[1:3] and '--no_local_rank' in sys.argv:\n    args = sys.argv[sys.argv.index('--no_local_rank') + 1:]\n"
-        "    os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1')\n    os.execvp(args[0], args)",
-    )
+    record = recorder(log)
+    write_entry_point(bin_dir, "vlp", record)
     write_shim(bin_dir, "module", record)
     write_shim(bin_dir, "scontrol", record + "\nprint('node01')")
     # srun: drop leading options, then run the task like a one-task step would.
@@ -85,14 +96,16 @@ def render(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def run_script(script: str, tmp_path: Path) -> list[dict]:
-    """bash -n, then execute the script with the shims first on PATH; returns the shims' log."""
+def run_script(script: str, tmp_path: Path, without_venv: bool = False) -> list[dict]:
+    """bash -n, then execute the script with the shims first on PATH (and, `without_venv`, the
+    test's venv off it); returns the shims' log."""
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     subprocess.run(["bash", "-n", str(path)], check=True)
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.jsonl"
     make_shims(bin_dir, log)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="1234",
+    search = [folder for folder in os.environ["PATH"].split(":") if not (without_venv and folder == VENV_BIN)]
+    env = dict(os.environ, PATH=":".join([str(bin_dir), *search]), SLURM_JOB_ID="1234",
                SLURM_JOB_NODELIST="node01", SLURM_NODEID="0", VLP_TEST_MARK="1")
     env.pop("RANK", None)
     result = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=60)
@@ -102,6 +115,16 @@ def run_script(script: str, tmp_path: Path) -> list[dict]:
 
 def vlp_calls(calls: list[dict]) -> list[dict]:
     return [call for call in calls if call["prog"] == "vlp"]
+
+
+@pytest.fixture(autouse=True)
+def vlp_on_path(monkeypatch):
+    """Scripts run the `vlp` shim, not this interpreter's real entry point (which would train);
+    `test_default_entry_point_is_the_submitting_interpreter` checks the real default."""
+    monkeypatch.setattr(slurm_render, "default_command", lambda: ["vlp"])
+
+
+REAL_DEFAULT_COMMAND = slurm_render.default_command
 
 
 @pytest.fixture
@@ -236,8 +259,8 @@ def test_profile_unknown_key_and_bad_values(tmp_path, capsys, monkeypatch):
     ]
     for tree, message in cases:
         profile = write_profile(tmp_path, tree)
-        with pytest.raises(submit.SubmitError, match=message):
-            submit.load_profile(profile)
+        with pytest.raises(slurm_profile.SubmitError, match=message):
+            slurm_profile.load_profile(profile)
         code, out, err = render([str(config), "--profile", str(profile)], capsys)
         assert code == 2 and str(profile) in err
     code, _, err = render([str(config), "--profile", str(tmp_path / "missing.yaml")], capsys)
@@ -246,15 +269,15 @@ def test_profile_unknown_key_and_bad_values(tmp_path, capsys, monkeypatch):
 
 def test_profile_lookup_order(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv(submit.PROFILE_ENV, raising=False)
-    assert submit.find_profile(None) is None
+    monkeypatch.delenv(slurm_profile.PROFILE_ENV, raising=False)
+    assert slurm_profile.find_profile(None) is None
     home = tmp_path / ".config" / "vlp" / "cluster.yaml"
     home.parent.mkdir(parents=True)
     home.write_text("partition: cpu\n")
-    assert submit.find_profile(None) == home
-    monkeypatch.setenv(submit.PROFILE_ENV, "/from/env.yaml")
-    assert submit.find_profile(None) == Path("/from/env.yaml")
-    assert submit.find_profile("/explicit.yaml") == Path("/explicit.yaml")
+    assert slurm_profile.find_profile(None) == home
+    monkeypatch.setenv(slurm_profile.PROFILE_ENV, "/from/env.yaml")
+    assert slurm_profile.find_profile(None) == Path("/from/env.yaml")
+    assert slurm_profile.find_profile("/explicit.yaml") == Path("/explicit.yaml")
 
 
 def test_profile_defaults_and_flags_win(tmp_path, capsys, monkeypatch):
@@ -263,7 +286,7 @@ def test_profile_defaults_and_flags_win(tmp_path, capsys, monkeypatch):
     profile = write_profile(tmp_path, {"partition": "cpu", "account": "lab", "time": "01:00:00",
                                        "signal_seconds": 300, "setup": ["export VLP_TEST_SETUP=from-setup"],
                                        "command": ["vlp"]})
-    monkeypatch.setenv(submit.PROFILE_ENV, str(profile))
+    monkeypatch.setenv(slurm_profile.PROFILE_ENV, str(profile))
     code, script, _ = render([str(config), "--partition", "gpu"], capsys)
     assert code == 0
     assert "#SBATCH --partition=gpu\n" in script and "#SBATCH --account=lab\n" in script
@@ -305,6 +328,53 @@ def test_deepspeed_launcher_with_a_multi_word_command(tmp_path, capsys, monkeypa
     launcher, trainer = vlp_calls(run_script(script, tmp_path))
     assert launcher["argv"][:2] == ["--flag with space", "deepspeed"]
     assert trainer["argv"] == ["--flag with space", "train", str(config), "--resume", "latest"]
+
+
+@pytest.mark.parametrize("launcher", ["srun", "deepspeed"])
+def test_default_entry_point_is_the_submitting_interpreter(launcher, tmp_path, capsys, monkeypatch):
+    """`/venv/bin/vlp submit` from a shell without the venv on PATH: the job runs that venv's
+    interpreter by its absolute path (`sys.executable -m vlp.train.cli`), never a `vlp` from PATH."""
+    monkeypatch.setattr(slurm_render, "default_command", REAL_DEFAULT_COMMAND)
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "cfg", tmp_path / "runs")
+    interpreter = tmp_path / "venv" / "bin" / "python"
+    write_entry_point(interpreter.parent, "python", recorder(tmp_path / "calls.jsonl"))
+    monkeypatch.setattr(sys, "executable", str(interpreter))
+    code, script, _ = render([str(config), "train.steps=20", "--launcher", launcher], capsys)
+    assert code == 0
+    assert f"VLP=({interpreter} -m vlp.train.cli)\n" in script
+    logged = run_script(script, tmp_path, without_venv=True)
+    assert not vlp_calls(logged), "the job ran a `vlp` from PATH"
+    calls = [call for call in logged if call["prog"] == "python"]
+    entry = ["-m", "vlp.train.cli", "train", str(config), "train.steps=20", "--resume", "latest"]
+    assert calls[-1]["argv"] == entry
+    if launcher == "deepspeed":  # the launcher too, and it starts each rank with the same interpreter
+        launch = calls[0]["argv"]
+        assert launch[:3] == ["-m", "vlp.train.cli", "deepspeed"]
+        assert launch[launch.index("--no_local_rank") + 1:] == [str(interpreter), *entry]
+
+
+def test_profile_command_wins_over_the_interpreter(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(slurm_render, "default_command", REAL_DEFAULT_COMMAND)
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "cfg", tmp_path / "runs")
+    profile = write_profile(tmp_path, {"command": ["/opt/vlp/bin/vlp"]})
+    code, script, _ = render([str(config), "--profile", str(profile)], capsys)
+    assert code == 0 and "VLP=(/opt/vlp/bin/vlp)\n" in script
+
+
+def test_overrides_anywhere_among_the_flags(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "cfg", tmp_path / "runs")
+    code, script, err = render([str(config), "train.steps=20", "--nodes", "1", "data.caption_key=y",
+                                "--exclusive", "train.lr=0.001"], capsys)
+    assert code == 0, err
+    calls = run_script(script, tmp_path)
+    assert vlp_calls(calls)[0]["argv"] == ["train", str(config), "train.steps=20", "data.caption_key=y",
+                                           "train.lr=0.001", "--resume", "latest"]
+    with pytest.raises(SystemExit) as exit_info:  # an unknown flag is still argparse's error
+        render([str(config), "train.steps=20", "--nodez", "2"], capsys)
+    assert exit_info.value.code == 2 and "unrecognized arguments: --nodez" in capsys.readouterr().err
 
 
 def test_cpu_tasks_and_gpu_task_count(tmp_path, capsys, monkeypatch):
@@ -391,7 +461,6 @@ def test_slurm_env_to_dist(monkeypatch):
     environ = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "MASTER_ADDR": "10.0.0.1", "SLURM_JOB_ID": "7"}
     assert "MASTER_ADDR" not in preemption.slurm_env_to_dist(environ) and environ["MASTER_ADDR"] == "10.0.0.1"
     assert preemption.slurm_env_to_dist({}) == {}
-    assert submit.slurm_env_to_dist is preemption.slurm_env_to_dist
 
 
 def test_master_port_in_range_and_shared_formula():
@@ -475,12 +544,12 @@ class _Args:
 
 def test_time_limit_seconds():
     cases = {"30": 1800, "30:15": 1815, "01:02:03": 3723, "2-00": 172800, "1-02:03": 93780, "1-02:03:04": 93784}
-    assert {limit: submit.time_limit_seconds(limit) for limit in cases} == cases
+    assert {limit: slurm_profile.time_limit_seconds(limit) for limit in cases} == cases
 
 
 def test_example_profile_is_valid_and_renders(tmp_path, capsys, monkeypatch):
     example = ROOT / "slurm" / "cluster.example.yaml"
-    profile = submit.load_profile(example)
+    profile = slurm_profile.load_profile(example)
     assert profile.gpus_per_node == 8 and profile.env["NCCL_IB_HCA"] == "mlx5"
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path / "cfg", tmp_path / "runs")
