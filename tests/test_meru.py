@@ -322,7 +322,7 @@ def test_hierarchy_evaluator(tmp_path):
     assert again["hierarchy_generic_mean_dist"] == pytest.approx(results["hierarchy_generic_mean_dist"])
 
 
-def test_hierarchy_needs_a_meru_head():
+def test_hierarchy_needs_a_hyperbolic_head():
     from vlp.models.dual_encoder import VLPModel
     from vlp.train.config import load_config
     from vlp.train.evals.hierarchy import evaluate_hierarchy
@@ -330,7 +330,7 @@ def test_hierarchy_needs_a_meru_head():
     config = load_config("configs/meru_demo.yaml", ["model.image.layers=1", "model.text.layers=1"])
     config.model.heads.meru = None
     config.model.heads.clip = HEADS.get("clip").config_class()
-    with pytest.raises(ValueError, match="no meru head"):
+    with pytest.raises(ValueError, match="no hyperbolic head"):
         evaluate_hierarchy(VLPModel(config.model), ["a digit"], ["a handwritten digit 7"])
 
 

@@ -87,6 +87,93 @@ class Head(nn.Module):
         text = torch.nn.functional.normalize(text_embed.float(), dim=-1)
         return image @ text.T
 
+    # -- capabilities: what evaluators and exporters may ask of a head -----------------------
+    # Each is off by default; a head that has one sets the flag and implements its methods, so a
+    # consumer asks `head.grounds` (say) and never which head it holds.
+
+    # Token scoring: `pairwise_scores` also takes `image_tokens=` (N, P, E) and then scores every
+    # pair text-conditioned, and `pair_scores` re-scores listed pairs (retrieval re-ranking).
+    scores_with_tokens: ClassVar[bool] = False
+
+    def pair_scores(
+        self, image_tokens: torch.Tensor, text_embed: torch.Tensor, image_index: torch.Tensor,
+        text_index: torch.Tensor, *, image_embed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token-conditioned score of listed pairs: images (N, P, E), texts (M, E), indices (Q,) -> (Q,)."""
+        raise NotImplementedError(f"{type(self).__name__} does not score with tokens")
+
+    # Grounding: the head can place a sentence on its image's patches (`vlp eval grounding`).
+    grounds: ClassVar[bool] = False
+
+    def patch_map(self, image: dict[str, torch.Tensor], text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(Q, P) map of each of Q sentences over its own image's patches; higher is more likely.
+
+        image: "image_embed" (Q, E) and "image_tokens" (Q, P, E) of each sentence's image;
+        text: "text_embed" (Q, E), "text_tokens" (Q, L, E), "text_mask" (Q, L) bool."""
+        raise NotImplementedError(f"{type(self).__name__} does not ground")
+
+    def grounding_scores(
+        self, images: dict[str, torch.Tensor], texts: dict[str, torch.Tensor], topk: int | None = None
+    ) -> torch.Tensor:
+        """(N images, M sentences) retrieval scores in this head's grounding geometry.
+
+        images: "image_embed" (N, E), "image_tokens" (N, P, E); texts as in `patch_map` with M
+        rows. topk: re-rank only each sentence's top-k images, where the head supports it."""
+        raise NotImplementedError(f"{type(self).__name__} does not ground")
+
+    # open_clip export: this head's parameters that open_clip's CLIP holds as its own 0-dim
+    # scalars under the same names ("logit_scale", "logit_bias"), because open_clip scores the
+    # way this head does. Empty: the head's parameters go to the export's vlp extras.
+    open_clip_scalars: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def to_open_clip_scalars(cls, config: HeadConfig, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our stored scalars ({name: [1]} for the names in `open_clip_scalars`) -> open_clip's
+        values ({name: 0-dim fp32}), as this head uses them in forward (clamps included)."""
+        return {name: params[name].float().reshape(()) for name in cls.open_clip_scalars}
+
+    # Hierarchy geometry: embeddings live on a Lorentz hyperboloid (`models/lorentz.py`), where
+    # generic concepts sit near the origin (`vlp eval hierarchy`).
+    hyperbolic: ClassVar[bool] = False
+
+    def curvature(self) -> torch.Tensor:
+        """The hyperboloid's curvature c, shape [1], fp32."""
+        raise NotImplementedError(f"{type(self).__name__} has no hyperbolic geometry")
+
+    def lift_text(self, embed: torch.Tensor) -> torch.Tensor:
+        """Raw text embeddings (B, E) -> space components (B, E) on the hyperboloid, fp32."""
+        raise NotImplementedError(f"{type(self).__name__} has no hyperbolic geometry")
+
+    # -- tiny example inputs, so the registry tests (tests/test_registries.py) cover every head --
+    # Config fields of the example head (small sizes; deterministic options where there is one).
+    example_config: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def example_inputs(
+        cls, config: HeadConfig, batch_size: int, embed_dim: int, generator: torch.Generator
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(encoder outputs, data batch) of `batch_size` samples with every key this head needs.
+
+        Shapes: "*_embed" (B, E), "image_tokens" (B, 4, E), "text_tokens" (B, 5, E) with
+        "text_mask" (B, 5) (at least one real token), "sub_text_embed" (B, 2, E),
+        "sentence_embed" (B, 3, E), "parent_text_embed" (B, 1, E). A head that also reads the
+        data batch overrides this and adds what it reads."""
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator)
+
+        shapes = {"image_tokens": (4,), "text_tokens": (5,), "sub_text_embed": (2,), "sentence_embed": (3,),
+                  "parent_text_embed": (1,)}
+        sources = {"image_normed": "image_embed", "text_normed": "text_embed"}
+        encoded: dict[str, torch.Tensor] = {}
+        for key in cls.needs_for(config) + cls.gathered_keys:
+            key = sources.get(key, key)
+            if key == "text_mask":
+                lengths = torch.randint(1, 6, (batch_size,), generator=generator)
+                encoded[key] = torch.arange(5)[None] < lengths[:, None]  # (B, 5)
+            elif key not in encoded:
+                encoded[key] = randn(batch_size, *shapes.get(key, ()), embed_dim)
+        return encoded, {}
+
     def no_weight_decay(self) -> set[str]:
         """Names of own parameters (relative to this module) excluded from weight decay.
 

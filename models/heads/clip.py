@@ -157,6 +157,8 @@ class ClipHead(Head):
 
     config_class = ClipConfig
     gathered_keys = ("image_normed", "text_normed")
+    # open_clip's CLIP computes this very loss and score with its own logit_scale.
+    open_clip_scalars = ("logit_scale",)
     config: ClipConfig
 
     def __init__(self, config: ClipConfig, embed_dim: int) -> None:
@@ -168,6 +170,11 @@ class ClipHead(Head):
         """The clamped multiplier exp(logit_scale), shape [1], fp32. Clamped here rather than in
         place after the step because ZeRO 2/3 would overwrite an in-place clamp."""
         return self.logit_scale.float().clamp(max=math.log(self.config.max_logit_scale)).exp()
+
+    @classmethod
+    def to_open_clip_scalars(cls, config: ClipConfig, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The clamp `scale` applies, applied once: open_clip's exp(logit_scale) is the scale we used."""
+        return {"logit_scale": params["logit_scale"].float().reshape(()).clamp(max=math.log(config.max_logit_scale))}
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         logit_scale = self.scale()

@@ -189,6 +189,14 @@ class CtAlignHead(Head):
             mask = mask & ~sentence_normal_flags(batch, shape[1]).to(mask.device)
         return mask
 
+    @classmethod
+    def example_inputs(cls, config: CtAlignConfig, batch_size: int, embed_dim: int, generator: torch.Generator):
+        """The base example plus batch["sentence_mask"] (B, 3): the first 1-3 sentences are real."""
+        encoded, batch = super().example_inputs(config, batch_size, embed_dim, generator)
+        sentences = encoded["sentence_embed"].shape[1]
+        counts = torch.randint(1, sentences + 1, (batch_size,), generator=generator)
+        return encoded, {**batch, "sentence_mask": torch.arange(sentences)[None] < counts[:, None]}
+
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         c = self.config
         tokens = inputs.local["image_tokens"]  # (B, P, E)

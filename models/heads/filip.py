@@ -104,7 +104,9 @@ class FilipHead(Head):
     config_class = FilipConfig
     needs = ("image_tokens", "text_tokens", "text_mask")
     gathered_keys = ("image_tokens", "text_tokens", "text_mask")
-    scores_with_tokens = True
+    # Late interaction needs text tokens, which zero-shot class embeddings (prompt averages) do
+    # not have: zero-shot and retrieval score FILIP by global cosine; grounding uses the tokens.
+    grounds = True
 
     def __init__(self, config: FilipConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)
@@ -146,6 +148,21 @@ class FilipHead(Head):
         sim = torch.einsum("bpe,ble->bpl", F.normalize(at_least_fp32(image_tokens), dim=-1),
                            F.normalize(at_least_fp32(text_tokens), dim=-1))
         return sim.masked_fill(~text_mask.bool()[:, None, :], float("-inf")).amax(dim=2)
+
+    def patch_map(self, image: dict[str, Tensor], text: dict[str, Tensor]) -> Tensor:
+        """Grounding map: per patch, the best cosine over the sentence's valid tokens (Q, P)."""
+        return self.similarity_map(image["image_tokens"], text["text_tokens"], text["text_mask"]).float()
+
+    @torch.no_grad()
+    def grounding_scores(self, images: dict[str, Tensor], texts: dict[str, Tensor], topk: Optional[int] = None) -> Tensor:
+        """Text -> image late-interaction score s'(i, t) of every (image, sentence) -> (N, M);
+        `topk` is not used (every pair is scored exactly)."""
+        n_text, length = texts["text_tokens"].shape[:2]
+        # Images per chunk: about 2e7 similarities per (chunk, M, P, L) block.
+        chunk = max(1, int(2e7 // max(1, n_text * images["image_tokens"].shape[1] * length)))
+        _, t2i = token_similarity(F.normalize(images["image_tokens"].float(), dim=-1),
+                                  F.normalize(texts["text_tokens"].float(), dim=-1), texts["text_mask"], chunk=chunk)
+        return t2i
 
     @torch.no_grad()
     def token_scores(self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:

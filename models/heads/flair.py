@@ -169,6 +169,9 @@ class FlairHead(Head):
     gathered_keys = ("sub_text_embed",)
     # Zero-shot scores need the image tokens: evaluators pass `image_tokens=` when this is True.
     scores_with_tokens = True
+    # Grounding by the text-conditioned attention over the patches.
+    grounds = True
+    example_config = {"num_heads": 2, "negatives": "all"}
 
     def __init__(self, config: FlairConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)
@@ -253,6 +256,15 @@ class FlairHead(Head):
         tokens = self._tokens(image_tokens, image_embed)
         _, weights = self.pool(text_embed[:, None].to(tokens.dtype), tokens)  # (Q, H, 1, P' + 1)
         return weights.mean(dim=1)[:, 0, :-1][:, tokens.shape[1] - image_tokens.shape[1]:]
+
+    def patch_map(self, image: dict[str, Tensor], text: dict[str, Tensor]) -> Tensor:
+        """Grounding map: the head-averaged attention of each sentence on its image's patches (Q, P)."""
+        return self.paired_attention_map(image["image_tokens"], text["text_embed"], image_embed=image["image_embed"]).float()
+
+    def grounding_scores(self, images: dict[str, Tensor], texts: dict[str, Tensor], topk: Optional[int] = None) -> Tensor:
+        """Text-conditioned cosine of every (image, sentence), optionally re-ranking each sentence's
+        top-k images by global cosine (`pairwise_scores`) -> (N, M)."""
+        return self.pairwise_scores(images["image_embed"], texts["text_embed"], image_tokens=images["image_tokens"], topk=topk)
 
     @torch.no_grad()
     def text_conditioned_scores(

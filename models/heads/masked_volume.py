@@ -89,6 +89,8 @@ class MaskedVolumeHead(Head):
     config: MaskedVolumeConfig
     needs = ("image_tokens",)
     scores_embeddings = False
+    # 2 x 2 x 2 voxel patches of a (4, 4, 2) volume: the 4 tokens of the base example.
+    example_config = {"patch_size": (2, 2, 2), "decoder_dim": 8, "decoder_heads": 2}
 
     def __init__(self, config: MaskedVolumeConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)
@@ -111,6 +113,13 @@ class MaskedVolumeHead(Head):
     def no_weight_decay(self) -> set[str]:
         # A real decoder: its weight matrices decay like any other; only the mask token does not.
         return {"mask_token"}
+
+    @classmethod
+    def example_inputs(cls, config: MaskedVolumeConfig, batch_size: int, embed_dim: int, generator: torch.Generator):
+        """The base example plus batch["image"]: volumes (B, 1, 2p, 2p, p) for patch edge p, i.e. 4 patches."""
+        encoded, batch = super().example_inputs(config, batch_size, embed_dim, generator)
+        shape = tuple(n * p for n, p in zip((2, 2, 1), config.patch_size))
+        return encoded, {**batch, "image": torch.randn(batch_size, 1, *shape, generator=generator)}
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         c = self.config

@@ -160,6 +160,8 @@ class MeruHead(Head):
     # rank lifts every rank's gathered rows itself (cheap next to the pairwise distances).
     needs = ("image_embed", "text_embed")
     gathered_keys = ("image_embed", "text_embed")
+    # Lorentz hyperboloid: `curvature` and `lift_text` below are the hierarchy capability.
+    hyperbolic = True
 
     @classmethod
     def needs_for(cls, config: MeruConfig) -> tuple[str, ...]:

@@ -106,6 +106,8 @@ class SigLipHead(Head):
     config_class = SigLipConfig
     # Only texts cross ranks: each rank's images meet every text, never other ranks' images.
     gathered_keys = ("text_normed",)
+    # open_clip's CLIP with `init_logit_bias` is SigLIP: it holds both scalars.
+    open_clip_scalars = ("logit_scale", "logit_bias")
     config: SigLipConfig
 
     def __init__(self, config: SigLipConfig, embed_dim: int) -> None:
@@ -118,6 +120,13 @@ class SigLipHead(Head):
         """exp(logit_scale) clamped to `max_logit_scale`, [1] fp32; clamped here because ZeRO 2/3
         would overwrite an in-place clamp."""
         return self.logit_scale.float().clamp(max=math.log(self.config.max_logit_scale)).exp()
+
+    @classmethod
+    def to_open_clip_scalars(cls, config: SigLipConfig, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """logit_scale with the clamp of `scale` applied once; logit_bias as it is."""
+        scalars = super().to_open_clip_scalars(config, params)
+        scalars["logit_scale"] = scalars["logit_scale"].clamp(max=math.log(config.max_logit_scale))
+        return scalars
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         logit_scale, logit_bias = self.scale(), self.logit_bias.float()

@@ -41,6 +41,12 @@ class ImageTower(Tower):
         """A picklable callable PIL image -> tensor (C, H, W), applied in loader workers."""
         raise NotImplementedError
 
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample the tower takes: (C, H, W) for images, (1, H, W, D) for volumes.
+
+        Evaluators ask it for a throwaway forward (ranks in lockstep under ZeRO-3)."""
+        raise NotImplementedError
+
 
 class TextTower(Tower):
     def tokenizer(self) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, Optional
 
 import torch
@@ -70,6 +71,9 @@ class OpenClipVit(ImageTower):
         c = self.config
         return ClipImageTransform(c.image_size, train, c.mean, c.std)
 
+    def input_shape(self) -> tuple[int, ...]:
+        return (3, self.config.image_size, self.config.image_size)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
@@ -89,26 +93,41 @@ class TimmConfig(TowerConfig):
     std: tuple[float, float, float] = OPENAI_STD
 
 
+def create_timm_trunk(config: TimmConfig) -> tuple[nn.Module, dict]:
+    """timm.create_model for `config` without a classifier, and the keyword arguments it was given
+    besides num_classes / drop_path_rate (what an export must pass to rebuild it).
+
+    `image_size` goes to timm as `img_size` when the model's class takes one (ViT, DeiT, EVA,
+    Swin ...: their position embeddings depend on it); the class is asked, not the model name: a
+    class without that argument refuses it before building anything, and is then built without."""
+    import timm
+
+    kwargs = dict(config.kwargs)
+    create = functools.partial(timm.create_model, config.model_name, pretrained=False, num_classes=0,
+                               drop_path_rate=config.drop_path_rate)
+    if "img_size" not in kwargs:
+        try:
+            return create(**kwargs, img_size=config.image_size), {**kwargs, "img_size": config.image_size}
+        except TypeError as error:
+            if "img_size" not in str(error):
+                raise
+    return create(**kwargs), kwargs
+
+
 @IMAGE_TOWERS.register("timm")
 class TimmTower(ImageTower):
     """Any timm model without its classifier, plus a linear projection to `embed_dim`.
 
     The timm trunk lives at `self.trunk` with timm's own parameter names, so exporting it for
-    `timm.create_model(..., pretrained_cfg_overlay=dict(file=...))` is a prefix strip.
+    `timm.create_model(..., pretrained_cfg_overlay=dict(file=...))` is a prefix strip;
+    `self.timm_kwargs` is what else timm needs to rebuild it (`create_timm_trunk`).
     """
 
     config_class = TimmConfig
 
     def __init__(self, config: TimmConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)
-        import timm
-
-        kwargs = dict(config.kwargs)
-        if "vit" in config.model_name or "deit" in config.model_name or "eva" in config.model_name:
-            kwargs.setdefault("img_size", config.image_size)
-        self.trunk = timm.create_model(
-            config.model_name, pretrained=False, num_classes=0, drop_path_rate=config.drop_path_rate, **kwargs
-        )
+        self.trunk, self.timm_kwargs = create_timm_trunk(config)
         width = self.trunk.num_features
         self.proj = nn.Linear(width, embed_dim, bias=False)
         self.num_prefix = int(getattr(self.trunk, "num_prefix_tokens", 0))
@@ -125,6 +144,9 @@ class TimmTower(ImageTower):
     def preprocess(self, train: bool):
         c = self.config
         return ClipImageTransform(c.image_size, train, c.mean, c.std)
+
+    def input_shape(self) -> tuple[int, ...]:
+        return (3, self.config.image_size, self.config.image_size)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)

@@ -123,6 +123,9 @@ class MonaiViT3D(ImageTower):
         token_proj = self.token_proj if self.config.token_proj == "separate" else self.proj
         return {"image_embed": self.proj(pooled), "image_tokens": token_proj(tokens)}
 
+    def input_shape(self) -> tuple[int, ...]:
+        return (1, *self.config.roi)
+
     def preprocess(self, train: bool) -> VolumePreprocess:
         c = self.config
         return VolumePreprocess(train, spacing=c.spacing, roi=c.roi, hu_window=c.hu_window, flip_prob=c.flip_prob)

@@ -11,11 +11,20 @@ from vlp.core.collectives import all_reduce_max
 
 def scoring_head(model: Any) -> Any:
     """The head whose geometry scores zero-shot and retrieval: the first (in config order) that
-    declares `scores_embeddings` (cosine for clip/siglip, Lorentzian for meru, ...)."""
+    declares `scores_embeddings` (cosine by default, a head's own geometry where it overrides
+    `pairwise_scores`)."""
     for head in model.objective.heads.values():
-        if getattr(head, "scores_embeddings", False):
+        if head.scores_embeddings:
             return head
     return next(iter(model.objective.heads.values()))
+
+
+def patch_cosine(patch_tokens: torch.Tensor, sentences: torch.Tensor) -> torch.Tensor:
+    """Cosine of each sentence (Q, E) with every patch token (Q, P, E) of its own image -> (Q, P), fp32.
+
+    The head-free pointing baseline: grounding's `patch` method and the CT evaluator's pointing."""
+    patches = torch.nn.functional.normalize(patch_tokens.float(), dim=-1)
+    return torch.einsum("qpe,qe->qp", patches, torch.nn.functional.normalize(sentences.float(), dim=-1))
 
 
 def encode_texts(model: Any, texts: list[str], device: torch.device, batch_size: int = 256) -> torch.Tensor:
@@ -67,8 +76,7 @@ def lockstep(items: Iterable[Any], in_lockstep: bool, idle: Callable[[], Any],
 
 def idle_image_forward(model: Any, device: torch.device, dtype: torch.dtype) -> Callable[[], Any]:
     """A one-sample image forward of the tower's input shape (for `lockstep`)."""
-    cfg = model.image.config
-    shape = (1, 1, *cfg.roi) if hasattr(cfg, "roi") else (1, 3, cfg.image_size, cfg.image_size)
+    shape = (1, *model.image.input_shape())
     return lambda: model.encode_image(torch.zeros(shape, device=device, dtype=dtype))
 
 

@@ -8,7 +8,7 @@ has both labels. Labels are the shards' `.json` "labels" ({key: 0/1}).
 
 Pointing (where `.mask.npy` and the `.json` "lesions" exist, e.g. ct-lesions): every sentence that
 describes a lesion scores every patch of its own volume (cosine of its embedding with the patch
-tokens, as `ct_align` does); a hit is an argmax patch that contains a voxel of that lesion. The
+tokens, the alignment head's patch score); a hit is an argmax patch that contains a voxel of that lesion. The
 chance level (the fraction of patches touching the lesion, averaged) is reported beside it.
 
 Shards are read directly (tar members grouped by key), each rank taking every world_size-th
@@ -28,7 +28,7 @@ from pydantic import Field
 
 from vlp.core.collectives import all_reduce_sum, gather_objects
 from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
-from vlp.train.evals.common import encode_texts, scoring_head
+from vlp.train.evals.common import encode_texts, patch_cosine, scoring_head
 
 # CT-RATE's 18 abnormalities (the column names of its multi_abnormality_labels CSVs).
 CT_RATE_CLASSES = [
@@ -112,7 +112,6 @@ def auroc_per_class(probabilities: np.ndarray, labels: np.ndarray, names: list[s
 @torch.no_grad()
 def evaluate_ct(model: Any, config: CtEvalConfig, context: EvalContext) -> dict[str, float]:
     from vlp.data_pipelines.sharding import expand_urls
-    from vlp.models.heads.ct_align import patch_scores
 
     if not config.data:
         raise ValueError("evals.ct: `data` (a shard spec of held-out CT shards) is required")
@@ -169,7 +168,7 @@ def evaluate_ct(model: Any, config: CtEvalConfig, context: EvalContext) -> dict[
             continue
         sentence_embed = model.encode_text(tokenizer(sentences).to(device))["text_embed"]  # (M, E)
         tokens = encoded["image_tokens"][[b for b, _ in owners]]  # (M, P, E)
-        best = patch_scores(tokens, sentence_embed.unsqueeze(1))[:, 0].argmax(dim=-1).cpu()  # (M,)
+        best = patch_cosine(tokens, sentence_embed).argmax(dim=-1).cpu()  # (M,)
         for (b, value), p in zip(owners, best.tolist()):
             touched = [bool((masks[b][box] == value).any()) for box in boxes]
             if not any(touched):  # the lesion fell outside the crop

@@ -2,13 +2,13 @@
 
 For every held-out (image, object sentence) pair of a dataset whose `.json` lists `objects` with
 a `sentence` and a run-length `mask` (the generated `shapes` source), a map over the image's
-patches is computed by one of three methods:
+patches is computed by one of two kinds of method:
 
-* flair: the FLAIR head's text-conditioned attention (head-averaged weights on the patches);
-* filip: the FILIP head's token similarity map (per patch, best cosine over the sentence's tokens);
-* patch: the CLIP baseline, cosine between each projected patch token and the sentence embedding.
+* a head that grounds (`Head.grounds`), named by its key in `model.heads`: the head's own
+  `patch_map` (e.g. text-conditioned attention, or token similarity) and `grounding_scores`;
+* patch: the baseline, cosine between each projected patch token and the sentence embedding.
 
-`auto` takes flair if the checkpoint has that head, else filip, else patch.
+`auto` takes the first head (in config order) that grounds, else patch.
 
 Metrics (each pair counts once; sums are reduced over ranks):
 
@@ -18,11 +18,10 @@ Metrics (each pair counts once; sums are reduced over ranks):
   for an object that half-covers no patch, the patches of highest coverage.
 * miou: the map min-max normalised per pair and thresholded at `threshold` (default 0.5, i.e.
   the middle of its range) -> a set of patches; IoU with the object's patches, averaged.
-* retrieval_r1 / retrieval_r5: each sentence queries all held-out images (flair:
-  text-conditioned cosine, optionally re-ranking each query's `retrieval_topk` by global
-  cosine; filip: late-interaction text->image score; patch: global cosine). A hit is an image
-  in the top k whose caption contains the same sentence (an identical object can occur in
-  several images).
+* retrieval_r1 / retrieval_r5: each sentence queries all held-out images (a grounding head:
+  its `grounding_scores`, which may re-rank each query's `retrieval_topk`; patch: global
+  cosine). A hit is an image in the top k whose caption contains the same sentence (an
+  identical object can occur in several images).
 """
 
 from __future__ import annotations
@@ -32,29 +31,44 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from vlp.core.collectives import all_reduce_sum, gather_objects
 from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
+from vlp.train.evals.common import patch_cosine
 
 
 class GroundingConfig(EvalConfig):
     type: Literal["grounding"] = "grounding"
-    method: Literal["auto", "flair", "filip", "patch"] = "auto"
+    # "auto", "patch", or the name of a head that grounds.
+    method: str = "auto"
     # Fraction of a map's min-max range at which it is thresholded for mIoU.
     threshold: float = Field(0.5, gt=0, lt=1)
-    # FLAIR retrieval: re-rank each sentence's top-k images by global cosine (None: score all pairs).
+    # Retrieval: re-rank each sentence's top-k images by global cosine, where the grounding head
+    # supports it (None: score all pairs).
     retrieval_topk: Optional[int] = Field(None, ge=1)
     # Metric names are prefixed with this (e.g. "grounding_") when several runs share a log.
     prefix: str = ""
     grid_pairs: int = Field(12, ge=0, description="(image, sentence) maps drawn into the PNG grid")
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from vlp.core.registry import nearest
+        from vlp.models.heads import HEADS
+
+        methods = ["auto", "patch"] + [name for name, head in HEADS.items() if head.grounds]
+        if value not in methods:
+            raise ValueError(f"{value!r} is not one of {', '.join(methods)}.{nearest(value, methods)}")
+        return value
+
 
 def resolve_method(model: Any, method: str) -> str:
+    """The grounding head's name in `model.objective.heads` (first that grounds for auto), or "patch"."""
     heads = model.objective.heads
     if method == "auto":
-        return "flair" if "flair" in heads else "filip" if "filip" in heads else "patch"
-    if method in ("flair", "filip") and method not in heads:
+        return next((name for name, head in heads.items() if head.grounds), "patch")
+    if method != "patch" and method not in heads:
         raise ValueError(f"grounding: method={method} needs a `{method}` head; the model has {', '.join(heads)}")
     return method
 
@@ -104,34 +118,24 @@ def recall_at(scores: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...]
 
 
 class _Maps:
-    """The map and retrieval score of one method, computed from encoder outputs."""
+    """The map and retrieval score of one method: a grounding head's, or the patch baseline."""
 
     def __init__(self, model: Any, method: str) -> None:
-        self.model, self.method = model, method
-        self.head = model.objective.heads[method] if method in ("flair", "filip") else None
+        self.head = None if method == "patch" else model.objective.heads[method]
+        if self.head is not None and not self.head.grounds:
+            raise ValueError(f"grounding: the `{method}` head does not ground (Head.grounds)")
 
     def maps(self, image: dict, text: dict, owner: torch.Tensor) -> torch.Tensor:
         """(Q, P) maps of sentence q over the patches of image owner[q]."""
-        tokens = image["image_tokens"][owner]  # (Q, P, E)
-        if self.method == "flair":
-            return self.head.paired_attention_map(tokens, text["text_embed"], image_embed=image["image_embed"][owner]).float()
-        if self.method == "filip":
-            return self.head.similarity_map(tokens, text["text_tokens"], text["text_mask"]).float()
-        return torch.einsum("qpe,qe->qp", F.normalize(tokens.float(), dim=-1), F.normalize(text["text_embed"].float(), dim=-1))
+        paired = {"image_embed": image["image_embed"][owner], "image_tokens": image["image_tokens"][owner]}  # (Q, ...)
+        if self.head is not None:
+            return self.head.patch_map(paired, text)
+        return patch_cosine(paired["image_tokens"], text["text_embed"])
 
     def retrieval(self, images: dict, texts: dict, topk: Optional[int]) -> torch.Tensor:
         """(N images, M sentences) scores."""
-        if self.method == "flair":
-            return self.head.pairwise_scores(images["image_embed"], texts["text_embed"],
-                                             image_tokens=images["image_tokens"], topk=topk)
-        if self.method == "filip":
-            from vlp.models.heads.filip import token_similarity
-
-            n_text, length = texts["text_tokens"].shape[:2]
-            chunk = max(1, int(2e7 // max(1, n_text * images["image_tokens"].shape[1] * length)))
-            _, t2i = token_similarity(F.normalize(images["image_tokens"].float(), dim=-1),
-                                      F.normalize(texts["text_tokens"].float(), dim=-1), texts["text_mask"], chunk=chunk)
-            return t2i
+        if self.head is not None:
+            return self.head.grounding_scores(images, texts, topk)
         return F.normalize(images["image_embed"].float(), dim=-1) @ F.normalize(texts["text_embed"].float(), dim=-1).T
 
 
@@ -152,7 +156,7 @@ def grounding(model: Any, config: GroundingConfig, context: EvalContext) -> dict
     )
     hits = torch.zeros(2, dtype=torch.float64)  # pointing hits, IoU sum
     pairs = torch.zeros(1, dtype=torch.float64)
-    keep_tokens = method in ("flair", "filip")
+    keep_tokens = scorer.head is not None
     local_images: dict[str, list] = {"image_embed": [], "image_tokens": []}
     local_texts: dict[str, list] = {"text_embed": [], "text_tokens": [], "text_mask": []}
     captions: list[str] = []

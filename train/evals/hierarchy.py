@@ -1,8 +1,8 @@
-"""Hierarchy probe for the MERU head: do generic captions sit closer to the origin than specific ones?
+"""Hierarchy probe for a hyperbolic head: do generic captions sit closer to the origin than specific ones?
 
-MERU's entailment cones make generic concepts ("a digit") embed near the hyperboloid's origin
+Entailment cones (Desai et al. 2023) make generic concepts ("a digit") embed near the hyperboloid's origin
 and specific ones ("a handwritten digit 7") further out. This evaluator lifts two groups of
-captions with the model's `meru` head and reports each group's mean geodesic distance to the
+captions with the model's first head that declares `Head.hyperbolic` and reports each group's mean geodesic distance to the
 origin, plus the fraction of (generic, specific) pairs that are in the right order. With an
 `out_dir` it also writes a PNG: distance to the origin against the position along the first
 principal direction of the tangent vectors, the two groups coloured (the paper's Fig. style).
@@ -44,15 +44,13 @@ class HierarchyEvalConfig(EvalConfig):
         return value
 
 
-def meru_head(model: Any) -> Any:
-    """The model's MERU head (`model.objective.heads["meru"]`); a clear error when there is none."""
-    from vlp.models.heads.meru import MeruHead
-
+def hyperbolic_head(model: Any) -> Any:
+    """The model's first head (config order) with a hyperbolic geometry; a clear error when there is none."""
     heads = getattr(getattr(model, "objective", None), "heads", {})
     for head in heads.values():
-        if isinstance(head, MeruHead):
+        if head.hyperbolic:
             return head
-    raise ValueError(f"hierarchy: the model has no meru head (heads: {', '.join(heads) or 'none'})")
+    raise ValueError(f"hierarchy: the model has no hyperbolic head (Head.hyperbolic; heads: {', '.join(heads) or 'none'})")
 
 
 def evaluate_hierarchy(
@@ -69,7 +67,7 @@ def evaluate_hierarchy(
     the last is the fraction of (generic, specific) pairs whose generic caption is closer to the
     origin (1.0: a perfect hierarchy, 0.5: none).
     """
-    head = meru_head(model)
+    head = hyperbolic_head(model)
     device = device or next(model.parameters()).device
     with torch.no_grad():
         embeds = encode_texts(model, list(generic) + list(specific), device)  # (G + S, E)
@@ -107,7 +105,7 @@ def _plot(tangent: torch.Tensor, radius: torch.Tensor, num_generic: int, caption
     ax.scatter([0.0], [0.0], c="black", marker="x", label="origin")
     ax.set_xlabel("geodesic distance to the origin")
     ax.set_ylabel("first principal direction (tangent space)")
-    ax.set_title(f"MERU caption hierarchy (c = {curv:.3g})")
+    ax.set_title(f"caption hierarchy (c = {curv:.3g})")
     ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,11 @@ score and the top `max(recall_at)` scores of its non-positive keys, merged block
 the rank of its best positive (how many non-positives score strictly above it) is exact up to
 that depth. Memory: two blocks plus (queries x depth) scores, whatever N and M.
 
-FLAIR-style re-ranking (`rerank_topk`, when the scoring head has text-conditioned `pair_scores`):
-each query's top-K keys by global cosine are re-scored with the text-conditioned cosine
-cos(v(i, t), t) and ranked among themselves; keys outside the K rank below all of them (as in
-`FlairHead.pairwise_scores(topk=K)`, which does this for text queries on a dense matrix). Without
-`rerank_topk`, a head that `scores_with_tokens` (FLAIR) is given the image tokens in every block:
+Re-ranking (`rerank_topk`, when the scoring head `scores_with_tokens` and so has `pair_scores`):
+each query's top-K keys by global cosine are re-scored with the head's text-conditioned score
+and ranked among themselves; keys outside the K rank below all of them (as a token-scoring
+head's `pairwise_scores(topk=K)` may do for text queries on a dense matrix). Without
+`rerank_topk`, a head that `scores_with_tokens` is given the image tokens in every block:
 text-conditioned scores for every pair, exact but costly.
 
 Distributed: every rank embeds its own share of the shards (images and their captions), the
@@ -59,8 +59,8 @@ class RetrievalConfig(EvalConfig):
     # Queries and keys per score block (memory: about 3 * chunk_size^2 floats).
     chunk_size: int = Field(2048, ge=1)
     text_batch_size: int = Field(256, ge=1)
-    # FLAIR-style: re-score each query's top-K by the text-conditioned score (needs a head with
-    # `pair_scores`, e.g. flair); must be >= max(recall_at).
+    # Re-score each query's top-K by the text-conditioned score (needs a scoring head that
+    # `scores_with_tokens`); must be >= max(recall_at).
     rerank_topk: Optional[int] = Field(None, ge=1)
     prefix: str = "retrieval_"
 
@@ -166,7 +166,7 @@ def retrieval_ranks(
     def pair_block(images: Tensor, texts: Tensor) -> Tensor:  # (ni, nt)
         if with_tokens:
             return head.pairwise_scores(image[images], text[texts], image_tokens=image_tokens[images])
-        # Plain heads; for re-ranking, FLAIR's global cosine (its scores without tokens).
+        # Plain heads; for re-ranking, the token-scoring head's scores without tokens.
         return head.pairwise_scores(image[images], text[texts])
 
     def i2t_scores(images: Tensor, texts: Tensor) -> Tensor:
@@ -186,9 +186,9 @@ def retrieval_ranks(
         i2t = positive_ranks(i2t_scores, i2t_positive, image_queries, text.shape[0], depth, chunk)
         t2i = positive_ranks(t2i_scores, t2i_positive, text_queries, image.shape[0], depth, chunk)
         return i2t, t2i
-    if image_tokens is None or not hasattr(head, "pair_scores"):
-        raise ValueError(f"retrieval: rerank_topk needs a head with text-conditioned pair_scores and image tokens "
-                         f"(e.g. flair); the scoring head is {type(head).__name__}")
+    if image_tokens is None or not head.scores_with_tokens:
+        raise ValueError(f"retrieval: rerank_topk needs a head that scores with tokens (pair_scores) and image "
+                         f"tokens; the scoring head is {type(head).__name__}")
 
     def rescore(images: Tensor, texts: Tensor) -> Tensor:
         return head.pair_scores(image_tokens, text, images, texts, image_embed=image)
@@ -207,9 +207,9 @@ def evaluate_retrieval(model: Any, config: RetrievalConfig, context: EvalContext
         raise DataError("evals.retrieval: `data` (a shard spec of held-out image-caption shards) is required")
     device = context.device
     head = scoring_head(model)
-    keep_tokens = bool(getattr(head, "scores_with_tokens", False))
+    keep_tokens = head.scores_with_tokens
     if config.rerank_topk is not None and not keep_tokens:
-        raise DataError(f"retrieval: rerank_topk needs a head that scores with image tokens (flair); "
+        raise DataError(f"retrieval: rerank_topk needs a head that scores with image tokens (Head.scores_with_tokens); "
                          f"the scoring head is {type(head).__name__}")
     in_lockstep = zero3_partitioned(model)
     loader = build_eval_loader(

@@ -9,8 +9,8 @@ for the class name) next to the shards or one folder above them (clip_benchmark'
 
 Class embeddings are built from every (class, template) prompt in batches of prompts and
 averaged by the scoring head's `prompt_ensemble`; images are scored by its `pairwise_scores`
-(cosine for clip/siglip, Lorentzian for meru, text-conditioned pooling of the image tokens for
-flair). Metrics: top-k accuracy and mean per-class recall
+(cosine by default, the head's own geometry where it has one, and the image tokens too for a
+head that `scores_with_tokens`). Metrics: top-k accuracy and mean per-class recall
 (clip_benchmark's `mean_per_class_recall`, i.e. balanced accuracy), counts summed over ranks.
 """
 
@@ -105,8 +105,8 @@ def zeroshot_classify(model, config: ZeroShotConfig, context: EvalContext) -> di
         resolve_shard_spec(config.data), preprocess=model.image.preprocess(train=False), tokenizer=model.text.tokenizer(),
         batch_size=config.batch_size, rank=context.rank, world_size=context.world_size, workers=config.workers,
     )
-    # FLAIR scores with the image tokens (text-conditioned pooling per class), others with embeddings.
-    with_tokens = bool(getattr(head, "scores_with_tokens", False))
+    # A head that scores with tokens (text-conditioned pooling per class) gets the image tokens.
+    with_tokens = head.scores_with_tokens
     idle = idle_image_forward(model, device, context.dtype)
     for batch in lockstep(loader, zero3_partitioned(model), idle, device):
         labels = batch["label"]
