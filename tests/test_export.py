@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import run_vlp, tiny_config
 
+from vlp.train.checkpoint_io import CheckpointReadError
 from vlp.train.export import (
     EXPORTERS,
     ExportError,
@@ -324,7 +325,7 @@ def test_loading_refuses_pickled_objects(tmp_path):
                tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
     torch.save({"optimizer_state_dict": {"zero_stage": 3, "partition_count": 1}, "evil": NotAWeight()},
                tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    with pytest.raises(ExportError, match="refusing to unpickle.*NotAWeight"):
+    with pytest.raises(CheckpointReadError, match="refusing to unpickle.*NotAWeight"):
         consolidate(tmp_path / "checkpoints", "step_00000001")
     (tag / "COMPLETE").write_text("ok\n")
     with pytest.raises(ExportError, match="config.yaml: missing"):

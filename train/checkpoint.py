@@ -70,7 +70,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def deepspeed_safe_globals() -> list:
     """The few plain-data DeepSpeed classes its checkpoints pickle: the ZeRO stage enum, the loss
     scaler's attribute bags and ZeRO-1/2's fragment addresses (two ints). Shared by resume
-    (`verify_safe`) and export (`train.export.consolidate`)."""
+    (`verify_safe`) and export (`train.checkpoint_io.consolidate`)."""
     names = [
         ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
         ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),

@@ -96,6 +96,7 @@ def experiment_class() -> type[BaseModel]:
     from vlp.models.heads import HEADS
     from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
     from vlp.train.evals import EVALUATORS
+    from vlp.train.export import EXPORTERS
 
     heads_fields = {name: (Optional[cls.config_class], None) for name, cls in HEADS.items()}
     HeadsConfig = create_model("HeadsConfig", __base__=Strict, **heads_fields)
@@ -149,7 +150,7 @@ def experiment_class() -> type[BaseModel]:
         train: TrainConfig
         deepspeed: DeepSpeedConfig = DeepSpeedConfig()
         evals: list[evals_union] = Field(default_factory=list)
-        export: list[Literal["open_clip", "safetensors", "timm", "monai"]] = Field(default_factory=list)
+        export: list[Literal[tuple(EXPORTERS.names())]] = Field(default_factory=list)
 
         @field_validator("name")
         @classmethod

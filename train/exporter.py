@@ -1,0 +1,85 @@
+"""The exporter contract, its registry and what every format shares (state copies, file writing).
+
+One exporter per target format, one file each (`train/export_<format>.py`), registered in
+`EXPORTERS`; the experiment config's `export` list is built from this registry, so registering a
+format makes it a valid config value, and tests/test_registries.py gives it a round-trip test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from vlp.core.registry import Registry
+
+
+class Exporter:
+    """One target format: `write` what its target loads, `read` our weights back from it."""
+
+    # A tiny image tower config (model.image) this format can hold, for the registry's
+    # round-trip test; None: the demo's open_clip tower.
+    example_image: ClassVar[dict | None] = None
+
+    def write(self, model: torch.nn.Module, config: Any, out: Path) -> list[str]:
+        """Write the format's files for `model` into the empty folder `out`; returns their names."""
+        raise NotImplementedError
+
+    def read(self, directory: Path) -> dict[str, torch.Tensor]:
+        """The weights an export in `directory` holds, with our parameter names (a trunk format:
+        its tower's parameters only)."""
+        raise NotImplementedError
+
+    def read_model(self, directory: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """(every weight with our names, experiment config tree) when `directory` is an export of
+        this format that holds the whole model, else None (`vlp eval` / `vlp export` read it)."""
+        return None
+
+
+EXPORTERS: Registry[Exporter] = Registry("export format")
+
+# Every export folder holds this card beside the format's own files (`export.export_model`).
+MODEL_CARD = "model_card.json"
+
+
+class ExportError(ValueError):
+    """Bad export input (exit code 2)."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def config_tree(config: Any) -> dict:
+    return config.model_dump(mode="json")
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of the model's state dict; refuses ZeRO-3 partitioned parameters
+    (each rank holds a slice: export from the saved checkpoint, which `consolidate` merges)."""
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_id") and param.numel() == 0:
+            raise ExportError(
+                f"parameter {name} is ZeRO-3 partitioned on this rank: export from the checkpoint "
+                "(`vlp export RUN_DIR ...`) instead of from the live engine"
+            )
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: Path, **metadata: str) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors refuses tensors that share storage; every exported tensor gets its own.
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path),
+              metadata={"format": "pt", **metadata})
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
