@@ -82,6 +82,102 @@ class DeepSpeedConfig(Strict):
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+class ModelConfig(Strict):
+    """`model:`. The tower and head fields are typed from the registries in `experiment_class()`;
+    here they are what every registered config shares, for type hints and readers."""
+
+    embed_dim: int = Field(512, ge=1)
+    image: Any  # one IMAGE_TOWERS config, tagged by `type`
+    text: Any  # one TEXT_TOWERS config, tagged by `type`
+    heads: Any  # one optional field per registered head
+
+    # The order heads were written in: the first scoring head decides evaluation geometry.
+    _head_order: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_head_order(cls, data: Any, handler: Any) -> Any:
+        model = handler(data)
+        if isinstance(data, dict) and isinstance(data.get("heads"), dict):
+            model._head_order = [str(name) for name in data["heads"]]
+        return model
+
+    @field_serializer("heads")
+    def _heads_in_order(self, heads: Any) -> dict[str, Any]:
+        return {name: cfg.model_dump(mode="json") for name, cfg in self.heads_dict().items()}
+
+    def heads_dict(self) -> dict[str, Any]:
+        present = {name: cfg for name, cfg in self.heads if cfg is not None}
+        order = [n for n in self._head_order if n in present] + [n for n in present if n not in self._head_order]
+        return {name: present[name] for name in order}
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        from vlp.models.heads import HEADS
+
+        if not self.heads_dict():
+            raise ValueError(f"model.heads: name at least one head ({', '.join(HEADS.names())})")
+        for tower in ("image", "text"):
+            own = getattr(getattr(self, tower), "embed_dim", None)
+            if own is not None and own != self.embed_dim:
+                raise ValueError(
+                    f"model.{tower}.embed_dim={own} contradicts model.embed_dim={self.embed_dim}"
+                )
+        return self
+
+
+class ExperimentConfig(Strict):
+    """One experiment, the tree of the YAML file: the type to import for hints and `isinstance`.
+
+    `load_config` returns an instance of `experiment_class()`, its subclass whose `model`,
+    `evals` and `export` fields are built from the registries."""
+
+    name: str
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    evals: list[Any] = Field(default_factory=list)  # one EVALUATORS config each, tagged by `type`
+    export: list[str] = Field(default_factory=list)  # EXPORTERS names
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _NAME.match(value) or ".." in value:
+            raise ValueError(f"{value!r} must be letters, digits, '_', '.', '-' (it names the run folder)")
+        return value
+
+    @model_validator(mode="after")
+    def _channels_last_without_zero(self):
+        if self.train.channels_last and self.deepspeed.zero_stage > 0:
+            raise ValueError(f"train.channels_last needs deepspeed.zero_stage 0 (got {self.deepspeed.zero_stage}): "
+                             "ZeRO keeps parameters as views of flat buffers")
+        return self
+
+    @model_validator(mode="after")
+    def _heads_have_their_data(self):
+        from vlp.models.dual_encoder import EXTRA_TEXT
+        from vlp.models.heads import HEADS
+
+        heads = self.model.heads_dict()
+        needs = {name: HEADS.get(name).needs_for(cfg) for name, cfg in heads.items()}
+        sizes = {"sub_text": ("data.sub_captions", self.data.sub_captions, "> 0"),
+                 "sentences": ("data.sentences", self.data.sentences, "> 0"),
+                 "parent_text": ("data.parent_caption_key", self.data.parent_caption_key, "set")}
+        for embed_key, batch_key in EXTRA_TEXT.items():
+            field, value, wanted = sizes[batch_key]
+            users = [name for name in heads if embed_key in needs[name]]
+            if users and not value:
+                raise ValueError(f"model.heads.{users[0]} needs {field} {wanted} (it reads batch['{batch_key}'])")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
 def _tagged(registry, attr: str = "config_class"):
     """A discriminated union (on `type`) of every registered component's config."""
     classes = tuple(getattr(cls, attr) for _, cls in registry.items())
@@ -91,8 +187,9 @@ def _tagged(registry, attr: str = "config_class"):
 
 
 @functools.lru_cache(maxsize=1)
-def experiment_class() -> type[BaseModel]:
-    """Build `ExperimentConfig` from the registries (imported here so every component registers)."""
+def experiment_class() -> type[ExperimentConfig]:
+    """`ExperimentConfig` with its unions built from the registries (imported here so every
+    component registers)."""
     from vlp.models.heads import HEADS
     from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
     from vlp.train.evals import EVALUATORS
@@ -101,92 +198,19 @@ def experiment_class() -> type[BaseModel]:
     heads_fields = {name: (Optional[cls.config_class], None) for name, cls in HEADS.items()}
     HeadsConfig = create_model("HeadsConfig", __base__=Strict, **heads_fields)
 
-    class ModelConfig(Strict):
-        embed_dim: int = Field(512, ge=1)
-        image: _tagged(IMAGE_TOWERS)
-        text: _tagged(TEXT_TOWERS)
-        heads: HeadsConfig
-
-        # The order heads were written in: the first scoring head decides evaluation geometry.
-        _head_order: list[str] = PrivateAttr(default_factory=list)
-
-        @model_validator(mode="wrap")
-        @classmethod
-        def _keep_head_order(cls, data: Any, handler: Any) -> Any:
-            model = handler(data)
-            if isinstance(data, dict) and isinstance(data.get("heads"), dict):
-                model._head_order = [str(name) for name in data["heads"]]
-            return model
-
-        @field_serializer("heads")
-        def _heads_in_order(self, heads: Any) -> dict[str, Any]:
-            return {name: cfg.model_dump(mode="json") for name, cfg in self.heads_dict().items()}
-
-        def heads_dict(self) -> dict[str, Any]:
-            present = {name: cfg for name, cfg in self.heads if cfg is not None}
-            order = [n for n in self._head_order if n in present] + [n for n in present if n not in self._head_order]
-            return {name: present[name] for name in order}
-
-        @model_validator(mode="after")
-        def _consistent(self):
-            if not self.heads_dict():
-                raise ValueError(f"model.heads: name at least one head ({', '.join(HEADS.names())})")
-            for tower in ("image", "text"):
-                own = getattr(getattr(self, tower), "embed_dim", None)
-                if own is not None and own != self.embed_dim:
-                    raise ValueError(
-                        f"model.{tower}.embed_dim={own} contradicts model.embed_dim={self.embed_dim}"
-                    )
-            return self
+    RegisteredModelConfig = create_model(
+        "ModelConfig", __base__=ModelConfig, image=(_tagged(IMAGE_TOWERS), ...), text=(_tagged(TEXT_TOWERS), ...),
+        heads=(HeadsConfig, ...),
+    )
 
     evals_union = _tagged(EVALUATORS)
 
-    class ExperimentConfig(Strict):
-        name: str
-        seed: int = 0
-        output_dir: str = "runs"
-        data: DataConfig
-        model: ModelConfig
-        train: TrainConfig
-        deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    class RegisteredExperimentConfig(ExperimentConfig):
+        model: RegisteredModelConfig
         evals: list[evals_union] = Field(default_factory=list)
         export: list[Literal[tuple(EXPORTERS.names())]] = Field(default_factory=list)
 
-        @field_validator("name")
-        @classmethod
-        def _safe_name(cls, value: str) -> str:
-            if not _NAME.match(value) or ".." in value:
-                raise ValueError(f"{value!r} must be letters, digits, '_', '.', '-' (it names the run folder)")
-            return value
-
-        @model_validator(mode="after")
-        def _channels_last_without_zero(self):
-            if self.train.channels_last and self.deepspeed.zero_stage > 0:
-                raise ValueError(f"train.channels_last needs deepspeed.zero_stage 0 (got {self.deepspeed.zero_stage}): "
-                                 "ZeRO keeps parameters as views of flat buffers")
-            return self
-
-        @model_validator(mode="after")
-        def _heads_have_their_data(self):
-            from vlp.models.dual_encoder import EXTRA_TEXT
-
-            heads = self.model.heads_dict()
-            needs = {name: HEADS.get(name).needs_for(cfg) for name, cfg in heads.items()}
-            sizes = {"sub_text": ("data.sub_captions", self.data.sub_captions, "> 0"),
-                     "sentences": ("data.sentences", self.data.sentences, "> 0"),
-                     "parent_text": ("data.parent_caption_key", self.data.parent_caption_key, "set")}
-            for embed_key, batch_key in EXTRA_TEXT.items():
-                field, value, wanted = sizes[batch_key]
-                users = [name for name in heads if embed_key in needs[name]]
-                if users and not value:
-                    raise ValueError(f"model.heads.{users[0]} needs {field} {wanted} (it reads batch['{batch_key}'])")
-            return self
-
-        @property
-        def run_dir(self) -> Path:
-            return Path(self.output_dir) / self.name
-
-    return ExperimentConfig
+    return RegisteredExperimentConfig
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -346,7 +370,9 @@ def read_yaml(path: str | Path) -> dict:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, tree: dict | None = None):
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, tree: dict | None = None
+) -> ExperimentConfig:
     """Read, override and validate an experiment; raises `ConfigError` naming the bad key."""
     source = str(path) if path is not None else "config"
     tree = read_yaml(path) if tree is None else tree
