@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as error:
-        from vlp.train.trainer import TrainingStopped
+        from vlp.train.monitors import TrainingStopped
 
         if isinstance(error, TrainingStopped):
             print(f"vlp: stopped: {error}", file=sys.stderr)

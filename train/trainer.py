@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -21,15 +20,12 @@ import torch
 from vlp.core.collectives import all_reduce_max, barrier
 from vlp.train import preemption
 from vlp.train.checkpoint import Checkpointer, TrainState
-from vlp.train.config import dump_config
+from vlp.train.config import ExperimentConfig, dump_config
 from vlp.train.data import ensure_eval_data, ensure_train_data
 from vlp.train.distributed import DistEnv, init_distributed
 from vlp.train.metrics import MetricsLogger, plot_loss_curves
+from vlp.train.monitors import BadSampleTally, NonFiniteGuard, ThroughputMeter
 from vlp.train.schedule import itstime, warmup_cosine
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (non-finite losses, too much bad data); exit code 1."""
 
 
 class RunExists(FileExistsError):
@@ -57,7 +53,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def deepspeed_config(config: Any) -> dict[str, Any]:
+def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
     ds, tr = config.deepspeed, config.train
     return {
         "train_micro_batch_size_per_gpu": tr.batch_size,
@@ -74,7 +70,7 @@ def deepspeed_config(config: Any) -> dict[str, Any]:
     }
 
 
-def trainer_clips(config: Any) -> bool:
+def trainer_clips(config: ExperimentConfig) -> bool:
     """True where the trainer clips gradients itself: fp32 without ZeRO, where DeepSpeed's
     optimizer is the plain torch one and the gradients sit unflattened on the module. Under
     ZeRO or bf16/fp16, DeepSpeed's optimizer wrapper owns the (flat) gradients and clips them."""
@@ -82,7 +78,7 @@ def trainer_clips(config: Any) -> bool:
     return ds.grad_clip > 0 and ds.zero_stage == 0 and ds.precision == "fp32"
 
 
-def clip_gradients(engine: Any, config: Any) -> Optional[torch.Tensor]:
+def clip_gradients(engine: Any, config: ExperimentConfig) -> Optional[torch.Tensor]:
     """Clip at the accumulation boundary (after the all-reduce) with torch's foreach kernels;
     returns the total gradient norm as a 0-dim tensor (no host sync), or None where DeepSpeed clips."""
     if not trainer_clips(config) or not engine.is_gradient_accumulation_boundary():
@@ -90,7 +86,7 @@ def clip_gradients(engine: Any, config: Any) -> Optional[torch.Tensor]:
     return torch.nn.utils.clip_grad_norm_(engine.module.parameters(), config.deepspeed.grad_clip, foreach=True)
 
 
-def build_engine(config: Any, model: torch.nn.Module) -> Any:
+def build_engine(config: ExperimentConfig, model: torch.nn.Module) -> Any:
     """Wrap the model in `deepspeed.initialize` with a torch AdamW (no fused_adam JIT build)."""
     import deepspeed
 
@@ -147,11 +143,11 @@ def micro_batches(loader: Any, state: TrainState) -> Iterator[dict[str, Any]]:
         state.batch_in_epoch = 0
 
 
-def engine_dtype(config: Any) -> torch.dtype:
+def engine_dtype(config: ExperimentConfig) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.deepspeed.precision]
 
 
-def build_model(config: Any):
+def build_model(config: ExperimentConfig):
     from vlp.models.dual_encoder import VLPModel
 
     model = VLPModel(config.model)
@@ -160,7 +156,7 @@ def build_model(config: Any):
     return model
 
 
-def build_loader(config: Any, model: Any, env: DistEnv):
+def build_loader(config: ExperimentConfig, model: Any, env: DistEnv):
     from vlp.data_pipelines.loader import build_train_loader
 
     return build_train_loader(
@@ -174,7 +170,7 @@ def build_loader(config: Any, model: Any, env: DistEnv):
     )
 
 
-def build_evaluators(config: Any) -> list:
+def build_evaluators(config: ExperimentConfig) -> list:
     from vlp.train.evals import EVALUATORS
 
     return [EVALUATORS.get(ev.type)(ev) for ev in config.evals]
@@ -201,14 +197,7 @@ def run_evaluators(evaluators: list, engine: Any, env: DistEnv, run_dir: Path, s
     return results
 
 
-def nonfinite_heads(logging: dict[str, Any]) -> list[str]:
-    return sorted(
-        key.removeprefix("loss/") for key, value in logging.items()
-        if key.startswith("loss/") and key != "loss/total" and torch.is_tensor(value) and not torch.isfinite(value).all()
-    )
-
-
-def train(config: Any, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+def train(config: ExperimentConfig, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train one run to `config.train.steps`; returns the final evaluation results.
 
     `resume`: "latest" or a checkpoint path; `overwrite`: delete an earlier run in the same run
@@ -241,64 +230,46 @@ def train(config: Any, resume: str | None = None, overwrite: bool = False) -> di
     metrics = MetricsLogger(run_dir, env.is_main, config.train.steps, start_step=state.step)
     from vlp.data_pipelines.bad_samples import BadSampleMonitor
 
-    bad_monitor = BadSampleMonitor.from_config(config.data)
-    results = run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluators, bad_monitor)
+    bad_samples = BadSampleTally(BadSampleMonitor.from_config(config.data))
+    results = run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluators, bad_samples)
     metrics.close()
     return results
 
 
-def run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluators, bad_monitor) -> dict:
+def run_loop(
+    config: ExperimentConfig, env: DistEnv, engine: Any, loader: Any, state: TrainState, checkpointer: Checkpointer,
+    metrics: MetricsLogger, evaluators: list, bad_samples: BadSampleTally,
+) -> dict[str, Any]:
+    """Step / log / checkpoint / evaluate from `state` to `train.steps`, or until a signal."""
     tr = config.train
-    run_dir = config.run_dir
     dtype = engine_dtype(config)
     global_batch = tr.batch_size * env.world_size
     stream = micro_batches(loader, state)
-    window = {"samples": 0, "start": time.perf_counter(), "bad": {}}
+    throughput = ThroughputMeter()
+    nonfinite = NonFiniteGuard(tr.max_nonfinite_steps, state, metrics.log, checkpointer.latest_tag)
     results: dict[str, Any] = {}
     stop_reason = None
     while state.step < tr.steps:
-        batch = next(stream)
-        bad_counts = batch.pop("bad", {}) or {}
-        bad_monitor.update(bad_counts, len(batch["key"]), batch.pop("bad_shards", ()) or ())
-        for reason, count in bad_counts.items():
-            if isinstance(count, int):
-                window["bad"][reason] = window["bad"].get(reason, 0) + count
+        batch = bad_samples.take(next(stream))
         out = engine(to_device(batch, env.device, dtype, tr.channels_last))
-        loss = out["loss"]
-        if all_reduce_max(0.0 if torch.isfinite(loss).all() else 1.0) > 0:
-            # Skip the update on every rank alike: no backward, no step; name the culprit head.
-            state.nonfinite_steps += 1
-            heads = nonfinite_heads(out["logging"]) or ["(total)"]
-            metrics.log(state.step, {"nonfinite_skipped": state.nonfinite_steps, "nonfinite_heads": ",".join(heads)})
-            if state.nonfinite_steps >= tr.max_nonfinite_steps:
-                raise TrainingStopped(
-                    f"{state.nonfinite_steps} non-finite losses in a row from head(s) {', '.join(heads)} "
-                    f"at step {state.step}; last good checkpoint: {checkpointer.latest_tag()}"
-                )
+        if nonfinite.skip(out):
             continue
-        engine.backward(loss)
+        engine.backward(out["loss"])
         grad_norm = clip_gradients(engine, config)
         engine.step()
-        window["samples"] += global_batch
+        throughput.add(global_batch)
         if not engine.is_gradient_accumulation_boundary() and engine.global_steps == state.step:
             continue
         state.step = engine.global_steps
         state.samples_seen += global_batch * config.deepspeed.grad_accum
-        state.nonfinite_steps = 0
+        nonfinite.stepped()
 
         if itstime(state.step, tr.log_every, tr.steps):
-            elapsed = max(time.perf_counter() - window["start"], 1e-9)
-            logged = {k: v for k, v in out["logging"].items()}
-            if grad_norm is not None:
-                logged["grad_norm"] = float(grad_norm)  # before clipping
-            logged.update(lr=engine.get_lr()[0], samples_per_s=window["samples"] / elapsed,
-                          samples_seen=state.samples_seen, epoch=state.epoch)
-            logged.update({f"bad/{k}": v for k, v in window["bad"].items()})
-            metrics.log(state.step, logged)
-            window = {"samples": 0, "start": time.perf_counter(), "bad": {}}
+            metrics.log(state.step, step_metrics(out, grad_norm, engine, state, throughput, bad_samples))
+            throughput.restart()
         if itstime(state.step, tr.checkpoint_every, tr.steps):
             checkpointer.save(engine, state)
-        eval_results = run_evaluators(evaluators, engine, env, run_dir, state.step, final=state.step == tr.steps)
+        eval_results = run_evaluators(evaluators, engine, env, config.run_dir, state.step, final=state.step == tr.steps)
         if eval_results:
             metrics.log(state.step, {f"eval/{k}": v for k, v in eval_results.items()})
             results.update(eval_results)
@@ -324,7 +295,19 @@ def run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluato
     return results
 
 
-def finish_run(config: Any, engine: Any, results: dict, state: TrainState) -> None:
+def step_metrics(out: dict[str, Any], grad_norm: Optional[torch.Tensor], engine: Any, state: TrainState,
+                 throughput: ThroughputMeter, bad_samples: BadSampleTally) -> dict[str, Any]:
+    """One log line: the model's own logging, then the optimizer's and the data's bookkeeping."""
+    logged = dict(out["logging"])
+    if grad_norm is not None:
+        logged["grad_norm"] = float(grad_norm)  # before clipping
+    logged.update(lr=engine.get_lr()[0], samples_per_s=throughput.rate(),
+                  samples_seen=state.samples_seen, epoch=state.epoch)
+    logged.update(bad_samples.flush())
+    return logged
+
+
+def finish_run(config: ExperimentConfig, engine: Any, results: dict, state: TrainState) -> None:
     """Rank 0, after the final checkpoint: loss-curve PNG, exports, results.json (written last,
     atomically, so its presence means the run finished)."""
     run_dir = config.run_dir
