@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from vlp.models.objective import Objective
 from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
+
+if TYPE_CHECKING:
+    from vlp.train.config import ModelConfig
 
 # Extra text groups a head can ask for in `needs`: encoded key -> batch key of (B, K, L) token ids.
 EXTRA_TEXT = {"sub_text_embed": "sub_text", "sentence_embed": "sentences", "parent_text_embed": "parent_text"}
@@ -20,7 +23,7 @@ class VLPModel(nn.Module):
     batch: {"image": (B, C, H, W) or (B, 1, D, H, W), "text": (B, L) token ids, ...}.
     """
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         embed_dim = config.embed_dim

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -30,13 +30,16 @@ from vlp.train import export_monai, export_open_clip, export_safetensors, export
 from vlp.train.checkpoint_io import CheckpointReadError, consolidate
 from vlp.train.exporter import EXPORTERS, MODEL_CARD, ExportError, Exporter, config_tree, sha256, write_json
 
+if TYPE_CHECKING:
+    from vlp.train.config import ExperimentConfig
+
 __all__ = ["EXPORTERS", "ExportError", "Exporter", "consolidate", "export_checkpoint", "export_model",
            "load_model", "read_state_dict", "run_record", "sha256"]
 
 
 # ------------------------------------------------------------------------------- writing
 def export_model(
-    model: torch.nn.Module, config: Any, out_dir: Path, fmt: str,
+    model: torch.nn.Module, config: ExperimentConfig, out_dir: Path, fmt: str,
     results: dict | None = None, samples_seen: int | None = None,
 ) -> Path:
     """Write `fmt` for `model` into `out_dir` atomically; returns `out_dir`."""

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from vlp.train.exporter import EXPORTERS, ExportError, Exporter, model_state, save_tensors, write_json
+
+if TYPE_CHECKING:
+    from vlp.train.config import ExperimentConfig
 
 WEIGHTS = "monai_vit.safetensors"
 CONFIG_FILE = "monai_vit_config.json"
@@ -20,7 +23,7 @@ class MonaiExporter(Exporter):
     example_image = {"type": "monai_vit3d", "roi": [16, 16, 16], "patch_size": [8, 8, 8], "hidden_size": 16,
                      "mlp_dim": 32, "num_layers": 1, "num_heads": 2, "spacing": None}
 
-    def write(self, model: torch.nn.Module, config: Any, out: Path) -> list[str]:
+    def write(self, model: torch.nn.Module, config: ExperimentConfig, out: Path) -> list[str]:
         """The MONAI ViT (`monai.networks.nets.ViT(..., classification=False)` names, the same as
         `UNETR(...).vit`'s) + the ViT's constructor arguments."""
         image = config.model.image

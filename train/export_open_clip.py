@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from vlp.train.exporter import EXPORTERS, MODEL_CARD, ExportError, Exporter, model_state, save_tensors, write_json
+
+if TYPE_CHECKING:
+    from vlp.train.config import ExperimentConfig
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -21,7 +24,7 @@ EXTRAS_WEIGHTS = "vlp_extras.safetensors"
 EXTRAS_INFO = "vlp_extras.json"
 
 
-def open_clip_prefixes(config: Any) -> list[tuple[str, str]]:
+def open_clip_prefixes(config: ExperimentConfig) -> list[tuple[str, str]]:
     """(our prefix, open_clip CLIP's) per tower. The text tower's TextTransformer is flattened
     into CLIP itself (token_embedding, positional_embedding, transformer, ln_final,
     text_projection); a timm tower is open_clip's TimmModel (trunk + head.proj)."""
@@ -39,7 +42,7 @@ def _timm_default_size(model_name: str) -> int | None:
         return None
 
 
-def open_clip_model_cfg(config: Any) -> dict:
+def open_clip_model_cfg(config: ExperimentConfig) -> dict:
     """open_clip's `model_cfg` for our model config: open_clip_vit, or a timm tower open_clip's
     TimmModel rebuilds identically (no extra timm kwargs, timm's default input size), plus
     open_clip_text."""
@@ -66,7 +69,7 @@ def open_clip_model_cfg(config: Any) -> dict:
     return {"embed_dim": model.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text.open_clip_cfg()}
 
 
-def scalar_head(config: Any) -> str | None:
+def scalar_head(config: ExperimentConfig) -> str | None:
     """The head whose scalars become open_clip's: the first (config order) that declares
     `open_clip_scalars`."""
     from vlp.models.heads import HEADS
@@ -74,7 +77,7 @@ def scalar_head(config: Any) -> str | None:
     return next((name for name in config.model.heads_dict() if HEADS.get(name).open_clip_scalars), None)
 
 
-def to_open_clip(state: dict[str, torch.Tensor], config: Any) -> tuple[dict, dict, dict]:
+def to_open_clip(state: dict[str, torch.Tensor], config: ExperimentConfig) -> tuple[dict, dict, dict]:
     """Our state dict -> (open_clip CLIP state dict, extras with our names, open_clip_config)."""
     from vlp.models.heads import HEADS
 
@@ -104,7 +107,7 @@ def to_open_clip(state: dict[str, torch.Tensor], config: Any) -> tuple[dict, dic
     return open_clip_state, extras, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 
 
-def from_open_clip(open_clip_state: dict[str, torch.Tensor], extras: dict[str, torch.Tensor], config: Any) -> dict:
+def from_open_clip(open_clip_state: dict[str, torch.Tensor], extras: dict[str, torch.Tensor], config: ExperimentConfig) -> dict:
     """Inverse of `to_open_clip`: our state dict from an open_clip export (+ its extras)."""
     state = dict(extras)
     # Longest open_clip prefix first, so "" (the text tower) only takes what is left.
@@ -128,7 +131,7 @@ def _scoring_head_name(model: torch.nn.Module) -> str | None:
 
 
 class OpenClipExporter(Exporter):
-    def write(self, model: torch.nn.Module, config: Any, out: Path) -> list[str]:
+    def write(self, model: torch.nn.Module, config: ExperimentConfig, out: Path) -> list[str]:
         open_clip_state, extras, open_clip_config = to_open_clip(model_state(model), config)
         write_json(out / OPEN_CLIP_CONFIG, open_clip_config)
         save_tensors(open_clip_state, out / OPEN_CLIP_WEIGHTS)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from vlp.train.exporter import EXPORTERS, ExportError, Exporter, model_state, save_tensors, write_json
+
+if TYPE_CHECKING:
+    from vlp.train.config import ExperimentConfig
 
 WEIGHTS = "model.safetensors"
 PREFIX = "image.trunk."
@@ -16,7 +19,7 @@ PREFIX = "image.trunk."
 class TimmExporter(Exporter):
     example_image = {"type": "timm", "model_name": "test_vit", "image_size": 32}
 
-    def write(self, model: torch.nn.Module, config: Any, out: Path) -> list[str]:
+    def write(self, model: torch.nn.Module, config: ExperimentConfig, out: Path) -> list[str]:
         """The timm trunk (timm's own names, no classifier, no projection) + timm's `config.json`."""
         image = config.model.image
         if image.type != "timm":

@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from vlp.core.registry import Registry
+
+if TYPE_CHECKING:
+    from vlp.train.config import ExperimentConfig
 
 
 class Exporter:
@@ -24,7 +27,7 @@ class Exporter:
     # round-trip test; None: the demo's open_clip tower.
     example_image: ClassVar[dict | None] = None
 
-    def write(self, model: torch.nn.Module, config: Any, out: Path) -> list[str]:
+    def write(self, model: torch.nn.Module, config: ExperimentConfig, out: Path) -> list[str]:
         """Write the format's files for `model` into the empty folder `out`; returns their names."""
         raise NotImplementedError
 
@@ -57,7 +60,7 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def config_tree(config: Any) -> dict:
+def config_tree(config: ExperimentConfig) -> dict:
     return config.model_dump(mode="json")
 
 
