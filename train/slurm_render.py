@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 from pydantic import ValidationError
 
 from vlp.core.config import Strict
-from vlp.train.slurm_profile import ClusterProfile, SubmitError, profile_error, check, time_limit_seconds
+from vlp.train.slurm_profile import ClusterProfile, SubmitError, check, profile_error, time_limit_seconds
 
 if TYPE_CHECKING:
     from vlp.train.config import ExperimentConfig
