@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from vlp.models.config import ModelConfig
 from vlp.models.objective import Objective
 from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
-
-if TYPE_CHECKING:
-    from vlp.train.config import ModelConfig
 
 # Extra text groups a head can ask for in `needs`: encoded key -> batch key of (B, K, L) token ids.
 EXTRA_TEXT = {"sub_text_embed": "sub_text", "sentence_embed": "sentences", "parent_text_embed": "parent_text"}
