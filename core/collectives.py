@@ -123,6 +123,27 @@ def all_reduce_max(value: torch.Tensor | float) -> torch.Tensor | float:
     return float(tensor.item())
 
 
+# What gloo and NCCL say when another rank died, was killed or stopped answering. They raise a
+# plain RuntimeError (gloo) or a DistError subclass, so the message is what tells.
+_LOST_PEER = ("connection reset by peer", "connection closed by peer", "connection refused", "broken pipe",
+              "timed out", "nccl error", "nccl communicator was aborted", "socket timeout")
+
+
+def lost_peer_reason(error: BaseException) -> str | None:
+    """One line saying that a collective failed because another rank went away, or None when
+    `error` is something else. The first line of the backend's message is kept (it names the
+    peer's address) without its source-file prefix."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    is_dist_error = isinstance(error, getattr(dist, "DistError", ()))
+    if not (is_dist_error or (isinstance(error, RuntimeError) and any(s in text.lower() for s in _LOST_PEER))):
+        return None
+    if first.startswith("[") and "] " in first:  # "[.../gloo/transport/tcp/pair.cc:545] Read error ..."
+        first = first.split("] ", 1)[1]
+    first = first.split(". This is typically caused", 1)[0]
+    return f"a collective failed: another rank stopped, was killed or timed out ({first})"
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

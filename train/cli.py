@@ -280,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, TrainingStopped):
             print(f"vlp: stopped: {error}", file=sys.stderr)
             return 1
+        from vlp.core.collectives import lost_peer_reason
+
+        reason = lost_peer_reason(error)
+        if reason is not None:  # a lost node or rank: one line per surviving rank, not a traceback
+            print(f"vlp: error: rank {os.environ.get('RANK', '?')}: {reason}", file=sys.stderr, flush=True)
+            return 1
         raise
 
 
