@@ -10,21 +10,36 @@ Two sigmoid losses over the K sub-captions sampled per image (`data.sub_captions
 as in FLAIR:
 
 * text-conditioned sigmoid (TCS): logit(i, t) = scale * cos(v(i, t), t) + bias, positive when
-  t is one of image i's captions. Pooling is per pair, so scoring all B x (B * K) pairs costs
-  B * B * K pooled vectors; like FLAIR we pair each image with its own K captions plus ONE
-  random caption of every other image: B x (K + N - 1) pairs per rank, N the global batch.
+  t is one of image i's captions. Pooling is per pair, so scoring all B x (N * K) pairs costs
+  B * N * K pooled vectors; FLAIR scores a sample of them (`negatives`, below).
 * multi-positive sigmoid (MPS): the global image embedding against every caption of the
   global batch, K positives per image: logit = scale * cos(image, t) + bias.
 
-Normalisation: TCS sums over a row's pairs and averages over this rank's images (SigLIP's
-per-image convention; FLAIR divides the same sum by B + K - 1 instead of B). MPS sums over a
-row's N * K captions and divides by B * K, as FLAIR does. Other ranks' captions are negatives in
-both; with `gather_with_grad` the sum of the ranks' losses is the single-process loss of the
-global batch, so the averaged DDP gradient is the global one.
+Pairings (`negatives`), with W ranks of B images each and N = W * B:
+
+* "flair" (default, FLAIR's code): every rank samples one caption of each of its images for each
+  of its rows, so local image i meets, from every rank r, the K captions of r's image i (its own
+  K positives on its own rank) and one sampled caption of each other image of r: FLAIR's
+  (B, B + K - 1) text block per rank, passed round the ring; here it is read off the gathered
+  captions. B x (N + W (K - 1)) pairs, TCS sum divided by B + K - 1 as FLAIR's code does.
+* "sampled": own K captions plus ONE random caption of every other global image,
+  B x (K + N - 1) pairs, TCS sum divided by B (SigLIP's per-image convention). On one rank it
+  is "flair" times (B + K - 1) / B.
+* "all": every caption of the global batch, B x N * K (small batches only), divided by B.
+
+MPS sums over a row's N * K captions and divides by B * K, as FLAIR does. Other ranks' captions
+are negatives in both; with `gather_with_grad` the sum of the ranks' losses is the
+single-process loss of the global batch, so the averaged DDP gradient is the global one.
+
+Memory: TCS is scored in blocks of text columns (`blockwise_columns` in tiled_tokens.py), so one
+rank holds the (B, T) logits plus one block's (B, H, t, P) attention, never all B x T pooled
+vectors; `block_size` (None: about 256 MiB per block) sets t, and a pairing that fits in one
+block takes the dense path.
 
 Zero-shot scoring (`pairwise_scores`) pools every image for every text when given the image
 tokens (FLAIR's primary `get_logits`), optionally only for each text's `topk` images by global
-cosine; without tokens it falls back to global cosine (FLAIR's `get_logits_as_clip`).
+cosine; without tokens it falls back to global cosine (FLAIR's `get_logits_as_clip`). Both
+stream over (images x texts) blocks of the same byte budget.
 """
 
 from __future__ import annotations
@@ -39,6 +54,7 @@ from torch import Tensor, nn
 
 from vlp.core.collectives import at_least_fp32, contiguous_grad
 from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from vlp.models.heads.tiled_tokens import DEFAULT_BLOCK_BYTES, auto_block_size, blockwise_columns
 
 
 class FlairConfig(HeadConfig):
@@ -48,12 +64,15 @@ class FlairConfig(HeadConfig):
     init_logit_scale: float = Field(math.log(10.0), description="log of the initial scale (SigLIP)")
     init_logit_bias: float = -10.0
     max_logit_scale: float = Field(100.0, gt=0, description="clamp of exp(logit_scale)")
-    # "sampled": own K captions + one random caption of every other image (B x (K + N - 1));
-    # "all": every caption of the global batch (B x N * K pooled vectors; small batches only).
-    negatives: Literal["sampled", "all"] = "sampled"
+    # "flair": FLAIR's per-rank blocks (B x (N + W (K - 1)), TCS / (B + K - 1)); "sampled": own K
+    # captions + one random caption of every other image (B x (K + N - 1), TCS / B); "all":
+    # every caption of the global batch (B x N * K pooled vectors; small batches only).
+    negatives: Literal["flair", "sampled", "all"] = "flair"
     multi_positive: bool = Field(True, description="add FLAIR's multi-positive sigmoid loss (averaged with TCS)")
-    # Images pooled per chunk in zero-shot scoring (bounds eval memory).
+    # Images pooled per chunk in zero-shot scoring (bounds eval memory, with the byte budget).
     score_chunk: int = Field(64, ge=1)
+    block_size: Optional[int] = Field(
+        None, ge=1, description="text columns per TCS block; None: about 256 MiB per block, dense when one block holds all")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +123,34 @@ def sampled_pairs(
     return caption_index, labels
 
 
+def flair_pairs(
+    negative_caption: Tensor, rank: int, world_size: int, num_captions: int
+) -> tuple[Tensor, Tensor]:
+    """Caption indices and labels of FLAIR's own pairing over W ranks of B images.
+
+    negative_caption: (B, N) long in [0, K): for local row i and global image j, which of j's K
+        captions row i's block holds (FLAIR's per-rank `random_offsets`; entries at the images
+        j = r * B + i, whose K captions all come, are ignored).
+    Returns caption_index (B, N + W (K - 1)) into the flattened (N * K) captions, in global image
+    order (FLAIR's blocks, sorted as its `downsample_text_features` sorts them, rank by rank),
+    and labels: +1 on the K captions of the row's own image, -1 elsewhere.
+    """
+    batch, total = negative_caption.shape
+    k = num_captions
+    if total != batch * world_size:
+        raise ValueError(f"flair pairing: {total} global images are not {world_size} ranks x {batch}")
+    device = negative_caption.device
+    rows = torch.arange(batch, device=device)
+    images = torch.arange(total, device=device)
+    candidates = images[None, :, None] * k + torch.arange(k, device=device)  # (1, N, K)
+    same_row = (images[None, :] % batch) == rows[:, None]  # (B, N): image r * B + i, all K come
+    keep = same_row[..., None] | (torch.arange(k, device=device) == negative_caption[..., None])  # (B, N, K)
+    width = total + world_size * (k - 1)
+    caption_index = candidates.expand(batch, -1, -1)[keep].reshape(batch, width)
+    own = (caption_index // k) == (rank * batch + rows)[:, None]
+    return caption_index, torch.where(own, 1.0, -1.0)
+
+
 def all_pairs(batch: int, total: int, first_image: int, num_captions: int, device=None) -> tuple[Tensor, Tensor]:
     """Every caption of the global batch for each local image: (B, N * K) indices and labels."""
     caption_index = torch.arange(total * num_captions, device=device).expand(batch, -1)
@@ -115,6 +162,31 @@ def all_pairs(batch: int, total: int, first_image: int, num_captions: int, devic
 def sigmoid_pair_loss(logits: Tensor, labels: Tensor, normaliser: float) -> Tensor:
     """sum(-log sigmoid(label * logit)) / normaliser, in fp32."""
     return -F.logsigmoid(labels.to(logits.dtype) * at_least_fp32(logits)).sum() / normaliser
+
+
+def pooled_logits(
+    keys: Tensor, values: Tensor, out_weight: Tensor, out_bias: Tensor, scale: Tensor, bias: Tensor,
+    queries: Tensor, texts_normed: Tensor,
+) -> Tensor:
+    """TCS logits scale * cos(v(i, t), t) + bias of B images against c texts each.
+
+    keys, values: (B, H, P, d) of each image's tokens; out_weight (E, E), out_bias (E,): the
+    pooling's output projection; queries: (B, c, E) projected queries of each row's texts;
+    texts_normed: (B, c, E) the same texts L2-normalised. Returns (B, c), fp32 where the inputs are.
+    """
+    batch, columns, width = queries.shape
+    heads = keys.shape[1]
+    split = queries.reshape(batch, columns, heads, width // heads).transpose(1, 2)  # (B, H, c, d)
+    pooled, _ = zero_slot_attention(split, keys, values)  # (B, H, c, d)
+    pooled = F.linear(pooled.transpose(1, 2).reshape(batch, columns, width), out_weight, out_bias)  # (B, c, E)
+    cosine = (F.normalize(at_least_fp32(pooled), dim=-1) * at_least_fp32(texts_normed)).sum(-1)
+    return scale * cosine + bias
+
+
+def pooled_bytes_per_column(batch: int, heads: int, patches: int, width: int) -> int:
+    """fp32 bytes one text column of `pooled_logits` keeps alive in its backward, about: the
+    attention logits and weights (B, H, P + 1) twice over, and a few (B, E) vectors."""
+    return 4 * batch * (4 * heads * (patches + 1) + 8 * width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +264,32 @@ class FlairHead(Head):
             return torch.cat([image_embed[:, None], image_tokens], dim=1)  # (B, 1 + P, E)
         return image_tokens
 
+    def pairing(self, inputs: HeadInputs, batch: int, total: int, k: int, device) -> tuple[Tensor, Tensor, float]:
+        """(caption_index (B, T), labels (B, T), TCS normaliser) of the configured pairing.
+
+        The negative draw is `inputs.extras["flair_negative_caption"]` (B, N) when given (tests
+        reproduce FLAIR's own draws with it), else uniform per (row, image)."""
+        first_image = inputs.rank * batch
+        if self.config.negatives == "all":
+            caption_index, labels = all_pairs(batch, total, first_image, k, device=device)
+            return caption_index, labels, float(batch)
+        negative_caption = inputs.extras.get("flair_negative_caption")
+        if negative_caption is None:
+            negative_caption = torch.randint(k, (batch, total), device=device)
+        negative_caption = negative_caption.to(device)
+        if self.config.negatives == "sampled":
+            caption_index, labels = sampled_pairs(negative_caption, first_image, k)
+            return caption_index, labels, float(batch)
+        world_size = total // batch
+        caption_index, labels = flair_pairs(negative_caption, inputs.rank, world_size, k)
+        return caption_index, labels, float(batch + k - 1)
+
+    def block_size(self, batch: int, columns: int, patches: int) -> int:
+        """Text columns per TCS block: the config's, else a DEFAULT_BLOCK_BYTES budget."""
+        if self.config.block_size is not None:
+            return self.config.block_size
+        return auto_block_size(columns, pooled_bytes_per_column(batch, self.pool.num_heads, patches, self.embed_dim))
+
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         local = inputs.local
         image_embed, image_tokens = local["image_embed"], local["image_tokens"]
@@ -200,19 +298,22 @@ class FlairHead(Head):
         total = sub_text.shape[0]
         first_image = inputs.rank * batch
         texts = sub_text.reshape(total * k, -1)  # (N * K, E)
+        caption_index, labels, normaliser = self.pairing(inputs, batch, total, k, texts.device)
 
-        if self.config.negatives == "sampled":
-            negative_caption = torch.randint(k, (batch, total), device=texts.device)
-            caption_index, labels = sampled_pairs(negative_caption, first_image, k)
-        else:
-            caption_index, labels = all_pairs(batch, total, first_image, k, device=texts.device)
-        paired_texts = texts[caption_index]  # (B, T, E)
-        pooled, _ = self.pool(paired_texts, self._tokens(image_tokens, image_embed))  # (B, T, E)
-
+        # Per-text work once for the N * K captions, not once per pair: the query projection and
+        # the normalised text (both row-wise, so indexing them equals projecting indexed rows).
+        tokens = self._tokens(image_tokens, image_embed)
+        keys, values = self.pool.keys_values(tokens)  # (B, H, P', d)
+        queries = self.pool.q_proj(self.pool.ln_q(texts))  # (N * K, E)
+        texts_normed = F.normalize(at_least_fp32(texts), dim=-1)
         scale, bias = self._scale(), at_least_fp32(self.logit_bias)
-        cosine = (F.normalize(at_least_fp32(pooled), dim=-1) * F.normalize(at_least_fp32(paired_texts), dim=-1)).sum(-1)
-        tcs_logits = scale * cosine + bias  # (B, T)
-        tcs = sigmoid_pair_loss(tcs_logits, labels, batch)
+        whole = (keys, values, self.pool.out_proj.weight, self.pool.out_proj.bias, scale, bias)
+        block = self.block_size(batch, caption_index.shape[1], tokens.shape[1])
+        if block >= caption_index.shape[1]:  # dense: one block, no recompute
+            tcs_logits = pooled_logits(*whole, queries[caption_index], texts_normed[caption_index])
+        else:
+            tcs_logits = blockwise_columns(pooled_logits, whole, [(queries, caption_index), (texts_normed, caption_index)], block)
+        tcs = sigmoid_pair_loss(tcs_logits, labels, normaliser)  # (B, T) logits
         logging: dict[str, Any] = {
             "tcs": tcs.detach(),
             "scale": scale.detach()[0],
@@ -224,7 +325,7 @@ class FlairHead(Head):
         if self.config.multi_positive:
             image = F.normalize(at_least_fp32(image_embed), dim=-1)  # (B, E)
             _, mps_labels = all_pairs(batch, total, first_image, k, device=texts.device)
-            mps_logits = scale * image @ F.normalize(at_least_fp32(texts), dim=-1).T + bias  # (B, N * K)
+            mps_logits = scale * image @ texts_normed.T + bias  # (B, N * K)
             mps = sigmoid_pair_loss(mps_logits, mps_labels, batch * k)
             logging["mps"] = mps.detach()
             loss = (tcs + mps) / 2
@@ -270,17 +371,34 @@ class FlairHead(Head):
     def text_conditioned_scores(
         self, image_tokens: Tensor, text_embed: Tensor, *, image_embed: Optional[Tensor] = None
     ) -> Tensor:
-        """cos(v(i, t), t) for every image (N, P, E) and text (M, E) -> (N, M), in chunks of images."""
-        text = F.normalize(at_least_fp32(text_embed), dim=-1)
-        rows = []
-        for start in range(0, image_tokens.shape[0], self.config.score_chunk):
-            stop = start + self.config.score_chunk
-            chunk_embed = image_embed[start:stop] if image_embed is not None else None
-            tokens = self._tokens(image_tokens[start:stop], chunk_embed)
-            texts = text_embed[None].expand(tokens.shape[0], -1, -1).to(tokens.dtype)  # (n, M, E)
-            pooled, _ = self.pool(texts, tokens)  # (n, M, E)
-            rows.append((F.normalize(at_least_fp32(pooled), dim=-1) * text[None]).sum(-1))
-        return torch.cat(rows, dim=0)
+        """cos(v(i, t), t) for every image (N, P, E) and text (M, E) -> (N, M).
+
+        Streams over blocks of `score_chunk` images x as many texts as DEFAULT_BLOCK_BYTES
+        allows, so memory is the (N, M) output plus one block, whatever N and M."""
+        num_images, num_texts = image_tokens.shape[0], text_embed.shape[0]
+        scores = torch.empty(num_images, num_texts, device=image_tokens.device,
+                             dtype=torch.promote_types(image_tokens.dtype, torch.float32))
+        if num_texts == 0 or num_images == 0:
+            return scores
+        texts = text_embed.to(image_tokens.dtype)
+        queries = self.pool.q_proj(self.pool.ln_q(texts))  # (M, E), once for all images
+        texts_normed = F.normalize(at_least_fp32(texts), dim=-1)
+        out = self.pool.out_proj
+        scale, bias = scores.new_ones(1), scores.new_zeros(1)  # plain cosine
+        chunk = min(self.config.score_chunk, num_images)
+        patches = image_tokens.shape[1] + int(self.config.include_global_token and image_embed is not None)
+        text_block = auto_block_size(num_texts, pooled_bytes_per_column(chunk, self.pool.num_heads, patches, self.embed_dim))
+        for start in range(0, num_images, chunk):
+            stop = min(start + chunk, num_images)
+            embed = image_embed[start:stop] if image_embed is not None else None
+            keys, values = self.pool.keys_values(self._tokens(image_tokens[start:stop], embed))  # (n, H, P', d)
+            for t0 in range(0, num_texts, text_block):
+                t1 = min(t0 + text_block, num_texts)
+                shape = (stop - start, t1 - t0, queries.shape[1])
+                scores[start:stop, t0:t1] = pooled_logits(
+                    keys, values, out.weight, out.bias, scale, bias,
+                    queries[t0:t1].expand(shape), texts_normed[t0:t1].expand(shape)).to(scores.dtype)
+        return scores
 
     @torch.no_grad()
     def pairwise_scores(
@@ -321,9 +439,13 @@ class FlairHead(Head):
         *,
         image_embed: Optional[Tensor] = None,
     ) -> Tensor:
-        """cos(v(i, t), t) for listed pairs: images (N, P, E), texts (M, E), indices (Q,) -> (Q,)."""
-        out = []
-        chunk = self.config.score_chunk * 16
+        """cos(v(i, t), t) for listed pairs: images (N, P, E), texts (M, E), indices (Q,) -> (Q,).
+
+        Pairs go in chunks whose copied tokens and attention fit DEFAULT_BLOCK_BYTES."""
+        patches, width = image_tokens.shape[1] + 1, image_tokens.shape[2]
+        per_pair = 4 * (3 * patches * width + 4 * self.pool.num_heads * patches)
+        chunk = max(1, DEFAULT_BLOCK_BYTES // per_pair)
+        out = [image_tokens.new_zeros(0, dtype=torch.promote_types(image_tokens.dtype, torch.float32))]
         for start in range(0, image_index.shape[0], chunk):
             images, texts = image_index[start : start + chunk], text_index[start : start + chunk]
             embed = image_embed[images] if image_embed is not None else None

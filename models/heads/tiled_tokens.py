@@ -1,0 +1,140 @@
+"""Column-blocked score matrices for the token-level heads (flair, filip, ct_align).
+
+`models/heads/tiled.py` streams the global losses, whose scores are a pairwise function of two
+embedding sets. The fine-grained heads score a pair through a much larger intermediate: FLAIR
+pools the image tokens once per (image, text) pair, (B, H, T, P) attention and (B, T, E) pooled
+vectors; FILIP compares every patch with every text token, (B, N, P, L); the CT head pools every
+sentence over every volume, (M, N, P) and (M, N, E). The score matrix itself, (rows, columns) =
+(this rank's B, the global N), is small; the intermediate behind it is what outgrows a GPU.
+
+So the blocking here is over the columns of the score matrix only: the forward computes
+`scores[:, c0:c1]` one block of columns at a time under `no_grad` and keeps nothing but the
+inputs; the backward recomputes each block under `enable_grad` and pushes `grad_scores[:, c0:c1]`
+through it (`torch.autograd.grad`), so at most one block's intermediate is alive at any time.
+The loss on the score matrix (sigmoid, InfoNCE) stays the head's own dense code: the values and
+gradients are those of the dense computation up to summation order.
+
+    blockwise_columns(column_fn, whole, columns, block_size) -> scores (..., C)
+
+* `whole`: tensors every block reads entirely (this rank's image tokens, projection weights,
+  a logit scale); their gradients are summed over blocks.
+* `columns`: `(source, index)` pairs; block [c0, c1) reads `source[index[..., c0:c1]]`, and its
+  gradient is added back into `source` at those rows (`index_add_`, so repeated rows sum). A
+  plain slice of the global batch is `index = arange(C)`; FLAIR's per-image caption lists are a
+  (B, T) index into the (N * K) captions.
+* `column_fn(*whole, *column_blocks) -> (..., c)`: differentiable by autograd.
+
+Extra memory: the inputs' gradients (linear in N) plus one block's intermediate, whose size is
+set by `block_size`; `auto_block_size` turns a byte budget into a column count. First-order
+gradients only, like tiled.py.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+ColumnFn = Callable[..., Tensor]
+
+# Bytes one block's intermediate may take when the head's config does not fix the block size.
+# 256 MiB keeps a block's matmuls large (hundreds of columns for FLAIR and the CT head at
+# B = 256, P = 196) while the whole loss stays far under a GPU's memory; measured in
+# benchmarks/loss_memory.py --head.
+DEFAULT_BLOCK_BYTES = 256 * 2**20
+
+
+def auto_block_size(num_columns: int, bytes_per_column: int, budget: int = DEFAULT_BLOCK_BYTES) -> int:
+    """Columns per block so that one block's intermediate stays within `budget` bytes (>= 1).
+
+    Returns `num_columns` itself when everything fits in one block: the caller then takes its
+    dense path, which skips the recompute."""
+    return max(1, min(num_columns, budget // max(1, bytes_per_column)))
+
+
+def _blocks(length: int, block_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block_size, length)) for start in range(0, length, block_size)]
+
+
+def _take(source: Tensor, index: Tensor) -> Tensor:
+    return source[index]
+
+
+class _BlockwiseColumns(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, column_fn, block_size, num_whole, num_columns, *tensors):
+        whole = tensors[:num_whole]
+        sources = tensors[num_whole : num_whole + num_columns]
+        indices = tensors[num_whole + num_columns :]
+        length = indices[0].shape[-1]
+        blocks = []
+        for c0, c1 in _blocks(length, block_size):
+            parts = [_take(source, index[..., c0:c1]) for source, index in zip(sources, indices)]
+            blocks.append(column_fn(*whole, *parts))
+        ctx.column_fn, ctx.block_size, ctx.num_whole, ctx.num_columns = column_fn, block_size, num_whole, num_columns
+        ctx.save_for_backward(*tensors)
+        return torch.cat(blocks, dim=-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_scores):
+        tensors = ctx.saved_tensors
+        num_whole, num_columns = ctx.num_whole, ctx.num_columns
+        whole = tensors[:num_whole]
+        sources = tensors[num_whole : num_whole + num_columns]
+        indices = tensors[num_whole + num_columns :]
+        whole_needs = ctx.needs_input_grad[4 : 4 + num_whole]
+        source_needs = ctx.needs_input_grad[4 + num_whole : 4 + num_whole + num_columns]
+        whole_leaves = [t.detach().requires_grad_(need) for t, need in zip(whole, whole_needs)]
+        whole_totals = [torch.zeros_like(t) if need else None for t, need in zip(whole, whole_needs)]
+        source_totals = [torch.zeros_like(t) if need else None for t, need in zip(sources, source_needs)]
+        length = indices[0].shape[-1]
+        for c0, c1 in _blocks(length, ctx.block_size):
+            block_index = [index[..., c0:c1] for index in indices]
+            parts = [_take(source, index).detach().requires_grad_(need)
+                     for source, index, need in zip(sources, block_index, source_needs)]
+            wanted = [leaf for leaf in whole_leaves + parts if leaf.requires_grad]
+            if not wanted:
+                break
+            with torch.enable_grad():
+                scores = ctx.column_fn(*whole_leaves, *parts)
+            grads = iter(torch.autograd.grad(scores, wanted, grad_scores[..., c0:c1], allow_unused=True))
+            for position, leaf in enumerate(whole_leaves):
+                if leaf.requires_grad:
+                    grad = next(grads)
+                    if grad is not None:
+                        whole_totals[position] += grad
+            for position, (leaf, index) in enumerate(zip(parts, block_index)):
+                if leaf.requires_grad:
+                    grad = next(grads)
+                    if grad is not None:
+                        flat = grad.reshape(-1, *grad.shape[index.dim():])  # (rows of the block, ...)
+                        source_totals[position].index_add_(0, index.reshape(-1), flat)
+        return (None, None, None, None, *whole_totals, *source_totals, *(None for _ in indices))
+
+
+def blockwise_columns(
+    column_fn: ColumnFn,
+    whole: Sequence[Tensor],
+    columns: Sequence[tuple[Tensor, Tensor]],
+    block_size: int,
+) -> Tensor:
+    """`column_fn(*whole, *[source[index] for source, index in columns])`, computed in blocks of
+    `block_size` columns with per-block recompute in backward.
+
+    whole: tensors read whole by every block; columns: (source (R, ...), index (..., C) long)
+    pairs whose index shares its last axis C (the score columns); `column_fn` returns (..., c)
+    for a block of c columns. Returns (..., C): the blocks concatenated along the last axis.
+    """
+    if not columns:
+        raise ValueError("blockwise_columns: needs at least one (source, index) column input")
+    lengths = {index.shape[-1] for _, index in columns}
+    if len(lengths) != 1:
+        raise ValueError(f"blockwise_columns: column indices disagree on their last axis: {sorted(lengths)}")
+    if block_size < 1:
+        raise ValueError(f"blockwise_columns: block_size must be >= 1, got {block_size}")
+    sources = [source for source, _ in columns]
+    indices = [index for _, index in columns]
+    return _BlockwiseColumns.apply(column_fn, block_size, len(whole), len(columns), *whole, *sources, *indices)
