@@ -27,23 +27,15 @@ import torch
 from pydantic import Field
 
 from vlp.core.collectives import all_reduce_sum, gather_objects
+from vlp.data_pipelines.sources.ct_rate import CT_RATE_ABNORMALITIES
 from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
 from vlp.train.evals.common import encode_texts, patch_cosine, scoring_head
-
-# CT-RATE's 18 abnormalities (the column names of its multi_abnormality_labels CSVs).
-CT_RATE_CLASSES = [
-    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
-    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema",
-    "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
-    "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
-    "Interlobular septal thickening",
-]
 
 
 class CtEvalConfig(EvalConfig):
     type: Literal["ct"] = "ct"
     # A list of label keys (also the prompt names), or {label key: prompt name}.
-    classes: Union[list[str], dict[str, str]] = Field(default_factory=lambda: list(CT_RATE_CLASSES))
+    classes: Union[list[str], dict[str, str]] = Field(default_factory=lambda: list(CT_RATE_ABNORMALITIES))
     positive_template: str = "{} is present."
     negative_template: str = "{} is not present."
     pointing: bool = True
