@@ -167,11 +167,12 @@ class SamplePipeline:
         return batch
 
     def batches(self, stream: Iterator[dict], count: Optional[int], epoch: int, seed_base: int,
-                position: int = 0) -> Iterator[dict]:
+                position: int = 0, snapshot: Optional[Callable[[int, int], Any]] = None) -> Iterator[dict]:
         """`count` batches (endless when None) from a raw sample stream.
 
-        `position` is the index in the stream of its first sample (after a resume skip); each
-        sample's augmentation seed is derived from its position.
+        `position` is the index in the stream of its first sample (after a resume); each sample's
+        augmentation seed is derived from its position. `snapshot(position, batches made)`, when
+        given, is called after each batch is complete and its result put in batch["__position__"].
         """
         produced = 0
         while count is None or produced < count:
@@ -202,6 +203,9 @@ class SamplePipeline:
                         yield error_marker(f"{bad_run} bad samples in a row ({format_reasons(bad)}) "
                                            f"in shards {', '.join(sorted(bad_shards))}")
                         return
-            yield self.collate(items, bad, bad_shards, epoch)
+            batch = self.collate(items, bad, bad_shards, epoch)
             produced += 1
+            if snapshot is not None:
+                batch["__position__"] = snapshot(position, produced)
+            yield batch
 

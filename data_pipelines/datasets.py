@@ -7,8 +7,7 @@ worker hands its raw samples to the `SamplePipeline` that decodes and batches th
 
 from __future__ import annotations
 
-import itertools
-import random
+import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -18,9 +17,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from vlp.data_pipelines.bad_samples import BadSample
 from vlp.data_pipelines.collate import SamplePipeline, error_marker
 from vlp.data_pipelines.decode import allow_pixels
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.position import (SlotStream, fresh_resampled_slot, fresh_slot, piece_count,
+                                         role_batches)
 from vlp.data_pipelines.seeds import stable_seed
-from vlp.data_pipelines.sharding import read_share, shuffled, slot_share
-from vlp.data_pipelines.tar_reader import read_shard
+from vlp.data_pipelines.sharding import read_share, slot_share
 
 
 def _this_worker(pipeline: SamplePipeline, workers: int) -> tuple[int, int]:
@@ -44,8 +45,16 @@ class ShardSource:
 
 @dataclass
 class TrainDataset(IterableDataset):
-    """The batches of one rank in `epoch` after its first `skip_batches`; each DataLoader worker
-    yields the batches of its role (see `vlp.data_pipelines.loader` for the guarantees)."""
+    """The batches of one rank in `epoch`; each DataLoader worker yields the batches of its role
+    (see `vlp.data_pipelines.loader` for the guarantees).
+
+    Where to start: `starts` (role -> slot state, `vlp.data_pipelines.position`) for the roles
+    that have a saved position, the others from the start of their share; `skip_batches` is the
+    rank's batches already consumed (the roles rotate by it), and, without `starts` (a
+    checkpoint from before positions were saved), those batches are read and discarded.
+    `total`: the rank's batches in this epoch (segment), default `batches_per_epoch`.
+    Each batch carries "__position__": (role, JSON of the role's slot state after it).
+    """
 
     pipeline: SamplePipeline
     sources: list[ShardSource]
@@ -58,26 +67,51 @@ class TrainDataset(IterableDataset):
     batches_per_epoch: Optional[int]
     epoch: int = 0
     skip_batches: int = 0
+    starts: Optional[dict[int, dict]] = None
+    total: Optional[int] = None
 
     def __post_init__(self) -> None:
         super().__init__()
 
+    def initial_state(self, role: int) -> dict:
+        """A role's slot state before it read anything this epoch."""
+        if self.mode == "resampled":
+            return fresh_resampled_slot(len(self.sources), self.seed, self.epoch, self.rank, role,
+                                        world_size=self.world_size)
+        sizes = [[source.sizes[url] for url in source.urls] for source in self.sources]
+        return fresh_slot(sizes, self.seed, self.epoch, self.rank, self.world_size, self.workers, role)
+
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _this_worker(self.pipeline, self.workers)
-        # The DataLoader asks worker 0 first; after skipping n batches, the batch that comes
-        # next belongs to role n % workers, so worker w plays role (w + n) % workers.
+        # The DataLoader asks worker 0 first; after n batches, the batch that comes next belongs
+        # to role n % workers, so worker w plays role (w + n) % workers.
         role = (worker + self.skip_batches) % workers
-        skipped = max(0, (self.skip_batches - role + workers - 1) // workers)  # my batches among the first n
+        total = self.total if self.total is not None else self.batches_per_epoch
+        legacy_skip = self.starts is None and self.skip_batches > 0
+        start = (self.starts or {}).get(role) or self.initial_state(role)
+        produced = start["produced"]
+        if legacy_skip:
+            produced = max(0, (self.skip_batches - role + workers - 1) // workers)  # my batches among the first n
         count = None
-        if self.batches_per_epoch is not None:
-            count = self.batches_per_epoch // workers + (role < self.batches_per_epoch % workers) - skipped
+        if total is not None:
+            count = role_batches(total, workers, role) - produced
             if count <= 0:
                 return
-        slot = self.rank * workers + role
-        slots = self.world_size * workers
-        stream = self._mixed(slot, slots, role)
-        position = 0
-        to_skip = skipped * self.pipeline.batch_size
+        if self.mode == "epoch" and self.starts is None:
+            sizes = [[source.sizes[url] for url in source.urls] for source in self.sources]
+            for index, (source, state) in enumerate(zip(self.sources, start["sources"])):
+                if sum(piece_count(piece, sizes[index]) for piece in state["pieces"]) == 0:
+                    yield error_marker(f"rank {self.rank} worker {role} has no samples of {source.urls[0]}...: "
+                                       f"fewer samples than world_size x workers ({self.world_size * workers})")
+                    return
+        try:
+            stream = SlotStream([source.urls for source in self.sources], [source.weight for source in self.sources],
+                                self.shuffle_buffer, start, self.mode == "resampled")
+        except DataError as error:
+            yield error_marker(str(error))
+            return
+        position = start["position"]
+        to_skip = produced * self.pipeline.batch_size if legacy_skip else 0
         while to_skip > 0:
             sample = next(stream)
             if "__error__" in sample:
@@ -87,53 +121,13 @@ class TrainDataset(IterableDataset):
                 continue
             position += 1
             to_skip -= self.pipeline.looks_good(sample)
-        seed_base = stable_seed("augment", self.seed, self.epoch, self.rank, self.world_size, role)
-        yield from self.pipeline.batches(stream, count, self.epoch, seed_base, position)
 
-    def _mixed(self, slot: int, slots: int, role: int) -> Iterator[dict]:
-        streams = [self._source_stream(index, source, slot, slots, role) for index, source in enumerate(self.sources)]
-        if len(streams) == 1:
-            yield from streams[0]
-            return
-        rng = random.Random(stable_seed("mix", self.seed, self.epoch, self.rank, role))
-        weights = [source.weight for source in self.sources]
-        choices = range(len(streams))
-        while True:
-            # A marker does not count as a draw, so the mix proportions are of good samples.
-            stream = streams[rng.choices(choices, weights)[0]]
-            sample = next(stream)
-            while "__bad__" in sample:
-                yield sample
-                sample = next(stream)
-            yield sample
-            if "__error__" in sample:
-                return
+        def snapshot(position: int, batches: int) -> tuple[int, str]:
+            state = {"role": role, "produced": produced + batches, "position": position,
+                     "augment": start["augment"], **stream.state()}
+            return role, json.dumps(state, separators=(",", ":"))
 
-    def _source_stream(self, index: int, source: ShardSource, slot: int, slots: int, role: int) -> Iterator[dict]:
-        if self.mode == "resampled":
-            rng = random.Random(stable_seed("resample", self.seed, self.epoch, self.rank, role, index))
-            shards = (rng.choice(source.urls) for _ in itertools.count())
-            samples = (sample for url in shards for sample in read_shard(url))
-            yield from shuffled(samples, self.shuffle_buffer, rng)
-            return
-        order = list(source.urls)
-        random.Random(stable_seed("shards", self.seed, self.epoch, index)).shuffle(order)  # same on every rank
-        share = slot_share(order, slot, slots)
-        if share.count(source.sizes) == 0:
-            yield error_marker(f"rank {self.rank} worker {role} has no samples of {source.urls[0]}...: "
-                               f"fewer samples than world_size x workers ({slots})")
-            return
-        for cycle in itertools.count():
-            rng = random.Random(stable_seed("buffer", self.seed, self.epoch, self.rank, role, index, cycle))
-            if cycle:  # padding a short share: read it again in another order
-                share = share.reordered(rng)
-            good = 0
-            for sample in shuffled(read_share(share), self.shuffle_buffer, rng):
-                good += "__bad__" not in sample
-                yield sample
-            if good == 0:
-                yield error_marker(f"no readable sample in shards {', '.join(share.urls)}")
-                return
+        yield from self.pipeline.batches(stream, count, self.epoch, start["augment"], position, snapshot)
 
 
 @dataclass

@@ -42,7 +42,9 @@ stop rule), `seeds` (the derived seeds).
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import replace
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -52,6 +54,7 @@ from vlp.data_pipelines.collate import SamplePipeline
 from vlp.data_pipelines.config import DataConfig
 from vlp.data_pipelines.datasets import EvalDataset, ShardSource, TrainDataset
 from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.position import POSITION_FILE, VERSION, fresh_resampled_slot, redeal, sources_digest
 from vlp.data_pipelines.sharding import check_urls, expand_urls, shard_sizes
 from vlp.data_pipelines.tar_reader import is_local, local_path
 
@@ -59,10 +62,13 @@ __all__ = ["EvalLoader", "TrainLoader", "build_eval_loader", "build_train_loader
 
 
 class TrainLoader:
-    """The training batch stream of one rank. See the module docstring for the guarantees."""
+    """The training batch stream of one rank, and its position (see the module docstring)."""
 
     def __init__(self, dataset: TrainDataset) -> None:
         self._dataset = dataset
+        self._position: Optional[dict] = None  # the epoch being read: {"epoch", "batches", "total", "roles"}
+        self._restored: Optional[dict] = None  # from load_state_dict, used by the next iterate
+        self.resume_note: Optional[dict] = None  # set when a resume changed the data order
 
     @property
     def batches_per_epoch(self) -> Optional[int]:
@@ -74,11 +80,99 @@ class TrainLoader:
         return sum(sum(source.sizes.values()) for source in self._dataset.sources)
 
     def iterate(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
-        """Batches of `epoch`, starting after the first `skip_batches` (resume)."""
+        """Batches of `epoch`. After `load_state_dict`, the first call for the saved epoch continues
+        from the saved position (seeking; `skip_batches` is then ignored); otherwise the batches
+        after the first `skip_batches` (read and discarded: only for checkpoints without a position)."""
         if skip_batches < 0:
             raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
-        dataset = TrainDataset(**{**self._dataset.__dict__, "epoch": epoch, "skip_batches": skip_batches})
-        yield from _run(dataset, dataset.workers)
+        restored, self._restored = self._restored, None
+        if restored is not None and restored["epoch"] != epoch:
+            restored = None
+        if restored is not None:
+            position = {"epoch": epoch, "batches": restored["batches"], "total": restored["total"],
+                        "roles": dict(restored["roles"])}
+            starts = {int(role): state for role, state in restored["roles"].items()}
+        else:
+            position = {"epoch": epoch, "batches": skip_batches, "total": self._dataset.batches_per_epoch,
+                        "roles": {}}
+            starts = None
+        self._position = position
+        dataset = replace(self._dataset, epoch=epoch, skip_batches=position["batches"], starts=starts,
+                          total=position["total"])
+        for batch in _run(dataset, dataset.workers):
+            role, state = batch.pop("__position__")
+            position["roles"][str(role)] = state  # kept as JSON text: parsed only when saved
+            position["batches"] += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        """This rank's position: per role, the slot state after the last batch consumed from it
+        (shard, sample, shuffle buffer by reference, RNG states); a few KB per role."""
+        dataset = self._dataset
+        position = self._position or self._restored or {"epoch": 0, "batches": 0, "total": dataset.batches_per_epoch,
+                                                        "roles": {}}
+        return {
+            "version": VERSION, "mode": dataset.mode, "seed": dataset.seed, "rank": dataset.rank,
+            "world_size": dataset.world_size, "workers": dataset.workers,
+            "batch_size": dataset.pipeline.batch_size, "shuffle_buffer": dataset.shuffle_buffer,
+            "sources": self._digest(), "epoch": position["epoch"], "batches": position["batches"],
+            "total": position["total"],
+            "roles": {role: json.loads(state) if isinstance(state, str) else state
+                      for role, state in position["roles"].items()},
+        }
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        """Continue from every rank's saved position (`states`, in rank order, as `state_dict` made
+        them). The same layout (world size, workers, batch size, shuffle buffer) continues bit for
+        bit; another one re-deals the rest of the epoch (epoch mode) or starts fresh streams
+        (resampled), logs one line and sets `resume_note` for the run's metrics."""
+        if not states:
+            return
+        dataset = self._dataset
+        first = states[0]
+        if first.get("version") != VERSION:
+            raise DataError(f"loader position version {first.get('version')} is not {VERSION}")
+        if first["mode"] != dataset.mode or first["sources"] != self._digest():
+            raise DataError(
+                f"data.train (or data.mode) differs from the checkpoint's: its saved data position does not "
+                f"apply (remove the checkpoint's {POSITION_FILE.format(rank='*')} files to resume by "
+                f"skipping batches instead)")
+        layout = (dataset.world_size, dataset.workers, dataset.pipeline.batch_size, dataset.shuffle_buffer)
+        old = (first["world_size"], first["workers"], first["batch_size"], first["shuffle_buffer"])
+        if layout == old:
+            self._restored = states[dataset.rank]
+            return
+        what = f"{old[0]} ranks x {old[1]} workers, batch {old[2]}, buffer {old[3]} -> " \
+               f"{layout[0]} x {layout[1]}, batch {layout[2]}, buffer {layout[3]}"
+        if dataset.mode == "epoch":
+            sizes = [[source.sizes[url] for url in source.urls] for source in dataset.sources]
+            self._restored, note = redeal(states, sizes, seed=dataset.seed, world_size=dataset.world_size,
+                                          workers=dataset.workers, batch_size=dataset.pipeline.batch_size,
+                                          rank=dataset.rank)
+            message = (f"data order changed: resumed on another layout ({what}); the rest of epoch "
+                       f"{note['epoch']} ({note['samples_left']} samples) is dealt again, each read once, "
+                       f"{note['batches_per_rank']} batches per rank, {note['dropped']} dropped (under one global batch)")
+        else:
+            consumed = sum(state["batches"] for state in states)
+            salt = ("resumed", consumed, dataset.world_size, dataset.workers)
+            roles = {str(role): fresh_resampled_slot(len(dataset.sources), dataset.seed, first["epoch"], dataset.rank,
+                                                     role, salt, dataset.world_size)
+                     for role in range(max(dataset.workers, 1))}
+            self._restored = {"epoch": first["epoch"], "batches": 0, "total": None, "roles": roles}
+            note = {"event": "data_reseeded", "epoch": first["epoch"], "from_layout": list(old[:2]),
+                    "to_layout": list(layout[:2])}
+            message = (f"data order changed: resumed on another layout ({what}); resampled mode draws fresh "
+                       f"streams seeded by (seed, epoch, batches consumed {consumed}, new layout), same "
+                       f"sampling distribution (shards with replacement, by weight), no sample-exact continuation")
+        note["message"] = message
+        self.resume_note = note
+        if dataset.rank == 0:
+            print(f"[vlp] {message}", flush=True)
+
+    def _digest(self) -> str:
+        sources = self._dataset.sources
+        return sources_digest([source.urls for source in sources],
+                              [[source.sizes[url] for url in source.urls] for source in sources])
 
 
 def _run(dataset: IterableDataset, workers: int) -> Iterator[dict]:

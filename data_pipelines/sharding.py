@@ -1,17 +1,17 @@
-"""Shard lists, and how shards are dealt to reading slots and shuffled.
+"""Shard lists and sizes, and how the eval loader deals shards to reading slots.
 
 A reading slot is one (rank, worker role) pair: `world_size * workers` slots read disjoint
-shares that together cover every sample once (see `slot_share`).
+shares that together cover every sample once (see `slot_share`). The training loader's deal and
+shuffle buffer live in `position`, where they are plain data a checkpoint can hold.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from vlp.data_pipelines.config import DataConfig
 from vlp.data_pipelines.errors import DataError
@@ -68,15 +68,6 @@ class Share:
     modulo: int = 1
     remainder: int = 0
 
-    def count(self, sizes: dict[str, int]) -> int:
-        total = sum(sizes[url] for url in self.urls)
-        return max(0, (total - self.remainder + self.modulo - 1) // self.modulo)
-
-    def reordered(self, rng: random.Random) -> "Share":
-        urls = list(self.urls)
-        rng.shuffle(urls)
-        return Share(tuple(urls), self.modulo, self.remainder)
-
 
 def slot_share(urls: list[str], slot: int, slots: int) -> Share:
     """Slot `slot` of `slots`: whole shards when there are at least as many shards as slots;
@@ -98,22 +89,3 @@ def read_share(share: Share) -> Iterator[dict]:
                 if not keep:
                     continue
             yield sample
-
-
-def shuffled(items: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """A shuffle buffer of `size` samples (webdataset's); markers pass straight through."""
-    if size <= 1:
-        yield from items
-        return
-    buffer: list[dict] = []
-    for item in items:
-        if "__bad__" in item:
-            yield item
-        elif len(buffer) < size:
-            buffer.append(item)
-        else:
-            index = rng.randrange(size)
-            yield buffer[index]
-            buffer[index] = item
-    rng.shuffle(buffer)
-    yield from buffer

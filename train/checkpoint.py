@@ -2,12 +2,13 @@
 
 Layout of `runs/NAME/checkpoints/`:
     step_00000100/          DeepSpeed's own files (model, optimizer partitions per rank),
-                            client_state.json, rng_rank{r}.pt, and COMPLETE once every rank
-                            has finished writing
+                            client_state.json, rng_rank{r}.pt, loader_rank{r}.json (the data
+                            position), and COMPLETE once every rank has finished writing
     latest                  the tag of the newest COMPLETE checkpoint, replaced atomically
 
 Resume order (the one place it is written down): model + optimizer + lr schedule (DeepSpeed) ->
-client state (step, samples seen, epoch, batch position in the epoch) -> this rank's RNG states.
+client state (step, samples seen, epoch, batch position in the epoch) -> this rank's RNG states
+-> the loader's position (every rank's file: another layout re-deals the rest of the epoch).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from vlp.core.collectives import barrier
+from vlp.data_pipelines.position import read_positions, write_position
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -112,10 +114,11 @@ class UnsafeCheckpoint(ValueError):
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int, rank: int) -> None:
+    def __init__(self, directory: Path, keep: int, rank: int, loader: Any = None) -> None:
         self.directory = Path(directory)
         self.keep = max(1, keep)
         self.rank = rank
+        self.loader = loader  # saved and restored with the checkpoint: its data position
 
     @staticmethod
     def tag(step: int) -> str:
@@ -140,6 +143,8 @@ class Checkpointer:
         client = {"train_state": state.state_dict(), **(extra or {})}
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client, save_latest=False)
         torch.save(rng_state(), self.directory / tag / f"rng_rank{self.rank}.pt")
+        if self.loader is not None:
+            write_position(self.directory / tag, self.rank, self.loader.state_dict())
         barrier()  # every rank's shards are on disk before the checkpoint is called complete
         if self.rank == 0:
             (self.directory / tag / "client_state.json").write_text(json.dumps(client, indent=1, default=str))
@@ -193,4 +198,6 @@ class Checkpointer:
         rng_file = directory / tag / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
+        if self.loader is not None:  # every rank's, so another layout can deal out what is left
+            self.loader.load_state_dict(read_positions(directory / tag))
         return client

@@ -134,7 +134,9 @@ def to_device(
 
 
 def micro_batches(loader: Any, state: TrainState) -> Iterator[dict[str, Any]]:
-    """Endless micro-batches that keep `state.epoch` / `state.batch_in_epoch` as the data position."""
+    """Endless micro-batches that keep `state.epoch` / `state.batch_in_epoch` as the data position
+    (the loader's own saved position, restored with the checkpoint, takes over from
+    `batch_in_epoch`; it only skips batches for checkpoints saved without one)."""
     while True:
         for batch in loader.iterate(state.epoch, skip_batches=state.batch_in_epoch):
             state.batch_in_epoch += 1
@@ -219,7 +221,7 @@ def train(config: ExperimentConfig, resume: str | None = None, overwrite: bool =
     model = build_model(config)
     engine = build_engine(config, model)
     loader = build_loader(config, model, env)
-    checkpointer = Checkpointer(run_dir / "checkpoints", config.train.keep_checkpoints, env.rank)
+    checkpointer = Checkpointer(run_dir / "checkpoints", config.train.keep_checkpoints, env.rank, loader=loader)
     evaluators = build_evaluators(config)
     state = TrainState()
     where = checkpointer.resolve(resume) if resume else None
@@ -228,6 +230,8 @@ def train(config: ExperimentConfig, resume: str | None = None, overwrite: bool =
     else:
         seed_everything(config.seed + 1000 * env.rank)
     metrics = MetricsLogger(run_dir, env.is_main, config.train.steps, start_step=state.step)
+    if loader.resume_note is not None:  # resumed on another layout: the data order changed
+        metrics.log(state.step, loader.resume_note)
     from vlp.data_pipelines.bad_samples import BadSampleMonitor
 
     bad_samples = BadSampleTally(BadSampleMonitor.from_config(config.data))
