@@ -1,12 +1,17 @@
-"""Helpers shared by evaluators: the scoring head, batched class embeddings, rank reductions."""
+"""Helpers shared by evaluators: the scoring head, batched class embeddings, rank reductions,
+where the evaluation samples come from (shards or an image-folder tree) and named template sets."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 
 from vlp.core.collectives import all_reduce_max
+from vlp.data_pipelines.image_folder import ImageFolder, split_root
 
 
 def scoring_head(model: Any) -> Any:
@@ -109,3 +114,114 @@ def resolve_shard_spec(spec: str, split: str = "test") -> str:
     if not tars:
         raise DataError(f"{folder}: no {split}/nshards.txt (clip_benchmark layout) and no .tar shards")
     return "::".join(tars)
+
+
+# ------------------------------------------------------------------ evaluation inputs
+@dataclass
+class EvalSource:
+    """Where an evaluator's samples come from: webdataset shards (a spec, a folder of `*.tar`,
+    clip_benchmark's `DIR/{split}/nshards.txt` layout) or an image-folder tree (one folder per
+    class, `data_pipelines/image_folder.py`).
+
+    folders: where `classnames.txt` / `zeroshot_classification_templates.txt` may lie (beside
+    the shards and one level up, or the tree's root and its parent); classnames: the tree's
+    class folders (None for shards: labels are the shards' `.cls`)."""
+
+    spec: str
+    image_folder: Optional[ImageFolder] = None
+    folders: tuple[Path, ...] = ()
+
+    @property
+    def classnames(self) -> Optional[list[str]]:
+        return self.image_folder.classnames if self.image_folder is not None else None
+
+
+def resolve_eval_source(spec: str, split: str = "test") -> EvalSource:
+    """`spec` as an image-folder tree (`spec/split/<class>/` or `spec/<class>/`) when it is one,
+    else as shards (`resolve_shard_spec`)."""
+    from vlp.train.data import expand_urls
+
+    root = split_root(spec, split) if Path(spec).is_dir() else None
+    if root is not None:
+        return EvalSource(spec=str(root), image_folder=ImageFolder.read(root), folders=(root, root.parent))
+    shards = resolve_shard_spec(spec, split)
+    shard_folder = Path(expand_urls(shards)[0]).parent
+    return EvalSource(spec=shards, folders=(shard_folder, shard_folder.parent))
+
+
+def eval_batches(source: EvalSource, model: Any, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 workers: int = 0) -> Iterable[dict]:
+    """This rank's eval batches of `source`, preprocessed for `model`'s image tower."""
+    preprocess, tokenizer = model.image.preprocess(train=False), model.text.tokenizer()
+    if source.image_folder is not None:
+        return source.image_folder.batches(preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size,
+                                           rank=rank, world_size=world_size)
+    from vlp.data_pipelines.loader import build_eval_loader
+
+    return build_eval_loader(source.spec, preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size,
+                             rank=rank, world_size=world_size, workers=workers)
+
+
+def image_features(model: Any, source: EvalSource, context: Any, *, batch_size: int, workers: int = 0,
+                   normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Frozen image features (N, E) fp32 (L2-normalised unless `normalize=False`), labels (N,)
+    and sample keys of every sample of `source`, sorted by key (so the order, and whatever is
+    drawn from it, does not depend on the world size), on the CPU."""
+    from vlp.core.collectives import all_gather_rows, gather_objects
+    from vlp.data_pipelines.errors import DataError
+
+    device = context.device
+    features, labels, keys = [], [], []
+    idle = idle_image_forward(model, device, context.dtype)
+    loader = eval_batches(source, model, batch_size=batch_size, rank=context.rank, world_size=context.world_size,
+                          workers=workers)
+    for batch in lockstep(loader, zero3_partitioned(model), idle, device):
+        if (batch["label"] < 0).any():
+            raise DataError(f"{source.spec}: sample {batch['key'][int((batch['label'] < 0).nonzero()[0])]} has no .cls label")
+        embed = model.encode_image(batch["image"].to(device, context.dtype))["image_embed"].float()
+        features.append(torch.nn.functional.normalize(embed, dim=-1) if normalize else embed)
+        labels.append(batch["label"].to(device))
+        keys.extend(batch["key"])
+    dim = model.config.embed_dim
+    features_t = torch.cat(features) if features else torch.zeros(0, dim, device=device)
+    labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    # Gathered on the rank's device (NCCL gathers only GPU tensors).
+    features_t, labels_t, keys = all_gather_rows(features_t).cpu(), all_gather_rows(labels_t).cpu(), gather_objects(keys)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return features_t[order], labels_t[order], [keys[i] for i in order]
+
+
+def load_template_sets(value: Union[str, dict[str, Union[list[str], str]], None]) -> dict[str, list[str]]:
+    """Named prompt-template sets: a JSON or YAML file `{name: [templates] or a .txt path}`, or that
+    mapping itself; a `.txt` holds one template per line. Templates use `{c}` (or `{}`) for the
+    class name. Names go into metric keys (`zeroshot_top1@templates=NAME`), so they must be
+    plain words."""
+    if value is None:
+        return {}
+    base = Path(".")
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_file():
+            raise FileNotFoundError(f"template_sets: {path}: no such file")
+        import yaml
+
+        value = yaml.safe_load(path.read_text())  # JSON is YAML
+        base = path.parent
+        if not isinstance(value, dict):
+            raise ValueError(f"template_sets: {path}: needs a mapping of set name to a list of templates")
+    sets: dict[str, list[str]] = {}
+    for name, templates in value.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+            raise ValueError(f"template_sets: set name {name!r}: use letters, digits, '_', '.', '-'")
+        if isinstance(templates, str):
+            path = Path(templates) if Path(templates).is_absolute() else base / templates
+            if not path.is_file():
+                raise FileNotFoundError(f"template_sets.{name}: {path}: no such file")
+            templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
+            raise ValueError(f"template_sets.{name}: needs a non-empty list of template strings")
+        for template in templates:
+            if "{c}" not in template and "{}" not in template:
+                raise ValueError(f"template_sets.{name}: {template!r} has no {{c}} for the class name")
+        sets[str(name)] = templates
+    return sets
