@@ -12,6 +12,15 @@ the same for both implementations).
     python benchmarks/loss_memory.py --sizes 1024,4096    # a quick run
 
 Prints one JSON line (all numbers, and whether each target is met) and writes the plot.
+
+`--head flair|filip|ct_align` measures a fine-grained head instead (see `run_head_case`): one
+rank's share, B_local = 256 local images against N global texts, P = 196 patch tokens, E = 512,
+fp32, forward + backward, the tiled path (blocks of text columns, recompute in backward) and the
+dense one (one block). One JSON line per (head, impl, N); sizes above `--measure-max-n` (or whose
+dense peak is predicted above `--dense-max-gb`) are predicted from the two smallest measured sizes
+by a straight line in N (both paths are linear in N at fixed B), marked `"predicted": true`.
+
+    python benchmarks/loss_memory.py --head flair --sizes 256,1024,4096,16384
 """
 
 from __future__ import annotations
@@ -154,6 +163,168 @@ def _plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# -- fine-grained heads ---------------------------------------------------------------------------
+HEAD_SHAPES = {"batch": 256, "patches": 196, "dim": 512, "flair_captions": 8, "flair_heads": 8, "filip_length": 32}
+
+
+def run_head_case(head: str, impl: str, num: int, threads: int, block_size: int | None) -> dict:
+    """Child side: one head's loss, forward + backward, one rank's share of a global batch of `num`."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from vlp.models.heads import HeadInputs
+    from vlp.models.heads.ct_align import alignment_loss, cross_region_scores
+    from vlp.models.heads.filip import FilipConfig, FilipHead
+    from vlp.models.heads.flair import FlairConfig, FlairHead
+
+    torch.set_num_threads(threads)
+    shapes = HEAD_SHAPES
+    batch, patches, dim = shapes["batch"], shapes["patches"], shapes["dim"]
+    dense_block = 1 << 40  # one block: the dense path
+    block = dense_block if impl == "dense" else block_size
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=generator).requires_grad_()
+
+    if head == "flair":
+        module = FlairHead(FlairConfig(num_heads=shapes["flair_heads"], block_size=block), dim)
+        k = shapes["flair_captions"]
+        image_embed, image_tokens, sub_text = leaf(batch, dim), leaf(batch, patches, dim), leaf(num, k, dim)
+        inputs = HeadInputs(local={"image_embed": image_embed, "image_tokens": image_tokens, "sub_text_embed": sub_text[:batch]},
+                            gathered={"sub_text_embed": sub_text}, batch={}, rank=0, world_size=num // batch)
+        leaves = [image_embed, image_tokens, sub_text]
+        loss_fn = lambda: module(inputs)["loss"]  # noqa: E731
+    elif head == "filip":
+        module = FilipHead(FilipConfig(block_size=block), dim)
+        length = shapes["filip_length"]
+        image_tokens, text_tokens = leaf(num, patches, dim), leaf(num, length, dim)
+        mask = torch.ones(num, length, dtype=torch.bool)
+        local = {"image_tokens": image_tokens[:batch], "text_tokens": text_tokens[:batch], "text_mask": mask[:batch]}
+        inputs = HeadInputs(local=local, gathered={"image_tokens": image_tokens, "text_tokens": text_tokens, "text_mask": mask},
+                            batch={}, rank=0, world_size=num // batch)
+        leaves = [image_tokens, text_tokens]
+        loss_fn = lambda: module(inputs)["loss"]  # noqa: E731
+    else:  # ct_align: B local sentences (one per local volume) pooled over N global volumes
+        sentences, volume_tokens = leaf(batch, dim), leaf(num, patches, dim)
+        scale = torch.tensor([1 / 0.07], requires_grad=True)
+        owners = torch.arange(batch)
+        leaves = [sentences, volume_tokens, scale]
+        loss_fn = lambda: alignment_loss(cross_region_scores(sentences, volume_tokens, block_size=block), owners, scale)[0]  # noqa: E731
+        module = None
+    params = list(module.parameters()) if module is not None else []
+
+    reset = _reset_peak()
+    before, method = _peak_kib()
+    start = time.perf_counter()
+    loss_fn().backward()
+    elapsed = time.perf_counter() - start
+    after, _ = _peak_kib()
+    del params, leaves
+    return {"head": head, "impl": impl, "n": num, "b_local": batch, "peak_extra_mb": round((after - before) / 1024, 1),
+            "time_s": round(elapsed, 2), "predicted": False,
+            "memory_method": method + (" reset after inputs" if reset else " after - before")}
+
+
+def _head_child(head: str, impl: str, num: int, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--head", head, "--child", impl, "--sizes", str(num), "--threads", str(args.threads)]
+    if args.tile_size:
+        command += ["--tile-size", str(args.tile_size)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        return {"head": head, "impl": impl, "n": num, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def linear_bytes_per_text(head: str) -> int:
+    """fp32 bytes of the tiled path's tensors that grow with N, per global text (the formula the
+    tiled predictions use above the largest measured N; its block is a constant). flair: the
+    (K, E) captions' gradient, projected queries, normalised copies and their gradients (6 K E),
+    and the MPS (B, K) logits with their sigmoid terms and gradient (4 B K); filip: the gradients
+    of the gathered (P + L, E) tokens and the two (B,) score columns with their softmax and
+    gradients (8 B); ct_align: the gathered (P, E) tokens' gradient and 8 B score terms."""
+    shapes = HEAD_SHAPES
+    batch, patches, dim = shapes["batch"], shapes["patches"], shapes["dim"]
+    if head == "flair":
+        return 4 * (6 * shapes["flair_captions"] * dim + 4 * batch * shapes["flair_captions"])
+    if head == "filip":
+        return 4 * ((patches + shapes["filip_length"]) * dim + 8 * batch)
+    return 4 * (patches * dim + 8 * batch)
+
+
+def _predict_memory(head: str, impl: str, measured: list[dict], num: int) -> tuple[float, str]:
+    """Dense: the straight line through the two smallest measured sizes (its per-text term, the
+    (B, P) block of every text, dominates from the first point). Tiled: the largest measured
+    peak plus `linear_bytes_per_text` for every further text."""
+    if impl == "dense":
+        return _line_through(measured, "peak_extra_mb", num), f"line through N = {sorted(r['n'] for r in measured)[:2]}"
+    last = max(measured, key=lambda r: r["n"])
+    per_text = linear_bytes_per_text(head)
+    return (last["peak_extra_mb"] + (num - last["n"]) * per_text / 2**20,
+            f"measured at N = {last['n']} + {per_text} B per further text (linear_bytes_per_text)")
+
+
+def _line_through(rows: list[dict], key: str, num: int) -> float:
+    """Value of `key` at `num` on the straight line through the two smallest measured sizes."""
+    (n0, y0), (n1, y1) = [(r["n"], r[key]) for r in sorted(rows, key=lambda r: r["n"])[:2]]
+    return y0 + (y1 - y0) * (num - n0) / (n1 - n0)
+
+
+def head_sweep(args: argparse.Namespace, sizes: list[int]) -> int:
+    results: list[dict] = []
+    start = time.perf_counter()
+    for impl in ("tiled", "dense"):
+        measured: list[dict] = []
+        for num in sizes:
+            too_big = num > args.measure_max_n or (impl == "dense" and len(measured) >= 2
+                                                   and _line_through(measured, "peak_extra_mb", num) > args.dense_max_gb * 1024)
+            if too_big and len(measured) >= 2:
+                memory, how = _predict_memory(args.head, impl, measured, num)
+                row = {"head": args.head, "impl": impl, "n": num, "b_local": HEAD_SHAPES["batch"], "predicted": True,
+                       "peak_extra_mb": round(memory, 1), "time_s": round(_line_through(measured, "time_s", num), 2),
+                       "prediction": f"memory: {how}; time: line through the two smallest measured N"}
+            else:
+                row = _head_child(args.head, impl, num, args)
+                if "error" not in row:
+                    measured.append(row)
+            results.append(row)
+            print(json.dumps({"benchmark": "loss_memory_head", **row}), flush=True)
+    _plot_heads(results, args.plot, args.head)
+    print(json.dumps({"benchmark": "loss_memory_head", "head": args.head, "shapes": HEAD_SHAPES, "sizes": sizes,
+                      "total_s": round(time.perf_counter() - start, 1)}))
+    return 0
+
+
+def _plot_heads(results: list[dict], path: Path, head: str) -> None:
+    """One figure per head: memory and time against N, tiled and dense, predicted points hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (memory_ax, time_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for impl, colour in (("tiled", "tab:blue"), ("dense", "tab:red")):
+        rows = sorted((r for r in results if r["impl"] == impl and "error" not in r), key=lambda r: r["n"])
+        if not rows:
+            continue
+        for ax, key, scale in ((memory_ax, "peak_extra_mb", 1 / 1024), (time_ax, "time_s", 1.0)):
+            ax.plot([r["n"] for r in rows], [r[key] * scale for r in rows], color=colour, label=impl)
+            for r in rows:
+                ax.plot(r["n"], r[key] * scale, "o", color=colour, fillstyle="none" if r.get("predicted") else "full")
+    memory_ax.axhline(4.0, color="grey", linestyle=":", label="4 GB target")
+    for ax, ylabel in ((memory_ax, "peak extra memory (GiB)"), (time_ax, "forward + backward (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("global texts N (B_local = 256, P = 196, E = 512, CPU)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{head} loss, one rank: filled = measured, hollow = predicted")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="comma-separated N")
@@ -165,9 +336,19 @@ def main() -> int:
     parser.add_argument("--open-clip-max-n", type=int, default=16384)
     parser.add_argument("--open-clip-max-gb", type=float, default=12.0, help="skip open_clip above this prediction")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "loss_memory.png")
-    parser.add_argument("--child", choices=("ours", "open_clip"), help=argparse.SUPPRESS)
+    parser.add_argument("--head", choices=("flair", "filip", "ct_align"), help="measure a fine-grained head instead")
+    parser.add_argument("--measure-max-n", type=int, default=16384, help="--head: predict above this N")
+    parser.add_argument("--dense-max-gb", type=float, default=12.0, help="--head: predict dense above this peak")
+    parser.add_argument("--child", choices=("ours", "open_clip", "tiled", "dense"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
+    if args.head:
+        if args.plot == ROOT / "docs" / "img" / "loss_memory.png":
+            args.plot = ROOT / "docs" / "img" / f"loss_memory_{args.head}.png"
+        if args.child:
+            print(json.dumps(run_head_case(args.head, args.child, sizes[0], args.threads, args.tile_size)))
+            return 0
+        return head_sweep(args, sizes)
 
     if args.child:
         print(json.dumps(run_case(args.child, sizes[0], args.dim, args.threads, args.reps, args.tile_size)))

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from vlp.core.collectives import at_least_fp32, gather_no_grad, gather_with_grad
 from vlp.data_pipelines.text import caption_sentences, is_normal_sentence
 from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from vlp.models.heads.tiled_tokens import auto_block_size, blockwise_columns
 
 
 def patch_scores(patch_tokens: Tensor, sentences: Tensor) -> Tensor:
@@ -89,19 +90,39 @@ def sentence_regions(
     return F.normalize(regions, dim=-1), weights
 
 
+def _region_scores(text: Tensor, patch_tokens: Tensor, mode: Literal["topk", "softmax"], k: int,
+                   temperature: float) -> Tensor:
+    """cos(sentence_i, region_i(b)) of normalised sentences (M, E) over volumes (n, P, E) -> (M, n)."""
+    patches = F.normalize(at_least_fp32(patch_tokens), dim=-1)
+    scores = torch.einsum("me,npe->mnp", text, patches)  # (M, n, P)
+    weights = selection_weights(scores, mode, k, temperature)
+    regions = F.normalize(torch.einsum("mnp,npe->mne", weights, patches), dim=-1)  # (M, n, E)
+    return torch.einsum("me,mne->mn", text, regions)
+
+
+def region_bytes_per_column(sentences: int, patches: int, width: int) -> int:
+    """fp32 bytes one volume column of `cross_region_scores` keeps alive in its backward, about:
+    scores, logits and weights (M, P) and the regions before and after normalising (M, E)."""
+    return 4 * sentences * (4 * patches + 3 * width)
+
+
 def cross_region_scores(
     sentences: Tensor, patch_tokens: Tensor, mode: Literal["topk", "softmax"] = "topk", k: int = 4,
-    temperature: float = 0.1,
+    temperature: float = 0.1, block_size: Optional[int] = None,
 ) -> Tensor:
     """cos(sentence_i, region_i(b)): every sentence pooled over every volume.
 
-    sentences: (M, E); patch_tokens: (N, P, E) -> (M, N), fp32."""
+    sentences: (M, E); patch_tokens: (N, P, E) -> (M, N), fp32. Built in blocks of `block_size`
+    volumes, recomputed in backward (None: about 256 MiB per block; one block is dense)."""
     text = F.normalize(at_least_fp32(sentences), dim=-1)
-    patches = F.normalize(at_least_fp32(patch_tokens), dim=-1)
-    scores = torch.einsum("me,npe->mnp", text, patches)  # (M, N, P)
-    weights = selection_weights(scores, mode, k, temperature)
-    regions = F.normalize(torch.einsum("mnp,npe->mne", weights, patches), dim=-1)  # (M, N, E)
-    return torch.einsum("me,mne->mn", text, regions)
+    total, patches, width = patch_tokens.shape
+    if block_size is None:
+        block_size = auto_block_size(total, region_bytes_per_column(text.shape[0], patches, width))
+    if block_size >= total or text.shape[0] == 0:
+        return _region_scores(text, patch_tokens, mode, k, temperature)
+    columns = torch.arange(total, device=patch_tokens.device)
+    return blockwise_columns(lambda t, tokens: _region_scores(t, tokens, mode, k, temperature),
+                             (text,), [(patch_tokens, columns)], block_size)
 
 
 def alignment_loss(
@@ -160,6 +181,8 @@ class CtAlignConfig(HeadConfig):
     max_logit_scale: float = Field(100.0, gt=0)
     exclude_normal: bool = Field(True, description="mask normal/negated sentences out of the alignment")
     dedup_threshold: Optional[float] = Field(0.98, gt=0, le=1, description="None: keep duplicates as negatives")
+    block_size: Optional[int] = Field(
+        None, ge=1, description="volumes per alignment block; None: about 256 MiB per block, dense when one holds all")
 
 
 @HEADS.register("ct_align")
@@ -211,7 +234,8 @@ class CtAlignHead(Head):
         rows = valid.nonzero(as_tuple=False)  # (m, 2): (local volume, sentence)
         queries = sentences[rows[:, 0], rows[:, 1]]  # (m, E)
         owners = rows[:, 0] + inputs.rank * batch  # (m,) global volume index
-        similarity = cross_region_scores(queries, all_tokens, c.selection, c.topk, c.select_temperature)  # (m, N)
+        similarity = cross_region_scores(queries, all_tokens, c.selection, c.topk, c.select_temperature,
+                                         c.block_size)  # (m, N)
         exclude = None
         if c.dedup_threshold is not None:
             with torch.no_grad():

@@ -11,7 +11,10 @@ Padding never enters: a padded token is neither a candidate of the max nor a ter
 `s'` for text->image, over this rank's images/texts against every rank's texts/images (open_clip's
 `local_loss` with `gather_with_grad`), averaged over the two directions.
 
-Memory is B * N * P * L similarities per rank; `max_image_tokens` / `max_text_tokens` score a
+Memory: the two (B, N) score matrices are computed in blocks of global columns with recompute
+in backward (`blockwise_columns`, tiled_tokens.py), so one rank holds one (B, c, P, L) block of
+similarities at a time instead of B * N * P * L (`block_size`; None: about 256 MiB per block,
+dense when one block holds all). `max_image_tokens` / `max_text_tokens` score a
 random subset of patches / valid text tokens per sample during training (FILIP keeps all
 tokens but reduces the embedding width; a token subset is the cheaper lever here).
 """
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 
 from vlp.core.collectives import at_least_fp32, contiguous_grad
 from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from vlp.models.heads.tiled_tokens import DEFAULT_BLOCK_BYTES, auto_block_size, blockwise_columns
 
 
 class FilipConfig(HeadConfig):
@@ -36,8 +40,10 @@ class FilipConfig(HeadConfig):
     # Random token subsets per sample during training (None: all tokens).
     max_image_tokens: Optional[int] = Field(None, ge=1)
     max_text_tokens: Optional[int] = Field(None, ge=1)
-    # Images scored per chunk (bounds the (chunk, N, P, L) similarity block).
+    # Images scored per chunk in `token_scores` (bounds the (chunk, N, P, L) similarity block).
     chunk: int = Field(16, ge=1)
+    block_size: Optional[int] = Field(
+        None, ge=1, description="global columns per loss block; None: about 256 MiB per block, dense when one holds all")
 
 
 def token_similarity(
@@ -62,6 +68,29 @@ def token_similarity(
     return torch.cat(i2t), torch.cat(t2i)
 
 
+def image_to_text_scores(image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
+    """s(i, t) = mean_p max_l <x_p, y_l>: images (n1, P, E), texts (n2, L, E), mask (n2, L) -> (n1, n2)."""
+    lowest = torch.finfo(image_tokens.dtype).min
+    sim = torch.einsum("ipe,tle->itpl", image_tokens, text_tokens)  # (n1, n2, P, L)
+    return sim.masked_fill(~text_mask.bool()[None, :, None, :], lowest).amax(dim=3).mean(dim=2)
+
+
+def text_to_image_scores(text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
+    """s'(i, t) = mean_l max_p <x_p, y_l>, transposed: texts (n2, L, E), mask (n2, L), images
+    (n1, P, E) -> (n2, n1)."""
+    mask = text_mask.bool()
+    counts = mask.sum(dim=1).clamp(min=1).to(image_tokens.dtype)  # (n2,)
+    sim = torch.einsum("tle,ipe->tilp", text_tokens, image_tokens)  # (n2, n1, L, P)
+    best_patch = sim.amax(dim=3).masked_fill(~mask[:, None, :], 0.0)  # (n2, n1, L)
+    return best_patch.sum(dim=2) / counts[:, None]
+
+
+def late_interaction_bytes_per_column(rows: int, patches: int, length: int) -> int:
+    """fp32 bytes one column of either score keeps alive in its backward: the (rows, P, L)
+    similarities, their masked copy and the max's gradient, about."""
+    return 4 * 4 * rows * patches * length
+
+
 def random_token_subset(tokens: Tensor, count: int, mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Keep `count` random tokens per sample of (B, T, E) (valid ones first when `mask` (B, T) is given)."""
     if count >= tokens.shape[1]:
@@ -84,19 +113,51 @@ def filip_loss(
     first: int,
     scale: Tensor,
     chunk: int = 16,
+    block_size: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Symmetric InfoNCE of this rank's B pairs against the global N (all inputs normalised, fp32).
 
-    The positive of local sample b is global index `first + b`. Returns (loss, i2t accuracy).
+    image_tokens (B, P, E), text_tokens (B, L, E), text_mask (B, L); all_*: the same for the
+    global N. The positive of local sample b is global index `first + b`. Both (B, N) score
+    matrices are built in blocks of `block_size` global columns with recompute in backward
+    (None: DEFAULT_BLOCK_BYTES per block; one block is the dense computation). `chunk` is kept
+    for callers and unused. Returns (loss, i2t accuracy).
     """
-    batch = image_tokens.shape[0]
+    batch, total = image_tokens.shape[0], all_text_tokens.shape[0]
     labels = first + torch.arange(batch, device=image_tokens.device)
-    i2t, _ = token_similarity(image_tokens, all_text_tokens, all_text_mask, chunk=chunk)  # (B, N)
-    _, t2i = token_similarity(all_image_tokens, text_tokens, text_mask, chunk=chunk)  # (N, B)
+    patches, length = image_tokens.shape[1], text_tokens.shape[1]
+    if block_size is None:
+        block_size = auto_block_size(total, late_interaction_bytes_per_column(batch, patches, length))
+    if block_size >= total:
+        i2t = image_to_text_scores(image_tokens, all_text_tokens, all_text_mask)  # (B, N)
+        t2i = text_to_image_scores(text_tokens, text_mask, all_image_tokens)  # (B texts, N images)
+    else:
+        columns = torch.arange(total, device=image_tokens.device)
+        i2t = blockwise_columns(lambda images, texts, mask: image_to_text_scores(images, texts, mask),
+                                (image_tokens,), [(all_text_tokens, columns), (all_text_mask, columns)], block_size)
+        t2i = blockwise_columns(text_to_image_scores, (text_tokens, text_mask), [(all_image_tokens, columns)], block_size)
     loss_i2t = F.cross_entropy(scale * i2t, labels)
-    loss_t2i = F.cross_entropy(scale * t2i.T, labels)
-    accuracy = (i2t.argmax(dim=1) == labels).float().mean()
+    loss_t2i = F.cross_entropy(scale * t2i, labels)
+    accuracy = (i2t.detach().argmax(dim=1) == labels).float().mean()
     return (loss_i2t + loss_t2i) / 2, accuracy
+
+
+def bounded_text_to_image(image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor,
+                          budget: int = DEFAULT_BLOCK_BYTES) -> Tensor:
+    """s'(i, t) of every image (N, P, E) and text (M, L, E), normalised, -> (N, M), streaming
+    over (images x texts) blocks of about `budget` bytes of similarities."""
+    num_images, patches = image_tokens.shape[:2]
+    num_texts, length = text_tokens.shape[:2]
+    out = torch.empty(num_images, num_texts, device=image_tokens.device, dtype=image_tokens.dtype)
+    per_pair = 3 * 4 * patches * length
+    text_block = max(1, min(num_texts, budget // per_pair))
+    image_block = max(1, budget // (per_pair * text_block))
+    for t0 in range(0, num_texts, text_block):
+        texts, mask = text_tokens[t0 : t0 + text_block], text_mask[t0 : t0 + text_block]
+        for i0 in range(0, num_images, image_block):
+            out[i0 : i0 + image_block, t0 : t0 + text_block] = text_to_image_scores(
+                texts, mask, image_tokens[i0 : i0 + image_block]).T
+    return out
 
 
 @HEADS.register("filip")
@@ -137,7 +198,7 @@ class FilipHead(Head):
         texts, mask = all_texts[first : first + batch], all_mask[first : first + batch]
         scale = at_least_fp32(self.logit_scale).clamp(max=math.log(self.config.max_logit_scale)).exp()
         loss, accuracy = filip_loss(images, texts, mask, all_images, all_texts, all_mask, first, scale,
-                                    self.config.chunk)
+                                    block_size=self.config.block_size)
         return {"loss": loss, "logging": {"scale": scale.detach()[0], "i2t_acc": accuracy.detach()}}
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -157,16 +218,11 @@ class FilipHead(Head):
     def grounding_scores(self, images: dict[str, Tensor], texts: dict[str, Tensor], topk: Optional[int] = None) -> Tensor:
         """Text -> image late-interaction score s'(i, t) of every (image, sentence) -> (N, M);
         `topk` is not used (every pair is scored exactly)."""
-        n_text, length = texts["text_tokens"].shape[:2]
-        # Images per chunk: about 2e7 similarities per (chunk, M, P, L) block.
-        chunk = max(1, int(2e7 // max(1, n_text * images["image_tokens"].shape[1] * length)))
-        _, t2i = token_similarity(F.normalize(images["image_tokens"].float(), dim=-1),
-                                  F.normalize(texts["text_tokens"].float(), dim=-1), texts["text_mask"], chunk=chunk)
-        return t2i
+        return bounded_text_to_image(F.normalize(images["image_tokens"].float(), dim=-1),
+                                     F.normalize(texts["text_tokens"].float(), dim=-1), texts["text_mask"])
 
     @torch.no_grad()
     def token_scores(self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
         """Text -> image late-interaction score s'(i, t) for all images (N, P, E) x texts (M, L, E) -> (N, M)."""
-        _, t2i = token_similarity(F.normalize(at_least_fp32(image_tokens), dim=-1), F.normalize(at_least_fp32(text_tokens), dim=-1),
-                                  text_mask, chunk=self.config.chunk)
-        return t2i
+        return bounded_text_to_image(F.normalize(at_least_fp32(image_tokens), dim=-1),
+                                     F.normalize(at_least_fp32(text_tokens), dim=-1), text_mask)

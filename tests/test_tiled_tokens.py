@@ -1,0 +1,275 @@
+"""Tiled (column-blocked, recompute in backward) flair / filip / ct_align equal their dense path,
+and FLAIR's pairing equals a reference written after FLAIR's own loss code.
+
+Dense here is the same head with one block (block_size larger than the columns), which is the
+unblocked autograd computation; fp32 throughout, tolerance 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dist_utils import run_ranks
+from torch.testing import assert_close
+
+from vlp.models.heads import HeadInputs
+from vlp.models.heads.ct_align import CtAlignConfig, CtAlignHead
+from vlp.models.heads.filip import FilipConfig, FilipHead
+from vlp.models.heads.flair import FlairConfig, FlairHead, flair_pairs
+from vlp.models.heads.tiled_tokens import auto_block_size, blockwise_columns
+
+E = 16
+TOL = dict(atol=1e-5, rtol=1e-5)
+DENSE = 1 << 30
+
+
+def test_blockwise_columns_equals_dense_with_repeated_indices():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 4, generator=g, requires_grad=True)
+    source = torch.randn(5, 4, generator=g, requires_grad=True)
+    index = torch.tensor([[0, 1, 1, 4, 2, 0, 3], [4, 4, 0, 1, 2, 3, 3], [2, 2, 2, 0, 1, 1, 0]])  # (3, 7)
+
+    def column_fn(rows, texts):  # rows (3, E), texts (3, c, E) -> (3, c)
+        return torch.tanh((rows[:, None] * texts).sum(-1)) ** 2
+
+    weights = torch.randn(3, 7, generator=g)
+    dense = column_fn(rows, source[index])
+    grads = torch.autograd.grad((dense * weights).sum(), [rows, source])
+    for block in (1, 2, 3, 7):
+        tiled = blockwise_columns(column_fn, (rows,), [(source, index)], block)
+        assert_close(tiled, dense)
+        assert_close(torch.autograd.grad((tiled * weights).sum(), [rows, source]), grads)
+    assert auto_block_size(100, 10, budget=250) == 25 and auto_block_size(10, 10, budget=10**6) == 10
+
+
+def _head_and_inputs(name: str, block: int, batch: int = 4, world: int = 1, rank: int = 0, seed: int = 0):
+    """A head with `block_size` and one rank's inputs (local slices of a seeded global batch)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
+    total = batch * world
+    if name == "flair":
+        head = FlairHead(FlairConfig(num_heads=2, block_size=block), E)
+        with torch.no_grad():
+            head.logit_scale.fill_(math.log(5.0))
+            head.logit_bias.fill_(-1.0)
+        full = {"image_embed": torch.randn(total, E, generator=g), "image_tokens": torch.randn(total, 5, E, generator=g),
+                "sub_text_embed": torch.randn(total, 3, E, generator=g)}
+        gathered_keys = ("sub_text_embed",)
+    elif name == "filip":
+        head = FilipHead(FilipConfig(block_size=block), E)
+        lengths = torch.randint(1, 7, (total,), generator=g)
+        full = {"image_tokens": torch.randn(total, 5, E, generator=g), "text_tokens": torch.randn(total, 6, E, generator=g),
+                "text_mask": torch.arange(6)[None] < lengths[:, None]}
+        gathered_keys = ("image_tokens", "text_tokens", "text_mask")
+    else:
+        head = CtAlignHead(CtAlignConfig(block_size=block, exclude_normal=False, topk=2), E)
+        full = {"image_tokens": torch.randn(total, 6, E, generator=g), "sentence_embed": torch.randn(total, 2, E, generator=g)}
+        gathered_keys = ()
+    batch_data = {"sentence_mask": torch.ones(batch, 2, dtype=torch.bool)} if name == "ct_align" else {}
+    negative = torch.randint(3, (total, total), generator=g)[rank * batch : (rank + 1) * batch]
+    return head, full, gathered_keys, batch_data, negative
+
+
+def _loss_and_grads(name, block, batch=4, world=1, rank=0):
+    head, full, gathered_keys, batch_data, negative = _head_and_inputs(name, block, batch, world, rank)
+    from vlp.core.collectives import gather_with_grad
+
+    local = {k: v[rank * batch : (rank + 1) * batch].clone() for k, v in full.items()}
+    for value in local.values():
+        if value.is_floating_point():
+            value.requires_grad_()
+    gathered = {k: gather_with_grad(local[k]) if local[k].is_floating_point() else torch.cat([full[k]]) for k in gathered_keys}
+    inputs = HeadInputs(local=local, gathered=gathered, batch=batch_data, rank=rank, world_size=world,
+                        extras={"flair_negative_caption": negative})
+    loss = head(inputs)["loss"]
+    loss.backward()
+    return {"loss": loss.detach(),
+            **{f"input.{k}": v.grad for k, v in local.items() if v.is_floating_point()},
+            **{f"param.{n}": p.grad for n, p in head.named_parameters() if p.grad is not None}}
+
+
+@pytest.mark.parametrize("name", ["flair", "filip", "ct_align"])
+@pytest.mark.parametrize("block", [1, 3])
+def test_tiled_equals_dense_on_one_rank(name, block):
+    dense, tiled = _loss_and_grads(name, DENSE), _loss_and_grads(name, block)
+    assert dense.keys() == tiled.keys() and len(dense) > 2
+    for key in dense:
+        assert_close(tiled[key], dense[key], **TOL, msg=f"{name} {key}")
+
+
+def _rank_tiled_and_dense(rank, world, name):
+    return {"dense": _loss_and_grads(name, DENSE, batch=3, world=world, rank=rank),
+            "tiled": _loss_and_grads(name, 2, batch=3, world=world, rank=rank)}
+
+
+@pytest.mark.slow
+def test_tiled_equals_dense_on_two_gloo_ranks():
+    for name in ("flair", "filip", "ct_align"):
+        for rank, result in enumerate(run_ranks(_rank_tiled_and_dense, 2, name, timeout=180)):
+            for key, dense in result["dense"].items():
+                assert_close(result["tiled"][key], dense, **TOL, msg=f"{name} rank {rank} {key}")
+
+
+# --------------------------------------------------------------------------------------------
+# FLAIR's pairing, after the structure of FLAIR's loss code (src/flair/loss.py): each rank
+# samples a (B, B + K - 1) caption block per row (`downsample_text_features`), scores it against
+# its images with `/ (B + K - 1)`, then receives every other rank's block round the ring and
+# scores it as negatives only, with the same normaliser.
+
+
+def _downsample(texts, offsets):
+    """texts (B, K, E), offsets (B, B - 1) -> (B, B + K - 1, E): row i's own K captions and one
+    caption (offset) of every other image, in image order."""
+    batch, k, _ = texts.shape
+    rows = []
+    for i in range(batch):
+        picked = []
+        others = iter(offsets[i].tolist())
+        for j in range(batch):
+            picked.extend(texts[j].unbind(0) if j == i else [texts[j, next(others)]])
+        rows.append(torch.stack(picked))
+    return torch.stack(rows)
+
+
+def _reference_tcs(head, image_tokens, block, negative_only):
+    """FLAIR's `_loss_with_attn_pool` TCS term for one text block (B, B + K - 1, E)."""
+    batch, width = block.shape[:2]
+    k = width - batch + 1
+    pooled, _ = head.pool(block, image_tokens)  # (B, B + K - 1, E)
+    logits = head._scale() * F.cosine_similarity(pooled, block, dim=-1) + head.logit_bias
+    labels = -torch.ones(batch, width)
+    if not negative_only:
+        for i in range(batch):
+            labels[i, i : i + k] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / width
+
+
+def _reference_rank_loss(head, image_tokens, blocks, rank):
+    """Rank `rank`'s TCS loss: its own block, then every other rank's block as negatives."""
+    return sum(_reference_tcs(head, image_tokens, block, negative_only=r != rank) for r, block in enumerate(blocks))
+
+
+def _offsets_to_choice(offsets_per_rank, batch):
+    """Per-rank FLAIR offsets [(B, B - 1)] -> the head's (B, N) negative_caption of any rank."""
+    choice = torch.zeros(batch, batch * len(offsets_per_rank), dtype=torch.long)
+    for r, offsets in enumerate(offsets_per_rank):
+        for i in range(batch):
+            others = [j for j in range(batch) if j != i]
+            choice[i, [r * batch + j for j in others]] = offsets[i]
+    return choice
+
+
+def _flair_fixture(world, batch=3, k=2, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    total = world * batch
+    full = {"image_embed": torch.randn(total, E, generator=g), "image_tokens": torch.randn(total, 4, E, generator=g),
+            "sub_text_embed": torch.randn(total, k, E, generator=g)}
+    offsets = [torch.randint(k, (batch, batch - 1), generator=g) for _ in range(world)]
+    return full, offsets
+
+
+def _flair_head(block=None):
+    torch.manual_seed(0)
+    head = FlairHead(FlairConfig(num_heads=2, multi_positive=False, block_size=block), E)
+    with torch.no_grad():
+        head.logit_scale.fill_(math.log(5.0))
+        head.logit_bias.fill_(-1.0)
+    return head
+
+
+def _reference_all_ranks(world, batch=3):
+    full, offsets = _flair_fixture(world, batch)
+    full = {key: value.clone().requires_grad_() for key, value in full.items()}
+    head = _flair_head()
+    texts = full["sub_text_embed"]
+    blocks = [_downsample(texts[r * batch : (r + 1) * batch], offsets[r]) for r in range(world)]
+    losses = [_reference_rank_loss(head, full["image_tokens"][r * batch : (r + 1) * batch], blocks, r) for r in range(world)]
+    torch.stack(losses).sum().backward()
+    return losses, {key: value.grad for key, value in full.items()}, offsets
+
+
+def test_flair_pairs_hold_each_ranks_block():
+    # Two ranks of 2 images, K = 3: row 0 of rank 1 meets rank 0's image 0 (all K captions),
+    # one caption of rank 0's image 1, its own K, and one of rank 1's image 1.
+    choice = torch.tensor([[0, 2, 0, 1], [1, 0, 2, 0]])
+    index, labels = flair_pairs(choice, rank=1, world_size=2, num_captions=3)
+    assert index.shape == (2, 4 + 2 * 2)
+    assert index[0].tolist() == [0, 1, 2, 3 * 1 + 2, 6, 7, 8, 3 * 3 + 1]
+    assert labels[0].tolist() == [-1, -1, -1, -1, 1, 1, 1, -1]
+    assert labels.sum(1).tolist() == [3 - 5, 3 - 5]
+
+
+@pytest.mark.parametrize("block", [None, 2])
+def test_flair_default_equals_flair_reference_on_one_rank(block):
+    losses, grads, offsets = _reference_all_ranks(world=1)
+    full, _ = _flair_fixture(1)
+    local = {key: value.clone().requires_grad_() for key, value in full.items()}
+    head = _flair_head(block)
+    assert head.config.negatives == "flair"
+    out = head(HeadInputs(local=local, gathered={}, batch={}, extras={"flair_negative_caption": _offsets_to_choice(offsets, 3)}))
+    out["loss"].backward()
+    assert_close(out["loss"], losses[0], **TOL)
+    for key in ("image_tokens", "sub_text_embed"):
+        assert_close(local[key].grad, grads[key], **TOL, msg=key)
+
+
+def _rank_flair(rank, world, block):
+    from vlp.core.collectives import gather_with_grad
+
+    batch = 3
+    full, offsets = _flair_fixture(world, batch)
+    local = {key: value[rank * batch : (rank + 1) * batch].clone().requires_grad_() for key, value in full.items()}
+    head = _flair_head(block)
+    inputs = HeadInputs(local=local, gathered={"sub_text_embed": gather_with_grad(local["sub_text_embed"])}, batch={},
+                        rank=rank, world_size=world, extras={"flair_negative_caption": _offsets_to_choice(offsets, batch)})
+    loss = head(inputs)["loss"]
+    loss.backward()
+    return {"loss": loss.detach(), "grads": {key: value.grad for key, value in local.items()}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", [None, 2])
+def test_flair_default_equals_flair_reference_on_two_gloo_ranks(block):
+    """The ring pass of FLAIR's code (every rank's sampled block reaches every rank) equals the
+    head reading the same blocks off the gathered captions: each rank's loss, and the gradients
+    of the summed losses on each rank's inputs."""
+    world, batch = 2, 3
+    results = run_ranks(_rank_flair, world, block, timeout=180)
+    losses, grads, _ = _reference_all_ranks(world, batch)
+    for rank, result in enumerate(results):
+        assert_close(result["loss"], losses[rank].detach(), **TOL)
+        for key in ("image_tokens", "sub_text_embed"):
+            assert_close(result["grads"][key], grads[key][rank * batch : (rank + 1) * batch], **TOL, msg=f"{key} rank {rank}")
+
+
+def test_flair_sampled_option_keeps_the_previous_normaliser():
+    """One rank: the pairings select the same pairs; "flair" divides by B + K - 1, "sampled" by B."""
+    full, offsets = _flair_fixture(1)
+    extras = {"flair_negative_caption": _offsets_to_choice(offsets, 3)}
+    out = {}
+    for negatives in ("flair", "sampled"):
+        head = _flair_head()
+        head.config.negatives = negatives
+        out[negatives] = head(HeadInputs(local=dict(full), gathered={}, batch={}, extras=extras))["loss"]
+    assert_close(out["sampled"], out["flair"] * (3 + 2 - 1) / 3, **TOL)
+
+
+def test_bounded_eval_scores_match_unchunked():
+    """FLAIR's text-conditioned scores and FILIP's s' stream over (images x texts) blocks; a
+    one-block budget gives the same numbers."""
+    from vlp.models.heads.filip import bounded_text_to_image, token_similarity
+
+    g = torch.Generator().manual_seed(4)
+    images, texts = F.normalize(torch.randn(7, 5, E, generator=g), dim=-1), F.normalize(torch.randn(9, 6, E, generator=g), dim=-1)
+    mask = torch.arange(6)[None] < torch.randint(1, 7, (9,), generator=g)[:, None]
+    _, want = token_similarity(images, texts, mask)
+    for budget in (1, 3 * 4 * 30 * 3, 1 << 30):
+        assert_close(bounded_text_to_image(images, texts, mask, budget=budget), want, **TOL)
+    head = _flair_head()
+    head.config.score_chunk = 2
+    tokens, text = torch.randn(5, 4, E, generator=g), torch.randn(3, E, generator=g)
+    pooled, _ = head.pool(text[None].expand(5, -1, -1), tokens)
+    assert_close(head.text_conditioned_scores(tokens, text), F.cosine_similarity(pooled, text[None], dim=-1), **TOL)
