@@ -7,11 +7,57 @@ type hints in `vlp.models` and for readers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import Field, PrivateAttr, field_serializer, model_validator
 
 from vlp.core.config import Strict
+
+
+class OpenClipModelConfig(Strict):
+    """`model.open_clip`: both towers and the logit scale (and bias) of one open_clip model.
+
+    `name`: any model config open_clip ships (`ViT-B-32`, `convnext_base_w`, `ViT-B-16-SigLIP`),
+    `hf-hub:ORG/REPO` (from the local Hugging Face cache) or `local-dir:DIR` (e.g. a `vlp export
+    --format open_clip` folder). `pretrained`: a tag resolved through the local cache, or a
+    checkpoint file (.bin / .pt / .safetensors, open_clip's layouts); absent: random weights, or
+    for `hf-hub:` / `local-dir:` the folder's own."""
+
+    name: str
+    pretrained: Optional[str] = None
+    strict: bool = True
+
+
+def open_clip_defaults(data: dict) -> dict:
+    """Fill `model.image` / `model.text` (type open_clip), `model.embed_dim` and, when no head is
+    named, `model.heads` (siglip for a model with a logit bias, else clip) from `model.open_clip`."""
+    import open_clip
+
+    from vlp.models.pretrained import resolve_model_name
+
+    section = data["open_clip"]
+    if not isinstance(section, dict) or not isinstance(section.get("name"), str):
+        return data  # the field's own validation reports it
+    data = dict(data)
+    shared = {key: section[key] for key in ("name", "pretrained", "strict") if key in section}
+    for tower in ("image", "text"):
+        given = data.get(tower)
+        if given is None:
+            data[tower] = {"type": "open_clip", **shared}
+        elif isinstance(given, dict) and given.get("type") == "open_clip":
+            data[tower] = {**shared, **given}
+    try:
+        model_cfg = open_clip.get_model_config(resolve_model_name(section["name"]))
+    except ValueError as error:  # PretrainedError: one line naming the key
+        raise ValueError(str(error)) from None
+    if "embed_dim" not in data:
+        data["embed_dim"] = model_cfg["embed_dim"]
+    elif data["embed_dim"] != model_cfg["embed_dim"]:
+        raise ValueError(f"model.embed_dim={data['embed_dim']} contradicts {section['name']}'s embed_dim "
+                         f"{model_cfg['embed_dim']} (leave it out with model.open_clip)")
+    if not data.get("heads"):
+        data["heads"] = {"siglip" if "init_logit_bias" in model_cfg else "clip": {}}
+    return data
 
 
 class ModelConfig(Strict):
@@ -22,6 +68,14 @@ class ModelConfig(Strict):
     image: Any  # one IMAGE_TOWERS config, tagged by `type`
     text: Any  # one TEXT_TOWERS config, tagged by `type`
     heads: Any  # one optional field per registered head
+    open_clip: Optional[OpenClipModelConfig] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_open_clip(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("open_clip") is not None:
+            return open_clip_defaults(data)
+        return data
 
     # The order heads were written in: the first scoring head decides evaluation geometry.
     _head_order: list[str] = PrivateAttr(default_factory=list)

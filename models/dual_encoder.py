@@ -28,6 +28,33 @@ class VLPModel(nn.Module):
         self.image = IMAGE_TOWERS.get(config.image.type)(config.image, embed_dim)
         self.text = TEXT_TOWERS.get(config.text.type)(config.text, embed_dim)
         self.objective = Objective(config.heads_dict(), embed_dim)
+        # A head that needs "visible_image_tokens" trains on the tower's masked pass (MAE) and
+        # says which patches each image shows (`visible_patches`); the full pass runs only when
+        # some head reads its outputs.
+        self.masking_heads = [head for head in self.objective.heads.values() if "visible_image_tokens" in head.needs]
+        if len(self.masking_heads) > 1:
+            raise ValueError("model.heads: at most one head may need the masked pass (visible_image_tokens)")
+        reads = set(self.objective.needs) | set(self.objective.gathered_keys)
+        self.needs_full_image = not self.masking_heads or bool(reads & {"image_embed", "image_tokens", "image_normed"})
+        if config.open_clip is not None:
+            self._take_open_clip_scalars(config)
+
+    def _take_open_clip_scalars(self, config: ModelConfig) -> None:
+        """open_clip's `logit_scale` (and `logit_bias`) into the first head that holds open_clip's
+        scalars (the head an open_clip export takes them from), so step 0 scores like open_clip."""
+        from vlp.models import pretrained
+
+        oc = config.open_clip
+        build = pretrained.take_open_clip_part(oc.name, oc.pretrained, oc.strict, "scalars")
+        pretrained.release_open_clip()
+        for name, head in self.objective.heads.items():
+            for scalar in getattr(type(head), "open_clip_scalars", ()) or ():
+                source = getattr(build.model, scalar, None)
+                if source is not None:
+                    with torch.no_grad():
+                        getattr(head, scalar).copy_(source.detach().reshape(getattr(head, scalar).shape))
+            if getattr(type(head), "open_clip_scalars", None):
+                return
 
     def encode_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.image(images)
@@ -37,8 +64,14 @@ class VLPModel(nn.Module):
 
     def encode(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Run each tower once for every head: image, caption and, when a head needs them, the
-        extra text groups (K sub-captions, report sentences) as one flattened text batch."""
-        encoded = dict(self.encode_image(batch["image"]))
+        extra text groups (K sub-captions, report sentences) as one flattened text batch, and
+        the image tower's masked pass ("visible_image_tokens" (B, K, E), "image_visible" (B, K)).
+        With both passes a step costs the full pass plus about K / P of it (docs/ct.md)."""
+        encoded = dict(self.encode_image(batch["image"])) if self.needs_full_image else {}
+        if self.masking_heads:
+            visible = self.masking_heads[0].visible_patches(batch, self.image.grid)  # (B, K)
+            encoded["image_visible"] = visible.to(batch["image"].device)
+            encoded.update(self.image.encode_visible(batch["image"], encoded["image_visible"]))
         encoded.update(self.encode_text(batch["text"]))
         for embed_key, batch_key in EXTRA_TEXT.items():
             if embed_key in self.objective.needs:
@@ -65,15 +98,43 @@ class VLPModel(nn.Module):
             names |= {f"objective.heads.{head_name}.{n}" for n in head.no_weight_decay()}
         return names
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups: no decay for gains, biases (ndim < 2), embeddings and learnable scalars."""
+    def lr_scales(self, layer_decay: dict[str, float]) -> dict[str, float]:
+        """Layer-wise lr decay per tower (`{"image": 0.75, "text": 0.9}`): a parameter at depth d
+        of a tower whose deepest is D gets lr * decay ** (D - d) (timm / BEiT convention, the
+        towers' `layer_ids`); everything else (heads, towers without decay) keeps lr."""
+        scales: dict[str, float] = {}
+        for tower_name, decay in layer_decay.items():
+            if decay == 1.0:
+                continue
+            ids = getattr(self, tower_name).layer_ids()
+            if not ids:
+                raise ValueError(f"train.layer_decay.{tower_name}: the {type(getattr(self, tower_name)).__name__} "
+                                 "tower does not say its layers (layer_ids)")
+            top = max(ids.values())
+            scales.update({f"{tower_name}.{n}": decay ** (top - d) for n, d in ids.items()})
+        return scales
+
+    def param_groups(self, weight_decay: float, layer_decay: dict[str, float] | None = None,
+                     lr: float | None = None) -> list[dict[str, Any]]:
+        """AdamW groups: no decay for gains, biases (ndim < 2), embeddings and learnable scalars.
+        Locked parameters (requires_grad false) are left out, so they get no optimizer state.
+        With `layer_decay`, one group per (decay, lr scale), each with its own `lr` (= lr * scale;
+        the schedule multiplies every group's lr alike)."""
         exempt = self.no_weight_decay()
-        decay, no_decay = [], []
+        scales = self.lr_scales(layer_decay or {})
+        groups: dict[tuple[bool, float], list] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim < 2 or name in exempt else decay).append(param)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+            decays = not (param.ndim < 2 or name in exempt)
+            groups.setdefault((decays, scales.get(name, 1.0)), []).append(param)
+        if not scales:  # the plain two groups, in their old order (checkpoints of earlier runs load)
+            return [{"params": groups.get((True, 1.0), []), "weight_decay": weight_decay},
+                    {"params": groups.get((False, 1.0), []), "weight_decay": 0.0}]
+        out = []
+        for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1])):
+            group = {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+            if lr is not None:
+                group["lr"] = lr * scale
+            out.append(group)
+        return out

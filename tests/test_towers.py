@@ -3,6 +3,8 @@
 Parametrized over the registries, so a newly registered tower must get a small config here
 (the completeness test fails otherwise)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -10,14 +12,18 @@ from PIL import Image
 from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
 
 E = 16
+# An open_clip model config with embed_dim E (open_clip towers take their width from it).
+TINY_OPEN_CLIP = "local-dir:" + str(Path(__file__).parent / "data" / "tiny_open_clip")
 SMALL_IMAGE = {
     "open_clip_vit": dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
     "timm": dict(model_name="vit_tiny_patch16_224", image_size=32, kwargs={"patch_size": 8, "depth": 2}),
+    "open_clip": dict(name=TINY_OPEN_CLIP),
     "monai_vit3d": dict(roi=[32, 32, 32], patch_size=[16, 16, 16], hidden_size=48, mlp_dim=96, num_layers=2, num_heads=4),
 }
 SMALL_TEXT = {
     "open_clip_text": dict(context_length=16, width=32, heads=2, layers=2, vocab_size=49408),
     "hf_text": dict(path="minilm", context_length=16),
+    "open_clip": dict(name=TINY_OPEN_CLIP),
 }
 
 
@@ -30,7 +36,7 @@ def _image_input(tower, batch=2):
     cfg = tower.config
     if cfg.type == "monai_vit3d":
         return torch.randn(batch, 1, *cfg.roi)
-    return torch.randn(batch, 3, cfg.image_size, cfg.image_size)
+    return torch.randn(batch, *tower.input_shape())
 
 
 @pytest.mark.parametrize("name", IMAGE_TOWERS.names())
@@ -59,7 +65,7 @@ def test_image_preprocess_gives_the_tower_its_input(name):
     pixels = Image.new("RGB", (50, 40), (200, 30, 30))
     for train in (True, False):
         tensor = tower.preprocess(train=train)(pixels)
-        assert tensor.shape == (3, tower.config.image_size, tower.config.image_size)
+        assert tensor.shape == tower.input_shape()
 
 
 @pytest.mark.parametrize("name", TEXT_TOWERS.names())
@@ -67,7 +73,7 @@ def test_text_tower_forward_backward_and_padding_mask(name):
     cls = TEXT_TOWERS.get(name)
     tower = cls(cls.config_class(type=name, **SMALL_TEXT[name]), E)
     ids = tower.tokenizer()(["a handwritten seven", "the digit 3 on a page, slightly rotated"])
-    assert ids.shape == (2, SMALL_TEXT[name]["context_length"])
+    assert ids.shape == (2, SMALL_TEXT[name].get("context_length", 16))
     out = tower(ids)
     assert out["text_embed"].shape == (2, E)
     assert out["text_tokens"].shape == (2, ids.shape[1], E)

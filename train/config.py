@@ -61,12 +61,55 @@ class TrainConfig(Strict):
     # since ZeRO 1-3 keep parameters as views of flat buffers.
     channels_last: bool = False
     dist_timeout_s: float = Field(600, gt=0)
+    # open_clip's --lr-scheduler: cosine (to min_lr_ratio), constant, const-cooldown (constant,
+    # then over the last cooldown_steps down to lr_cooldown_end with lr_cooldown_power); all warm up.
+    schedule: Literal["cosine", "constant", "const-cooldown"] = "cosine"
+    cooldown_steps: int = Field(0, ge=0)
+    lr_cooldown_end: float = Field(0.0, ge=0)
+    lr_cooldown_power: float = Field(1.0, gt=0)
+    # Layer-wise lr decay per tower (open_clip / timm / BEiT): {image: 0.75, text: 0.9}.
+    layer_decay: dict[Literal["image", "text"], float] = Field(default_factory=dict)
+    # Weights only (fresh optimizer, schedule and step) from a vlp run folder, checkpoint or export
+    # (safetensors, open_clip); `--resume` still restores everything and wins over it.
+    init_from: Optional[str] = None
+    init_strict: bool = True
 
     @model_validator(mode="after")
     def _warmup_within_run(self):
         if self.warmup_steps >= self.steps:
             raise ValueError(f"train.warmup_steps={self.warmup_steps} must be below train.steps={self.steps}")
         return self
+
+    @model_validator(mode="after")
+    def _schedule_knobs(self):
+        if self.schedule == "const-cooldown":
+            if not 0 < self.cooldown_steps <= self.steps - self.warmup_steps:
+                raise ValueError(f"train.cooldown_steps={self.cooldown_steps} must be in 1..steps - warmup_steps "
+                                 f"({self.steps - self.warmup_steps}) for schedule const-cooldown")
+            if self.lr_cooldown_end > self.lr:
+                raise ValueError(f"train.lr_cooldown_end={self.lr_cooldown_end} is above train.lr={self.lr}")
+        elif self.cooldown_steps:
+            raise ValueError(f"train.cooldown_steps needs train.schedule: const-cooldown (got {self.schedule})")
+        for tower, decay in self.layer_decay.items():
+            if not 0 < decay <= 1:
+                raise ValueError(f"train.layer_decay.{tower}={decay} must be in (0, 1]")
+        return self
+
+
+class WandbConfig(Strict):
+    project: str = "vlp"
+    entity: Optional[str] = None
+    # None: wandb's own default (WANDB_MODE); "offline" writes runs/NAME/wandb/ for `wandb sync`.
+    mode: Optional[Literal["online", "offline", "disabled"]] = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class LoggingConfig(Strict):
+    """Where metrics go besides `metrics.jsonl`: TensorBoard (runs/NAME/tensorboard) and Weights &
+    Biases (the optional `wandb` extra), as open_clip's `--report-to`."""
+
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    wandb: WandbConfig = WandbConfig()
 
 
 class DeepSpeedConfig(Strict):
@@ -94,6 +137,7 @@ class ExperimentConfig(Strict):
     model: ModelConfig
     train: TrainConfig
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    logging: LoggingConfig = LoggingConfig()
     evals: list[Any] = Field(default_factory=list)  # one EVALUATORS config each, tagged by `type`
     export: list[str] = Field(default_factory=list)  # EXPORTERS names
 

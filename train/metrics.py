@@ -1,4 +1,5 @@
-"""Metrics: `metrics.jsonl` (one JSON object per logged step), TensorBoard when installed, a
+"""Metrics: `metrics.jsonl` (one JSON object per logged step), TensorBoard when installed,
+Weights & Biases when asked for (`logging.report_to: [wandb]`, the optional `wandb` extra), a
 progress bar on a terminal and plain log lines otherwise, and a loss-curve PNG at the end."""
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int = 0,
+                 report_to: tuple[str, ...] = ("tensorboard",), wandb_config: Any = None,
+                 run_config: dict | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.is_main = is_main
         self.path = self.run_dir / "metrics.jsonl"
         self.total = total_steps
         self._bar = None
         self._tb = None
+        self._wandb = None
         self._last_line = 0.0
         if not is_main:
             return
@@ -39,12 +43,15 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if "tensorboard" in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step or None)
-        except Exception:  # tensorboard is an optional extra
-            self._tb = None
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step or None)
+            except Exception:  # tensorboard is an optional extra
+                self._tb = None
+        if "wandb" in report_to:
+            self._wandb = start_wandb(self.run_dir, wandb_config, run_config or {}, resumed=start_step > 0)
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint so the file has one line per step."""
@@ -71,6 +78,8 @@ class MetricsLogger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
         loss = record.get("loss/total")
         if self._bar is not None:
             self._bar.n = step
@@ -90,6 +99,28 @@ class MetricsLogger:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def start_wandb(run_dir: Path, config: Any, run_config: dict, resumed: bool) -> Any:
+    """A W&B run in `run_dir/wandb/`, its id kept in `run_dir/wandb_id` so a resumed run logs
+    into the same W&B run (open_clip keeps it alike). `config.mode` offline: nothing leaves the
+    machine (`wandb sync runs/NAME/wandb/offline-run-*` uploads it later)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("logging.report_to: wandb needs the wandb extra: pip install 'vlp[wandb]'") from None
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    kwargs = dict(project=getattr(config, "project", "vlp"), entity=getattr(config, "entity", None),
+                  tags=list(getattr(config, "tags", []) or []), name=run_dir.name, id=run_id,
+                  resume="allow", dir=str(run_dir), config=run_config)
+    mode = getattr(config, "mode", None)
+    if mode is not None:
+        kwargs["mode"] = mode
+    return wandb.init(**kwargs)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from vlp.train.data import ensure_eval_data, ensure_train_data
 from vlp.train.distributed import DistEnv, init_distributed
 from vlp.train.metrics import MetricsLogger, plot_loss_curves
 from vlp.train.monitors import BadSampleTally, NonFiniteGuard, ThroughputMeter
-from vlp.train.schedule import itstime, warmup_cosine
+from vlp.train.schedule import itstime, lr_multiplier
 
 
 class RunExists(FileExistsError):
@@ -87,16 +87,19 @@ def clip_gradients(engine: Any, config: ExperimentConfig) -> Optional[torch.Tens
 
 
 def build_engine(config: ExperimentConfig, model: torch.nn.Module) -> Any:
-    """Wrap the model in `deepspeed.initialize` with a torch AdamW (no fused_adam JIT build)."""
+    """Wrap the model in `deepspeed.initialize` with a torch AdamW (no fused_adam JIT build).
+
+    Locked parameters (requires_grad false) are in no group: no gradient, no optimizer state,
+    under every ZeRO stage. With `train.layer_decay` each group carries its own lr, which the
+    schedule's multiplier scales alike."""
     import deepspeed
 
     tr = config.train
     optimizer = torch.optim.AdamW(
-        model.param_groups(tr.weight_decay), lr=tr.lr, betas=tr.betas, eps=tr.eps, fused=tr.fused_adamw
+        model.param_groups(tr.weight_decay, tr.layer_decay, tr.lr), lr=tr.lr, betas=tr.betas, eps=tr.eps,
+        fused=tr.fused_adamw,
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, tr.steps, tr.warmup_steps, tr.min_lr_ratio)
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, tr))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config)
     )
@@ -219,6 +222,11 @@ def train(config: ExperimentConfig, resume: str | None = None, overwrite: bool =
 
     seed_everything(config.seed)  # same initial weights on every rank
     model = build_model(config)
+    if config.train.init_from:
+        from vlp.train.init_from import init_from, will_resume
+
+        if not will_resume(run_dir, resume):  # weights only; a checkpoint to resume wins
+            init_from(model, config.train.init_from, config.train.init_strict)
     engine = build_engine(config, model)
     loader = build_loader(config, model, env)
     checkpointer = Checkpointer(run_dir / "checkpoints", config.train.keep_checkpoints, env.rank, loader=loader)
@@ -229,7 +237,9 @@ def train(config: ExperimentConfig, resume: str | None = None, overwrite: bool =
         checkpointer.load(engine, state, where)
     else:
         seed_everything(config.seed + 1000 * env.rank)
-    metrics = MetricsLogger(run_dir, env.is_main, config.train.steps, start_step=state.step)
+    metrics = MetricsLogger(run_dir, env.is_main, config.train.steps, start_step=state.step,
+                            report_to=tuple(config.logging.report_to), wandb_config=config.logging.wandb,
+                            run_config=config.model_dump(mode="json"))
     if loader.resume_note is not None:  # resumed on another layout: the data order changed
         metrics.log(state.step, loader.resume_note)
     from vlp.data_pipelines.bad_samples import BadSampleMonitor

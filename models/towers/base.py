@@ -8,8 +8,9 @@ An image tower maps images (B, C, H, W) (or volumes (B, 1, D, H, W)) to
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
+from pydantic import Field, model_validator
 from torch import nn
 
 from vlp.core.config import Strict
@@ -18,6 +19,45 @@ from vlp.core.registry import Registry
 
 class TowerConfig(Strict):
     type: str
+
+
+class PretrainedFields(Strict):
+    """`pretrained`: where the tower's weights come from (the tower says what it reads); `strict`:
+    missing or unexpected keys are an error (false: loaded anyway, the keys listed in the log)."""
+
+    pretrained: Optional[str] = None
+    strict: bool = True
+
+
+class ImageLockFields(Strict):
+    """open_clip's `--lock-image`, `--lock-image-unlocked-groups`, `--lock-image-freeze-bn-stats`:
+    locked parameters get no gradient (and so no optimizer state); the last N layer groups stay
+    trainable; BatchNorm statistics of the locked groups are frozen (FrozenBatchNorm2d)."""
+
+    lock: bool = False
+    lock_unlocked_groups: int = Field(0, ge=0)
+    lock_freeze_bn_stats: bool = False
+
+    @model_validator(mode="after")
+    def _lock_options_need_lock(self):
+        if (self.lock_unlocked_groups or self.lock_freeze_bn_stats) and not self.lock:
+            raise ValueError("lock_unlocked_groups / lock_freeze_bn_stats need lock: true")
+        return self
+
+
+class TextLockFields(Strict):
+    """open_clip's `--lock-text`, `--lock-text-unlocked-layers`, `--lock-text-freeze-layer-norm`
+    (open_clip's `lock()` default: LayerNorms of locked layers are frozen with them)."""
+
+    lock: bool = False
+    lock_unlocked_layers: int = Field(0, ge=0)
+    lock_freeze_layer_norm: bool = True
+
+    @model_validator(mode="after")
+    def _lock_options_need_lock(self):
+        if self.lock_unlocked_layers and not self.lock:
+            raise ValueError("lock_unlocked_layers needs lock: true")
+        return self
 
 
 class Tower(nn.Module):
@@ -35,6 +75,12 @@ class Tower(nn.Module):
         """Parameter names (relative to this tower) besides gains and biases to exempt from decay."""
         return set()
 
+    def layer_ids(self) -> dict[str, int]:
+        """Depth of each parameter (relative name -> 0 for the embeddings ... top) for layer-wise
+        lr decay: a parameter at depth d of a tower whose deepest is D gets lr * decay ** (D - d).
+        Names left out sit at the top (no decay); the default leaves out all of them."""
+        return {}
+
 
 class ImageTower(Tower):
     def preprocess(self, train: bool) -> Any:
@@ -46,6 +92,12 @@ class ImageTower(Tower):
 
         Evaluators ask it for a throwaway forward (ranks in lockstep under ZeRO-3)."""
         raise NotImplementedError
+
+    # Optional: a tower with a patch grid (`grid`) may offer a masked pass for MAE-style heads.
+    def encode_visible(self, images: Any, visible: Any) -> dict[str, Any]:
+        """images and visible (B, K) long patch indices -> {"visible_image_tokens": (B, K, E)}:
+        only the listed patches go through the encoder."""
+        raise NotImplementedError(f"{type(self).__name__} has no masked pass (encode_visible)")
 
 
 class TextTower(Tower):

