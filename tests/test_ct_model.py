@@ -1,6 +1,7 @@
 """The 3-D tower and the CT heads: MONAI/UNETR state-dict compatibility, patch order, the
 sentence-to-patch alignment on hand-made tensors (independent loop reference, gradcheck, normal
-sentences masked), 2 gloo ranks against one process, masked-volume reconstruction, the
+sentences masked), 2 gloo ranks against one process, masked volume modelling (the tower's masked
+pass, keyed masks, the model's two passes, masks across a state-dict restore), the
 ct_contrastive head against open_clip, and the CT evaluator's AUROC and pointing."""
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from vlp.models.heads.ct_contrastive import CtContrastiveConfig, CtContrastiveHe
 from vlp.models.heads.masked_volume import (
     MaskedVolumeConfig,
     MaskedVolumeHead,
+    keyed_visible_patches,
+    mask_from_visible,
     patchify,
-    random_patch_mask,
     reconstruction_loss,
 )
 from vlp.models.towers.volume import MonaiViT3D, MonaiViT3DConfig
@@ -266,14 +268,61 @@ def test_two_gloo_ranks_equal_one_process():
 # masked_volume
 
 
-def test_patchify_and_random_mask():
+def test_patchify_and_keyed_masks():
     volumes = torch.arange(2 * 16 * 16 * 8, dtype=torch.float32).reshape(2, 1, 16, 16, 8)
     patches = patchify(volumes, (8, 8, 4))
     assert patches.shape == (2, 8, 256)
     # Patch (i, j, k) = (1, 0, 1) is token 1 * 4 + 0 * 2 + 1 = 5.
     torch.testing.assert_close(patches[0, 5], volumes[0, 0, 8:16, 0:8, 4:8].reshape(-1))
-    mask = random_patch_mask(3, 8, 0.75, torch.device("cpu"))
-    assert mask.sum(1).tolist() == [6, 6, 6]
+    visible = keyed_visible_patches(["a", "b", "c"], seed=7, step=0, patches=8, ratio=0.75)
+    assert visible.shape == (3, 2) and (visible.diff(dim=1) > 0).all()
+    assert mask_from_visible(visible, 8).sum(1).tolist() == [6, 6, 6]
+
+
+def test_keyed_masks_depend_on_the_sample_not_the_batch():
+    """A sample's mask is the same whichever batch (hence rank) holds it and wherever in it: two
+    ranks of 2 draw exactly what one process of 4 draws; another step or seed draws anew."""
+    keys = ["s0", "s1", "s2", "s3"]
+    one_process = keyed_visible_patches(keys, seed=3, step=5, patches=64, ratio=0.75)
+    ranks = [keyed_visible_patches(keys[r * 2 : (r + 1) * 2], seed=3, step=5, patches=64, ratio=0.75) for r in range(2)]
+    assert torch.equal(torch.cat(ranks), one_process)
+    shuffled = keyed_visible_patches(keys[::-1], seed=3, step=5, patches=64, ratio=0.75)
+    assert torch.equal(shuffled, one_process.flip(0))
+    assert not torch.equal(keyed_visible_patches(keys, seed=3, step=6, patches=64, ratio=0.75), one_process)
+    assert not torch.equal(keyed_visible_patches(keys, seed=4, step=5, patches=64, ratio=0.75), one_process)
+
+
+def test_masked_pass_sees_only_the_visible_patches():
+    """encode_visible with every patch visible is the full pass; with a subset, its tokens are
+    unchanged by anything in the masked patches' voxels (the encoder never sees them) and
+    equal the blocks run on the kept patch embeddings (an independent loop over MONAI's ViT)."""
+    torch.manual_seed(0)
+    tower = small_tower().eval()
+    volumes = torch.randn(2, 1, 16, 16, 8)
+    everything = torch.arange(8).expand(2, -1)
+    torch.testing.assert_close(tower.encode_visible(volumes, everything)["visible_image_tokens"],
+                               tower(volumes)["image_tokens"])
+    visible = torch.tensor([[0, 5], [3, 6]])
+    out = tower.encode_visible(volumes, visible)["visible_image_tokens"]
+    assert out.shape == (2, 2, 24)
+    changed = volumes + 5.0 * (1 - _voxel_mask(visible, (16, 16, 8), (8, 8, 4)))  # alter masked voxels only
+    torch.testing.assert_close(tower.encode_visible(changed, visible)["visible_image_tokens"], out)
+    for row in range(2):
+        x = tower.vit.patch_embedding(volumes[row : row + 1])[:, visible[row]]  # (1, K, W)
+        for block in tower.vit.blocks:
+            x = block(x)
+        torch.testing.assert_close(out[row], tower.proj(tower.vit.norm(x))[0], atol=1e-5, rtol=1e-5)
+
+
+def _voxel_mask(visible: torch.Tensor, roi, patch_size) -> torch.Tensor:
+    """(B, K) visible patches -> (B, 1, H, W, D) 1.0 on their voxels, 0.0 elsewhere."""
+    grid = [n // p for n, p in zip(roi, patch_size)]
+    cells = torch.zeros(visible.shape[0], int(np.prod(grid)))
+    cells.scatter_(1, visible, 1.0)
+    cells = cells.reshape(-1, 1, *grid)
+    for axis, p in enumerate(patch_size):
+        cells = cells.repeat_interleave(p, dim=2 + axis)
+    return cells
 
 
 def test_reconstruction_loss_closed_form():
@@ -286,18 +335,100 @@ def test_reconstruction_loss_closed_form():
     assert float(reconstruction_loss(prediction, target, mask, norm_target=True)) == pytest.approx(1.0, rel=1e-5)
 
 
-def test_masked_volume_head_trains_the_tokens():
+def test_masked_volume_head_trains_the_visible_tokens():
     tower = small_tower()
     head = MaskedVolumeHead(MaskedVolumeConfig(patch_size=(8, 8, 4), decoder_dim=32, decoder_heads=4), embed_dim=24)
     volumes = torch.randn(2, 1, 16, 16, 8)
-    tokens = tower(volumes)["image_tokens"]
-    out = head(HeadInputs(local={"image_tokens": tokens}, gathered={}, batch={"image": volumes}))
+    batch = {"image": volumes, "key": ["a", "b"]}
+    visible = head.visible_patches(batch, tower.grid)  # (2, 2): 6 of 8 masked
+    tokens = tower.encode_visible(volumes, visible)["visible_image_tokens"]
+    out = head(HeadInputs(local={"visible_image_tokens": tokens, "image_visible": visible}, gathered={}, batch=batch))
     assert out["loss"].ndim == 0 and out["logging"]["masked_patches"] == 6
     out["loss"].backward()
     assert tower.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     bad = MaskedVolumeHead(MaskedVolumeConfig(patch_size=(4, 4, 4), decoder_dim=32), embed_dim=24)
     with pytest.raises(ValueError, match="set model.heads.masked_volume.patch_size"):
-        bad(HeadInputs(local={"image_tokens": tokens}, gathered={}, batch={"image": volumes}))
+        bad.visible_patches(batch, tower.grid)
+
+
+def test_loss_counts_only_the_masked_patches():
+    """The prediction at visible patches does not enter the loss: its gradient there is 0."""
+    torch.manual_seed(0)
+    prediction = torch.randn(2, 8, 16, requires_grad=True)
+    visible = torch.tensor([[1, 4], [0, 7]])
+    mask = mask_from_visible(visible, 8)
+    reconstruction_loss(prediction, torch.randn(2, 8, 16), mask).backward()
+    per_patch = prediction.grad.abs().sum(-1)  # (2, 8)
+    assert (per_patch[~mask] == 0).all() and (per_patch[mask] > 0).all()
+
+
+def _mae_model(**heads):
+    """A tiny VLPModel on 16^3 volumes (8 patches) with the masked pass; `heads` as in the config."""
+    import yaml
+    from conftest import DEMO_CONFIG
+
+    from vlp.models.dual_encoder import VLPModel
+    from vlp.train.config import load_config
+
+    tree = yaml.safe_load(DEMO_CONFIG.read_text())
+    tree["data"] = {"train": [{"urls": "unused.tar"}]}
+    tree["model"] = {
+        "embed_dim": 16,
+        "image": {"type": "monai_vit3d", "roi": [16, 16, 16], "patch_size": [8, 8, 8], "hidden_size": 16,
+                  "mlp_dim": 32, "num_layers": 1, "num_heads": 2, "spacing": None},
+        "text": {"type": "open_clip_text", "context_length": 8, "width": 16, "heads": 2, "layers": 1},
+        "heads": heads,
+    }
+    tree["evals"], tree["export"] = [], []
+    torch.manual_seed(0)
+    return VLPModel(load_config(tree=tree).model)
+
+
+def _mae_batch(keys):
+    generator = torch.Generator().manual_seed(1)
+    return {"image": torch.randn(len(keys), 1, 16, 16, 16, generator=generator),
+            "text": torch.randint(1, 100, (len(keys), 8), generator=generator), "key": list(keys)}
+
+
+MAE_HEAD = {"masked_volume": {"patch_size": [8, 8, 8], "decoder_dim": 8, "decoder_heads": 2}}
+
+
+def test_model_runs_both_passes_and_new_masks_each_step():
+    model = _mae_model(ct_contrastive={}, **MAE_HEAD).train()
+    head = model.objective.heads["masked_volume"]
+    batch = _mae_batch(["a", "b", "c"])
+    first = model.encode(batch)
+    assert first["image_tokens"].shape == (3, 8, 16)  # the full pass, for ct_contrastive
+    assert first["visible_image_tokens"].shape == (3, 2, 16) and first["image_visible"].shape == (3, 2)
+    second = model.encode(batch)
+    assert int(head.mask_step) == 2 and not torch.equal(first["image_visible"], second["image_visible"])
+    model.eval()
+    model.encode(batch)
+    assert int(head.mask_step) == 2  # evaluation draws no training masks
+    model(batch)["loss"].backward()
+    assert model.image.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_masked_only_model_skips_the_full_pass():
+    model = _mae_model(**MAE_HEAD).train()
+    encoded = model.encode(_mae_batch(["a", "b"]))
+    assert "image_tokens" not in encoded and "image_embed" not in encoded
+    assert torch.isfinite(model(_mae_batch(["a", "b"]))["loss"])
+
+
+def test_masks_resume_from_the_state_dict():
+    """A model restored from a state dict draws the masks the original draws next (the seed and
+    the step are buffers, so a checkpoint carries them); a fresh init with another seed differs."""
+    model = _mae_model(**MAE_HEAD).train()
+    batch = _mae_batch(["a", "b", "c"])
+    for _ in range(3):
+        model.encode(batch)
+    restored = _mae_model(**MAE_HEAD).train()
+    torch.manual_seed(99)
+    other = type(restored)(restored.config).train()  # another init RNG: another mask seed
+    restored.load_state_dict(model.state_dict())
+    assert torch.equal(restored.encode(batch)["image_visible"], model.encode(batch)["image_visible"])
+    assert int(other.objective.heads["masked_volume"].mask_seed) != int(restored.objective.heads["masked_volume"].mask_seed)
 
 
 # ---------------------------------------------------------------------------------------------

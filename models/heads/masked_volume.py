@@ -1,29 +1,34 @@
-"""Masked patch reconstruction of the CT volume (MAE-style), an auxiliary head.
+"""Masked volume modelling as in MAE, an auxiliary head on the volume tower's masked pass.
 
-Needs batch["image"] (B, 1, H, W, D), the volume the tower saw, and the encoder's
-"image_tokens" (B, P, E) in MONAI's patch-grid order (h, w, d row-major), P = prod(grid) with
-grid = (H / ph, W / pw, D / pd) for the configured `patch_size` (the tower's).
+The model runs the tower twice when this head is on (`models/dual_encoder.py`): the full pass
+that the contrastive heads read, and a masked pass in which the encoder sees only the visible
+patches (`MonaiViT3D.encode_visible`), as MAE's encoder does. This head says which patches each
+volume shows (`visible_patches`), and reconstructs the others: the visible tokens are embedded to
+`decoder_dim`, put back on the full patch grid with a learned mask token at every masked cell, given
+fixed 3-D sin-cos positions (MAE's decoder), run through a small transformer, and the masked
+patches' voxels are regressed (MSE on per-patch standardised targets, MAE's `norm_pix_loss`;
+visible patches carry no loss).
 
-Because the volume tower runs once per step (its output also feeds the contrastive heads), the
-encoder sees every patch; masking happens AFTER the encoder: a random `mask_ratio` of the patch
-tokens is replaced by a learned mask token, a small transformer decoder (fixed 3-D sin-cos
-positions, as MAE's decoder) sees the rest, and the masked patches' voxels are regressed (MSE,
-per-patch normalised targets as MAE's `norm_pix_loss`). This differs from MAE, whose encoder
-sees only the visible patches: here the visible tokens may carry some of their masked
-neighbours' content through encoder attention, so the task is easier, but it still makes
-every patch token describe its own voxels and their surroundings, which the sentence-to-patch
-alignment relies on. A true MAE would need a second, masked encoder pass per step.
+Needs batch["image"] (B, 1, H, W, D), the volume the tower saw, "visible_image_tokens" (B, K, E)
+and "image_visible" (B, K) long, the patch indices (grid order, h, w, d row-major, as
+`patchify`) of those tokens, K = P - round(mask_ratio * P) for every volume.
+
+Masks are a function of (the head's `mask_seed`, its `mask_step`, the sample's key): no global
+RNG, so a sample gets the same mask on any number of ranks, and both buffers are in the state dict,
+so a resumed run draws the very masks the uninterrupted run draws. `mask_seed` is drawn once at
+construction from the init RNG, which the trainer seeds alike on every rank.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from vlp.data_pipelines.seeds import stable_seed
 from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
 
 
@@ -52,12 +57,29 @@ def sincos_positions(grid: tuple[int, int, int], dim: int) -> Tensor:
     return torch.cat(parts, dim=1)[:, :dim]
 
 
-def random_patch_mask(batch: int, patches: int, ratio: float, device: torch.device) -> Tensor:
-    """(B, P) bool, exactly round(ratio * P) True per row (at least 1, at most P - 1)."""
-    count = min(max(1, round(ratio * patches)), patches - 1)
-    order = torch.rand(batch, patches, device=device).argsort(dim=1)
-    mask = torch.zeros(batch, patches, dtype=torch.bool, device=device)
-    return mask.scatter(1, order[:, :count], True)
+def masked_count(patches: int, ratio: float) -> int:
+    """round(ratio * P) masked patches, at least 1 and at most P - 1."""
+    return min(max(1, round(ratio * patches)), patches - 1)
+
+
+def keyed_visible_patches(keys: Sequence[str], seed: int, step: int, patches: int, ratio: float) -> Tensor:
+    """The visible patches of each sample: (B, K) long, each row sorted, K = P - masked_count.
+
+    Row b is a function of (seed, step, keys[b]) only (a generator of its own per sample), so it
+    does not depend on the batch the sample sits in, on the rank, or on any global RNG."""
+    hidden = masked_count(patches, ratio)
+    rows = []
+    for key in keys:
+        generator = torch.Generator().manual_seed(stable_seed("masked_volume", seed, step, key))
+        order = torch.rand(patches, generator=generator).argsort()  # (P,)
+        rows.append(order[hidden:].sort().values)
+    return torch.stack(rows)  # (B, K)
+
+
+def mask_from_visible(visible: Tensor, patches: int) -> Tensor:
+    """(B, K) visible indices -> (B, P) bool, True where the patch is masked (to reconstruct)."""
+    mask = torch.ones(visible.shape[0], patches, dtype=torch.bool, device=visible.device)
+    return mask.scatter(1, visible, False)
 
 
 def reconstruction_loss(prediction: Tensor, target: Tensor, mask: Tensor, norm_target: bool = True) -> Tensor:
@@ -75,7 +97,7 @@ def reconstruction_loss(prediction: Tensor, target: Tensor, mask: Tensor, norm_t
 
 
 class MaskedVolumeConfig(HeadConfig):
-    patch_size: tuple[int, int, int] = (16, 16, 8)
+    patch_size: tuple[int, int, int] = (16, 16, 8)  # the tower's
     mask_ratio: float = Field(0.75, gt=0, lt=1)
     decoder_dim: int = Field(128, ge=8)
     decoder_layers: int = Field(1, ge=1)
@@ -87,9 +109,10 @@ class MaskedVolumeConfig(HeadConfig):
 class MaskedVolumeHead(Head):
     config_class = MaskedVolumeConfig
     config: MaskedVolumeConfig
-    needs = ("image_tokens",)
+    # "visible_image_tokens" asks the model for the tower's masked pass (and `visible_patches`).
+    needs = ("visible_image_tokens", "image_visible")
     scores_embeddings = False
-    # 2 x 2 x 2 voxel patches of a (4, 4, 2) volume: the 4 tokens of the base example.
+    # 2 x 2 x 2 voxel patches of a (4, 4, 2) volume: 4 patches, 1 visible at the default ratio.
     example_config = {"patch_size": (2, 2, 2), "decoder_dim": 8, "decoder_heads": 2}
 
     def __init__(self, config: MaskedVolumeConfig, embed_dim: int) -> None:
@@ -109,33 +132,72 @@ class MaskedVolumeHead(Head):
         self.decoder = nn.TransformerEncoder(layer, config.decoder_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.decoder_dim)
         self.predict = nn.Linear(config.decoder_dim, voxels)
+        # Persistent, so checkpoints carry them: resume continues the same mask sequence.
+        self.register_buffer("mask_seed", torch.randint(0, 2**62, (), dtype=torch.long))
+        self.register_buffer("mask_step", torch.zeros((), dtype=torch.long))
 
     def no_weight_decay(self) -> set[str]:
         # A real decoder: its weight matrices decay like any other; only the mask token does not.
         return {"mask_token"}
 
+    def grid_of(self, volumes: Tensor) -> tuple[int, int, int]:
+        shape = tuple(volumes.shape[2:])
+        if any(n % p for n, p in zip(shape, self.config.patch_size)):
+            raise ValueError(f"masked_volume: volume {shape} is not divisible by patch_size {self.config.patch_size}")
+        return tuple(n // p for n, p in zip(shape, self.config.patch_size))
+
+    def visible_patches(self, batch: dict[str, Any], tower_grid: tuple[int, ...]) -> Tensor:
+        """The patches the masked pass encodes: (B, K) long, on the CPU.
+
+        batch: the data batch ("image" (B, 1, H, W, D); "key", B sample keys, which the loader
+        sends; without them the row index stands in, and masks then depend on the batch layout).
+        tower_grid: the tower's patch grid, checked against this head's `patch_size`. Each call in
+        training mode advances `mask_step`, so every step draws new masks."""
+        volumes = batch["image"]
+        grid = self.grid_of(volumes)
+        if tuple(grid) != tuple(tower_grid):
+            raise ValueError(
+                f"masked_volume: patch_size {self.config.patch_size} gives a {grid} grid but the tower's is "
+                f"{tuple(tower_grid)}; set model.heads.masked_volume.patch_size to the tower's"
+            )
+        keys = batch.get("key") or [str(row) for row in range(volumes.shape[0])]
+        visible = keyed_visible_patches(keys, int(self.mask_seed), int(self.mask_step), math.prod(grid),
+                                        self.config.mask_ratio)
+        if self.training:
+            self.mask_step += 1
+        return visible
+
     @classmethod
     def example_inputs(cls, config: MaskedVolumeConfig, batch_size: int, embed_dim: int, generator: torch.Generator):
-        """The base example plus batch["image"]: volumes (B, 1, 2p, 2p, p) for patch edge p, i.e. 4 patches."""
-        encoded, batch = super().example_inputs(config, batch_size, embed_dim, generator)
+        """Volumes (B, 1, 2p, 2p, p) for patch edge p (4 patches), the visible patches of each
+        (drawn from `generator`) and their tokens (B, K, E)."""
         shape = tuple(n * p for n, p in zip((2, 2, 1), config.patch_size))
-        return encoded, {**batch, "image": torch.randn(batch_size, 1, *shape, generator=generator)}
+        patches = 4
+        hidden = masked_count(patches, config.mask_ratio)
+        order = torch.rand(batch_size, patches, generator=generator).argsort(dim=1)
+        visible = order[:, hidden:].sort(dim=1).values  # (B, K)
+        tokens = torch.randn(batch_size, patches - hidden, embed_dim, generator=generator)
+        volumes = torch.randn(batch_size, 1, *shape, generator=generator)
+        return {"visible_image_tokens": tokens, "image_visible": visible}, {"image": volumes}
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         c = self.config
         volumes = inputs.batch["image"]
-        tokens = inputs.local["image_tokens"]  # (B, P, E)
+        tokens = inputs.local["visible_image_tokens"]  # (B, K, E)
+        visible = inputs.local["image_visible"].to(tokens.device)  # (B, K)
+        grid = self.grid_of(volumes)
         target = patchify(volumes.to(tokens.device), c.patch_size)  # (B, P, V)
-        grid = tuple(n // p for n, p in zip(volumes.shape[2:], c.patch_size))
-        if target.shape[1] != tokens.shape[1]:
+        b, p, _ = target.shape
+        if int(visible.max()) >= p:
             raise ValueError(
-                f"masked_volume: {tokens.shape[1]} image tokens but patch_size {c.patch_size} gives "
-                f"{target.shape[1]} patches; set model.heads.masked_volume.patch_size to the tower's"
+                f"masked_volume: visible patch {int(visible.max())} but patch_size {c.patch_size} gives {p} "
+                f"patches; set model.heads.masked_volume.patch_size to the tower's"
             )
-        b, p, _ = tokens.shape
-        mask = random_patch_mask(b, p, c.mask_ratio, tokens.device)  # (B, P)
-        x = self.embed(tokens)  # (B, P, Dd)
-        x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype).expand(b, p, -1), x)
+        mask = mask_from_visible(visible, p)  # (B, P), True = reconstruct
+        embedded = self.embed(tokens)  # (B, K, Dd)
+        # The decoder's input: the mask token everywhere, the visible tokens scattered back in place.
+        x = self.mask_token.to(embedded.dtype).expand(b, p, -1)
+        x = x.scatter(1, visible.unsqueeze(-1).expand(-1, -1, embedded.shape[-1]), embedded)  # (B, P, Dd)
         x = x + sincos_positions(grid, c.decoder_dim).to(x.device, x.dtype)
         prediction = self.predict(self.norm(self.decoder(x)))  # (B, P, V)
         loss = reconstruction_loss(prediction, target, mask, c.norm_target)

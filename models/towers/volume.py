@@ -97,16 +97,17 @@ class MonaiViT3D(ImageTower):
     def grid(self) -> tuple[int, int, int]:
         return self.config.grid
 
-    def features(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """volumes (B, 1, H, W, D) -> (pooled (B, W_h), patch hidden states (B, P, W_h)) after the final norm."""
+    def _check(self, volumes: torch.Tensor) -> None:
         if volumes.dim() != 5 or tuple(volumes.shape[2:]) != tuple(self.config.roi):
             raise ValueError(
                 f"monai_vit3d expects volumes (B, 1, {', '.join(map(str, self.config.roi))}), got {tuple(volumes.shape)}"
             )
-        x = self.vit.patch_embedding(volumes)  # (B, P, W_h), positions added
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch embeddings with positions (B, N, W_h) -> (pooled (B, W_h), tokens (B, N, W_h)) after the final norm."""
         prefix = 0
         if self.config.pool == "cls":
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + P, W_h)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, W_h)
             prefix = 1
         for block in self.vit.blocks:
             x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
@@ -117,6 +118,27 @@ class MonaiViT3D(ImageTower):
         else:
             pooled = tokens.amax(dim=1) if self.config.pool == "max" else tokens.mean(dim=1)
         return pooled, tokens
+
+    def features(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """volumes (B, 1, H, W, D) -> (pooled (B, W_h), patch hidden states (B, P, W_h)) after the final norm."""
+        self._check(volumes)
+        return self._encode(self.vit.patch_embedding(volumes))  # (B, P, W_h), positions added
+
+    def encode_visible(self, volumes: torch.Tensor, visible: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The masked pass (MAE's encoder): only the listed patches go through the blocks.
+
+        volumes (B, 1, H, W, D); visible (B, K) long, patch indices in grid order, the same K for
+        every row. Returns {"visible_image_tokens": (B, K, E)}, row k the token of patch
+        `visible[:, k]`, projected like "image_tokens". Positions are added before the patches
+        are dropped, as MAE does, so each kept token knows where it sits; the blocks then cost
+        about K / P of the full pass (attention (K / P)^2). The patch embedding (one conv over the
+        whole volume) is still computed for every patch: about 1 % of the tower here."""
+        self._check(volumes)
+        patches = self.vit.patch_embedding(volumes)  # (B, P, W_h)
+        index = visible.to(patches.device).unsqueeze(-1).expand(-1, -1, patches.shape[-1])  # (B, K, W_h)
+        _, tokens = self._encode(patches.gather(1, index))  # (B, K, W_h)
+        token_proj = self.token_proj if self.config.token_proj == "separate" else self.proj
+        return {"visible_image_tokens": token_proj(tokens)}
 
     def forward(self, volumes: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled, tokens = self.features(volumes)
