@@ -297,7 +297,12 @@ def test_clip_head_temperature_init_clamp_and_weight_decay():
     out = head(inputs)
     assert_close(out["logging"]["logit_scale"], torch.tensor(100.0))
     out["loss"].backward()
-    assert head.logit_scale.grad.abs().item() == 0.0  # clamped: no gradient pushes it further
+    # The bounded rule (base.bounded): the gradient at the bound passes when it points back
+    # inside (positive: descent lowers the log scale) and is dropped when it points further out.
+    at_bound = torch.tensor([math.log(100.0)], requires_grad=True)
+    clip_loss(inputs.local["image_normed"], inputs.local["text_normed"], at_bound.exp()).backward()
+    expected = at_bound.grad if at_bound.grad.item() > 0 else torch.zeros(1)
+    assert_close(head.logit_scale.grad, expected, **TOL)
 
 
 def test_clip_head_frozen_temperature_has_no_grad():

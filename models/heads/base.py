@@ -11,6 +11,7 @@ A head returns `{"loss": scalar tensor (fp32), "logging": {name: float or 0-dim 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -19,6 +20,49 @@ from torch import nn
 
 from vlp.core.config import Strict
 from vlp.core.registry import Registry
+
+
+class _Bounded(torch.autograd.Function):
+    """clamp(value, low, high) forward; backward passes the gradient except where it would push
+    an out-of-range value further out."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        ctx.save_for_backward(value)
+        ctx.low, ctx.high = low, high
+        return value.clamp(min=low, max=high)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (value,) = ctx.saved_tensors
+        # Gradient descent moves the value by -grad: above `high` only a positive grad moves it
+        # back down, below `low` only a negative one moves it back up. Inside the range (the
+        # bound included) the gradient is the plain one.
+        outward = ((value > ctx.high) & (grad < 0)) | ((value < ctx.low) & (grad > 0))
+        return torch.where(outward, torch.zeros_like(grad), grad), None, None
+
+
+def bounded(value: torch.Tensor, low: float = -math.inf, high: float = math.inf) -> torch.Tensor:
+    """The bounded-parameter rule for every learnable scalar of every head (logit scale, bias,
+    curvature, MERU's alphas): `value` clamped to [low, high] in forward, with a gradient that
+    lets a parameter come back from outside its range.
+
+    Why not the alternatives: a plain `clamp` in forward has exactly zero gradient past the
+    bound, so a parameter that overshoots (Adam momentum) never returns; open_clip clamps the
+    parameter in place after each step, but ZeRO 2/3 write their fp32 master copy back over
+    in-place edits at the next step. Here the effective value never leaves the range, outward
+    gradients are dropped, and an inward gradient moves the parameter back, whatever the ZeRO
+    stage (tests/test_bounded.py).
+
+    Call it ONCE per forward per parameter and reuse the result for every use: the gate then
+    judges the summed gradient of all uses. Calling it per use gates each use's gradient on its
+    own, and the sum of the gated parts can point back inside when the true total points out.
+    (Micro-batches and ranks are still gated one by one; a wrong-signed step there only moves an
+    out-of-range parameter toward its bound, where the value used was anyway.)
+
+    value: a tensor of any shape (heads use [1]); low, high: floats, -inf / inf for one-sided.
+    """
+    return _Bounded.apply(value, low, high)
 
 
 class HeadConfig(Strict):

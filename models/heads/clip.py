@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs, bounded
 from vlp.models.heads.tiled import (
     DEFAULT_TILE_SIZE,
     tiled_cross_entropy,
@@ -135,19 +135,18 @@ def clip_loss(
 class ClipConfig(HeadConfig):
     init_temperature: float = Field(0.07, gt=0)
     """Initial softmax temperature; the learnable parameter is log(1 / temperature)."""
-    max_logit_scale: float = Field(100.0, gt=0)
-    """1 / temperature is clamped to this inside forward, as open_clip clamps at 100."""
+    max_logit_scale: float = Field(100.0, gt=1)
+    """1 / temperature stays in [1, max_logit_scale], open_clip's range, by `base.bounded`."""
     learn_temperature: bool = True
     tile_size: int | None = Field(None, ge=1)
     """None: dense below `TILED_MIN_LOGITS_*` logits, tiled above; an int forces tiling."""
 
     @model_validator(mode="after")
     def _starts_below_clamp(self) -> "ClipConfig":
-        if 1.0 / self.init_temperature > self.max_logit_scale:
-            raise ValueError(
-                f"init_temperature {self.init_temperature} gives logit scale {1 / self.init_temperature:.4g}, "
-                f"above max_logit_scale {self.max_logit_scale}"
-            )
+        scale = 1.0 / self.init_temperature
+        if not 1.0 <= scale <= self.max_logit_scale:
+            where = f"above max_logit_scale {self.max_logit_scale}" if scale > 1 else "below 1 (open_clip's lower bound)"
+            raise ValueError(f"init_temperature {self.init_temperature} gives logit scale {scale:.4g}, {where}")
         return self
 
 
@@ -166,15 +165,20 @@ class ClipHead(Head):
         init = torch.full((1,), math.log(1.0 / config.init_temperature))
         self.logit_scale = nn.Parameter(init, requires_grad=config.learn_temperature)
 
+    @staticmethod
+    def logit_scale_bounds(config: ClipConfig) -> tuple[float, float]:
+        """[low, high] of the log logit scale: open_clip's clamp(0, log(100)) after each step."""
+        return 0.0, math.log(config.max_logit_scale)
+
     def scale(self) -> Tensor:
-        """The clamped multiplier exp(logit_scale), shape [1], fp32. Clamped here rather than in
-        place after the step because ZeRO 2/3 would overwrite an in-place clamp."""
-        return self.logit_scale.float().clamp(max=math.log(self.config.max_logit_scale)).exp()
+        """The multiplier exp(logit_scale) in [1, max_logit_scale], shape [1], fp32, by the
+        heads' bounded-parameter rule (`base.bounded`: an overshoot can come back, any ZeRO stage)."""
+        return bounded(self.logit_scale.float(), *self.logit_scale_bounds(self.config)).exp()
 
     @classmethod
     def to_open_clip_scalars(cls, config: ClipConfig, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The clamp `scale` applies, applied once: open_clip's exp(logit_scale) is the scale we used."""
-        return {"logit_scale": params["logit_scale"].float().reshape(()).clamp(max=math.log(config.max_logit_scale))}
+        """The bound `scale` applies, applied once: open_clip's exp(logit_scale) is the scale we used."""
+        return {"logit_scale": params["logit_scale"].float().reshape(()).clamp(*cls.logit_scale_bounds(config))}
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         logit_scale = self.scale()

@@ -10,7 +10,8 @@ The loss is
 where the entailment term pushes each image inside the entailment cone of its caption (generic
 text near the origin, specific images further out). Every learnable scalar (log c, the two
 alphas, the log logit scale) is a [1]-shaped parameter, kept in its range inside `forward` by
-`bounded`, and logged every step.
+the heads' rule `base.bounded`, applied once per forward (`MeruHead.scalars`) so that its gate
+judges the summed gradient of every use, and logged every step.
 
 The contrastive scores come from `lorentz_logits(queries, keys, curv, logit_scale)`, a
 `score_fn(query_block, key_block, *score_params)` as `models/heads/tiled.py` expects, so the dense
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from vlp.models import lorentz as L
-from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs, bounded  # noqa: F401 (bounded: re-exported)
 from vlp.models.heads.tiled import DEFAULT_TILE_SIZE, tiled_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -53,37 +54,6 @@ class MeruConfig(HeadConfig):
     curv_bound_warn_steps: int = Field(1000, ge=0)
     # Contrastive term in (tile x tile) blocks (memory linear in the global batch); None: automatic.
     tile_size: Optional[int] = Field(None, ge=1)
-
-
-class _Bounded(torch.autograd.Function):
-    """clamp(value, low, high) whose gradient is blocked only where it would push the value
-    further out of range.
-
-    A plain functional clamp has zero gradient outside the range, so a parameter that overshoots
-    its bound (Adam momentum) would stay stuck there forever. The reference clamps `.data` in
-    place instead, which ZeRO 2/3 undo by writing their fp32 master copy back each step. This
-    gives the reference's dynamics without touching `.data`: the effective value never leaves the
-    range, and a gradient that points back inside moves the parameter back.
-    """
-
-    @staticmethod
-    def forward(ctx, value: Tensor, low: float, high: float) -> Tensor:
-        ctx.save_for_backward(value)
-        ctx.low, ctx.high = low, high
-        return value.clamp(min=low, max=high)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (value,) = ctx.saved_tensors
-        # Gradient descent moves the value by -grad: above `high` only a positive grad moves it
-        # back down, below `low` only a negative one moves it back up.
-        outward = ((value > ctx.high) & (grad < 0)) | ((value < ctx.low) & (grad > 0))
-        return torch.where(outward, torch.zeros_like(grad), grad), None, None
-
-
-def bounded(value: Tensor, low: float = -math.inf, high: float = math.inf) -> Tensor:
-    """`value` clamped to [low, high]; see `_Bounded` for the gradient."""
-    return _Bounded.apply(value, low, high)
 
 
 def lorentz_logits(queries: Tensor, keys: Tensor, curv: Tensor, logit_scale: Tensor) -> Tensor:
@@ -153,6 +123,15 @@ def entailment_loss(text: Tensor, image: Tensor, curv: Tensor, min_radius: float
     return torch.relu(angle - aperture).mean()
 
 
+class MeruScalars(NamedTuple):
+    """The effective scalars of one forward, each [1] fp32 inside its range."""
+
+    curv: Tensor
+    image_scale: Tensor
+    text_scale: Tensor
+    logit_scale: Tensor
+
+
 @HEADS.register("meru")
 class MeruHead(Head):
     config_class = MeruConfig
@@ -187,37 +166,53 @@ class MeruHead(Head):
         self._warned_at_bound = False
         self._calls = 0
 
-    # Effective scalars, each [1]-shaped fp32 and inside its range.
+    # Effective scalars, each [1]-shaped fp32 and inside its range. `forward` takes them once
+    # from `scalars()`; the single-scalar methods below serve evaluators.
+    def scalars(self) -> MeruScalars:
+        """Each parameter through `bounded` exactly once. The curvature has three uses per forward
+        (both lifts and the losses' distances); bounding it per use would gate each use's gradient
+        on its own, and past the bound their gated sum can point inward while the total points out."""
+        config = self.config
+        return MeruScalars(
+            curv=bounded(self.log_curv.float(), *self.log_curv_bounds).exp(),
+            # <= 1: alpha never scales features up (once it reaches 1 it can be dropped at inference).
+            image_scale=bounded(self.alpha_image.float(), high=0.0).exp(),
+            text_scale=bounded(self.alpha_text.float(), high=0.0).exp(),
+            logit_scale=bounded(self.logit_scale.float(), high=math.log(config.max_logit_scale)).exp(),
+        )
+
     def curvature(self) -> Tensor:
-        return bounded(self.log_curv.float(), *self.log_curv_bounds).exp()
+        return self.scalars().curv
 
     def image_scale(self) -> Tensor:
-        # <= 1: alpha never scales features up (once it reaches 1 it can be dropped at inference).
-        return bounded(self.alpha_image.float(), high=0.0).exp()
+        return self.scalars().image_scale
 
     def text_scale(self) -> Tensor:
-        return bounded(self.alpha_text.float(), high=0.0).exp()
+        return self.scalars().text_scale
 
     def logit_scale_value(self) -> Tensor:
-        return bounded(self.logit_scale.float(), high=math.log(self.config.max_logit_scale)).exp()
+        return self.scalars().logit_scale
 
-    def lift_image(self, embed: Tensor) -> Tensor:
+    def lift_image(self, embed: Tensor, scalars: MeruScalars | None = None) -> Tensor:
         """Raw image embeddings (B, E) -> space components (B, E) on the hyperboloid, fp32."""
-        return L.exp_map0(embed.float() * self.image_scale(), self.curvature())
+        scalars = scalars or self.scalars()
+        return L.exp_map0(embed.float() * scalars.image_scale, scalars.curv)
 
-    def lift_text(self, embed: Tensor) -> Tensor:
+    def lift_text(self, embed: Tensor, scalars: MeruScalars | None = None) -> Tensor:
         """Raw text embeddings (B, E) -> space components (B, E) on the hyperboloid, fp32."""
-        return L.exp_map0(embed.float() * self.text_scale(), self.curvature())
+        scalars = scalars or self.scalars()
+        return L.exp_map0(embed.float() * scalars.text_scale, scalars.curv)
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
-        curv, logit_scale = self.curvature(), self.logit_scale_value()
-        image = self.lift_image(inputs.local["image_embed"])  # (B, E)
-        text = self.lift_text(inputs.local["text_embed"])  # (B, E)
+        scalars = self.scalars()
+        curv, logit_scale = scalars.curv, scalars.logit_scale
+        image = self.lift_image(inputs.local["image_embed"], scalars)  # (B, E)
+        text = self.lift_text(inputs.local["text_embed"], scalars)  # (B, E)
         if inputs.world_size == 1:  # gathered is local itself: do not lift it twice
             all_image, all_text = image, text
         else:
-            all_image = self.lift_image(inputs.gathered["image_embed"])  # (W * B, E)
-            all_text = self.lift_text(inputs.gathered["text_embed"])  # (W * B, E)
+            all_image = self.lift_image(inputs.gathered["image_embed"], scalars)  # (W * B, E)
+            all_text = self.lift_text(inputs.gathered["text_embed"], scalars)  # (W * B, E)
 
         contrastive = contrastive_loss(
             image, text, all_image, all_text, curv, logit_scale, inputs.rank * image.shape[0], self.config.tile_size
@@ -226,7 +221,7 @@ class MeruHead(Head):
         loss = contrastive + self.config.entail_weight * entailment
         parent = None
         if self.config.parent_weight > 0:
-            parent = self.lift_text(inputs.local["parent_text_embed"][:, 0])  # (B, E)
+            parent = self.lift_text(inputs.local["parent_text_embed"][:, 0], scalars)  # (B, E)
             parent_entailment = 0.5 * (entailment_loss(parent, image, curv, self.config.min_radius)
                                        + entailment_loss(parent, text, curv, self.config.min_radius))
             loss = loss + self.config.parent_weight * parent_entailment
@@ -235,8 +230,8 @@ class MeruHead(Head):
         with torch.no_grad():
             logging_out = {
                 "curvature": curv.squeeze(0),
-                "alpha_image": self.image_scale().squeeze(0),
-                "alpha_text": self.text_scale().squeeze(0),
+                "alpha_image": scalars.image_scale.squeeze(0),
+                "alpha_text": scalars.text_scale.squeeze(0),
                 "logit_scale": logit_scale.squeeze(0),
                 "contrastive_loss": contrastive,
                 "entailment_loss": entailment,
@@ -286,5 +281,5 @@ class MeruHead(Head):
 
         Higher is closer: -c <x, y>_L = cosh(sqrt(c) d(x, y)), so this ranks like -distance, as
         MERU's zero-shot classification and retrieval do."""
-        curv = self.curvature()
-        return L.pairwise_inner(self.lift_image(image_embed), self.lift_text(text_embed), curv)
+        scalars = self.scalars()
+        return L.pairwise_inner(self.lift_image(image_embed, scalars), self.lift_text(text_embed, scalars), scalars.curv)

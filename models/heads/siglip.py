@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs, bounded
 from vlp.models.heads.tiled import DEFAULT_TILE_SIZE, tiled_sigmoid_loss
 
 # Logits (B * N) from which `siglip_loss` uses the tiled kernel. The sigmoid loss has no row
@@ -85,8 +85,9 @@ class SigLipConfig(HeadConfig):
     init_logit_scale: float = Field(10.0, gt=0)
     """Initial multiplier; the learnable parameter is its log (SigLIP: t' = log 10)."""
     init_logit_bias: float = -10.0
-    max_logit_scale: float = Field(100.0, gt=0)
-    """The multiplier is clamped to this inside forward, as open_clip's trainer clamps at 100."""
+    max_logit_scale: float = Field(100.0, gt=1)
+    """The multiplier stays in [1, max_logit_scale], open_clip's trainer's range, by `base.bounded`.
+    The bias is unbounded, as in big_vision and open_clip."""
     learn_temperature: bool = True
     """Learn the scale and the bias (False freezes both)."""
     tile_size: int | None = Field(None, ge=1)
@@ -94,8 +95,9 @@ class SigLipConfig(HeadConfig):
 
     @model_validator(mode="after")
     def _starts_below_clamp(self) -> "SigLipConfig":
-        if self.init_logit_scale > self.max_logit_scale:
-            raise ValueError(f"init_logit_scale {self.init_logit_scale} is above max_logit_scale {self.max_logit_scale}")
+        if not 1.0 <= self.init_logit_scale <= self.max_logit_scale:
+            where = f"above max_logit_scale {self.max_logit_scale}" if self.init_logit_scale > 1 else "below 1"
+            raise ValueError(f"init_logit_scale {self.init_logit_scale} is {where} (the bounds of the scale)")
         return self
 
 
@@ -116,16 +118,21 @@ class SigLipHead(Head):
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(config.init_logit_scale)), requires_grad=learn)
         self.logit_bias = nn.Parameter(torch.full((1,), config.init_logit_bias), requires_grad=learn)
 
+    @staticmethod
+    def logit_scale_bounds(config: SigLipConfig) -> tuple[float, float]:
+        """[low, high] of the log logit scale: open_clip's clamp(0, log(100)) after each step."""
+        return 0.0, math.log(config.max_logit_scale)
+
     def scale(self) -> Tensor:
-        """exp(logit_scale) clamped to `max_logit_scale`, [1] fp32; clamped here because ZeRO 2/3
-        would overwrite an in-place clamp."""
-        return self.logit_scale.float().clamp(max=math.log(self.config.max_logit_scale)).exp()
+        """exp(logit_scale) in [1, max_logit_scale], [1] fp32, by the heads' bounded-parameter
+        rule (`base.bounded`: an overshoot can come back, any ZeRO stage)."""
+        return bounded(self.logit_scale.float(), *self.logit_scale_bounds(self.config)).exp()
 
     @classmethod
     def to_open_clip_scalars(cls, config: SigLipConfig, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        """logit_scale with the clamp of `scale` applied once; logit_bias as it is."""
+        """logit_scale with the bound of `scale` applied once; logit_bias as it is."""
         scalars = super().to_open_clip_scalars(config, params)
-        scalars["logit_scale"] = scalars["logit_scale"].clamp(max=math.log(config.max_logit_scale))
+        scalars["logit_scale"] = scalars["logit_scale"].clamp(*cls.logit_scale_bounds(config))
         return scalars
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
