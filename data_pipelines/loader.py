@@ -19,13 +19,31 @@ of a rank comes from worker `i % workers` (the DataLoader's round-robin order).
 
 Resampled mode. Each slot draws shards with replacement (seeded), an endless stream.
 
-Resume. `iterate(epoch, skip_batches=n)` gives the batches a fresh `iterate(epoch)` gives after
-its first `n`: each worker skips its share of raw samples after the shuffle buffer, before
-decoding, using only the cheap checks (caption bytes present, UTF-8 and non-empty; image header
-parsed and its size checked). Limitation: an image whose header parses but whose body is corrupt,
-or a `wants_sample` preprocess that fails, inside the skipped range, is counted as good while
-skipping, so the resumed stream is shifted by one sample per such image. Resume needs the same
-`workers` as the run it resumes.
+Position and resume. Each batch carries its slot's state (`vlp.data_pipelines.position`: the
+shard and sample it is at, the shuffle buffer by reference (shard, sample index), RNG states,
+the augmentation counter); `TrainLoader.state_dict()` holds the last one of each worker role,
+and the trainer saves it per rank with the checkpoint. `load_state_dict(every rank's states)`
+then `iterate(epoch)`:
+  * same layout (world size, workers, batch size, shuffle buffer): the batches an uninterrupted
+    run gives next, bit for bit, in both modes. It seeks: only the current shard's tar headers
+    are indexed (`tar_reader.ShardIndex`, bodies not read) and the buffered samples re-read by
+    reference, so the cost is O(one shard + buffer), whatever the position. A `pipe:`, http or
+    compressed shard cannot be entered mid-way: it is read from its own start, never further back.
+  * another layout, epoch mode: every sample of the epoch not yet handed out (each old slot's
+    buffer, the rest of its shard, its shards not begun) is dealt again to the new slots, one
+    contiguous run each, and read once; every rank yields `remaining // (world_size * batch)`
+    batches, the remainder under one global batch is dropped (as at every epoch end). With
+    several sources, each is dealt the same way and mixing by weight goes on as in an epoch.
+  * another layout, resampled mode: fresh streams seeded by (seed, epoch, batches consumed, new
+    layout), with the same sampling distribution (shards with replacement, sources by weight);
+    no sample-exact continuation.
+A changed layout prints one line and sets `resume_note` ({"event": "data_redealt" |
+"data_reseeded", ...}), which the trainer writes to metrics.jsonl. A position does not apply to
+other data (another shard list or sizes): refused with a DataError.
+Without a saved position (a checkpoint from before positions), `iterate(epoch, skip_batches=n)`
+reads and discards the first `n` batches' samples using only the cheap checks (no decode), so a
+corrupt-but-parseable image in that range shifts the stream by one; the seeking resume has no
+such limit.
 
 Random augmentations in `preprocess` (torch, `random`, numpy RNGs) are seeded per raw sample
 position, so they are reproducible and identical after a resume too.
@@ -34,9 +52,9 @@ Bad samples (corrupt image, decompression bomb, empty or non-UTF-8 caption, miss
 unreadable or truncated shard) are skipped and counted in each batch's "bad" dict; the trainer
 feeds those counts to `BadSampleMonitor`, which stops the run when too many are bad.
 
-The parts, each in its own module: `tar_reader` (raw samples of one tar), `sharding` (shard lists,
-the deal to reading slots, the shuffle buffer), `datasets` (what each worker reads, in which
-order), `collate` (decode + preprocess + tokenize + collate), `bad_samples` (skip reasons and the
+The parts, each in its own module: `tar_reader` (raw samples of one tar, and its header index),
+`sharding` (shard lists and sizes, the eval deal), `position` (the training deal, shuffle buffer
+and slot state as plain data, the re-deal), `datasets` (what each worker reads, in which order), `collate` (decode + preprocess + tokenize + collate), `bad_samples` (skip reasons and the
 stop rule), `seeds` (the derived seeds).
 """
 
