@@ -356,13 +356,24 @@ class HFText(TextTower):
             self.model.requires_grad_(False)
             self.model.eval()
         elif config.lock:
-            from types import SimpleNamespace
+            self._lock_encoder(config.lock_unlocked_layers, config.lock_freeze_layer_norm)
 
-            from open_clip.hf_model import HFTextEncoder
+    def _lock_encoder(self, unlocked_layers: int, freeze_layer_norm: bool) -> None:
+        """open_clip's HFTextEncoder.lock: [embeddings, layer 0, ...] locked except the last
+        `unlocked_layers`; LayerNorms of locked modules stay trainable unless freeze_layer_norm.
+        The full lock is open_clip's own call; the partial one is written out because open_clip
+        3.3's `arch_dict` has no `layer_attr` for BERT (its lock raises KeyError there)."""
+        from types import SimpleNamespace
 
-            # open_clip's HFTextEncoder.lock reads only `.transformer` and `.config.model_type`.
-            HFTextEncoder.lock(SimpleNamespace(transformer=self.model, config=self.model.config),
-                               config.lock_unlocked_layers, config.lock_freeze_layer_norm)
+        from open_clip.hf_model import HFTextEncoder
+
+        if not unlocked_layers:  # open_clip's HFTextEncoder.lock reads only `.transformer` here
+            HFTextEncoder.lock(SimpleNamespace(transformer=self.model), 0, freeze_layer_norm)
+            return
+        modules = [self.model.embeddings, *self.model.encoder.layer][:-unlocked_layers]
+        for module in modules:
+            for name, param in module.named_parameters():
+                param.requires_grad = (not freeze_layer_norm) if "LayerNorm" in name.split(".") else False
 
     def train(self, mode: bool = True) -> "HFText":
         super().train(mode)
