@@ -141,3 +141,26 @@ def test_two_gloo_ranks_equal_one_process():
         rows = slice(rank * BATCH, (rank + 1) * BATCH)
         assert_close(result["image_grad"], WORLD * image.grad[rows])
         assert_close(result["text_grad"], WORLD * text.grad[rows])
+
+
+# ----------------------------------------------------------------------------- the evaluator
+def test_evaluator_on_the_digits_shards_and_its_plot(tmp_path, digits_dir):
+    from test_export import model_from_tree, tiny_tree
+
+    from vlp.train.evals import EVALUATORS, EvalContext
+    from vlp.train.evals.alignment import AlignmentConfig, blockwise_uniformity, embeddings
+
+    model, _ = model_from_tree(tiny_tree(tmp_path, digits_dir))
+    config = AlignmentConfig(data=str(digits_dir / "digits-test-000000.tar"), batch_size=128, chunk_size=50)
+    evaluator = EVALUATORS.get("alignment")(config)
+    with torch.no_grad():
+        image, text = embeddings(model, config, EvalContext())
+        first = evaluator.run(model, EvalContext(out_dir=tmp_path / "plots", step=10))
+        second = evaluator.run(model, EvalContext(out_dir=tmp_path / "plots", step=20))
+    assert image.shape == text.shape == (359, 32)
+    assert_close(first["alignment"], float(_paper_align(image, text)))
+    assert_close(first["uniformity_image"], float(_paper_uniform(image)), rtol=1e-5, atol=1e-5)
+    assert_close(first["uniformity_text"], float(_paper_uniform(text)), rtol=1e-5, atol=1e-5)
+    assert_close(blockwise_uniformity(image, 2.0, 7), float(_paper_uniform(image)), rtol=1e-5, atol=1e-5)
+    assert first == second and sorted(evaluator.history) == [10, 20]
+    assert (tmp_path / "plots" / "alignment_uniformity.png").stat().st_size > 0

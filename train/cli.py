@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_shards_build)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint or export")
-    p.add_argument("task")
+    p.add_argument("task", help="zeroshot, linear_probe, alignment, retrieval, grounding, ct, hierarchy")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", default=None)
     p.add_argument("--out", default=None)
