@@ -365,7 +365,15 @@ def _reference(name, world, batch):
         local = {k: v[rank * batch : (rank + 1) * batch] for k, v in full.items()}
         gathered = {k: full[k] for k in head.gathered_keys}
         torch.manual_seed(100 + rank)
-        loss = head(HeadInputs(local=local, gathered=gathered, batch={}, rank=rank, world_size=world))["loss"]
+        if name == "filip":  # the head scores only local images (no image gather): the formula instead
+            labels = torch.arange(batch) + rank * batch
+            i2t, t2i = token_similarity(F.normalize(full["image_tokens"], dim=-1), F.normalize(full["text_tokens"], dim=-1),
+                                        full["text_mask"])
+            scale = head.logit_scale.exp()
+            own = slice(rank * batch, (rank + 1) * batch)
+            loss = (F.cross_entropy(scale * i2t[own], labels) + F.cross_entropy(scale * t2i[:, own].T, labels)) / 2
+        else:
+            loss = head(HeadInputs(local=local, gathered=gathered, batch={}, rank=rank, world_size=world))["loss"]
         losses.append(loss)
         grads = torch.autograd.grad(loss, list(head.parameters()), retain_graph=True)
         param_grads.append({n: g for (n, _), g in zip(head.named_parameters(), grads)})

@@ -57,17 +57,15 @@ def _head_and_inputs(name: str, block: int, batch: int = 4, world: int = 1, rank
             head.logit_bias.fill_(-1.0)
         full = {"image_embed": torch.randn(total, E, generator=g), "image_tokens": torch.randn(total, 5, E, generator=g),
                 "sub_text_embed": torch.randn(total, 3, E, generator=g)}
-        gathered_keys = ("sub_text_embed",)
     elif name == "filip":
         head = FilipHead(FilipConfig(block_size=block), E)
         lengths = torch.randint(1, 7, (total,), generator=g)
         full = {"image_tokens": torch.randn(total, 5, E, generator=g), "text_tokens": torch.randn(total, 6, E, generator=g),
                 "text_mask": torch.arange(6)[None] < lengths[:, None]}
-        gathered_keys = ("image_tokens", "text_tokens", "text_mask")
     else:
         head = CtAlignHead(CtAlignConfig(block_size=block, exclude_normal=False, topk=2), E)
         full = {"image_tokens": torch.randn(total, 6, E, generator=g), "sentence_embed": torch.randn(total, 2, E, generator=g)}
-        gathered_keys = ()
+    gathered_keys = head.gathered_keys
     batch_data = {"sentence_mask": torch.ones(batch, 2, dtype=torch.bool)} if name == "ct_align" else {}
     negative = torch.randint(3, (total, total), generator=g)[rank * batch : (rank + 1) * batch]
     return head, full, gathered_keys, batch_data, negative
@@ -273,3 +271,142 @@ def test_bounded_eval_scores_match_unchunked():
     tokens, text = torch.randn(5, 4, E, generator=g), torch.randn(3, E, generator=g)
     pooled, _ = head.pool(text[None].expand(5, -1, -1), tokens)
     assert_close(head.text_conditioned_scores(tokens, text), F.cosine_similarity(pooled, text[None], dim=-1), **TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# filip and ct_align keep each rank's patch tokens local and gather only the texts/sentences; the
+# softmax over images/volumes combines the ranks' per-column log-sum-exps (global_logsumexp).
+# Reference: one process holding the global batch, each rank's loss by the former formula
+# (image and text tokens of every rank, open_clip's local_loss), the gradients of their sum on
+# the inputs and of each rank's own loss on the head's parameters.
+
+
+def test_global_logsumexp_is_logsumexp_on_one_process_gradcheck():
+    from vlp.models.heads.tiled_tokens import global_logsumexp
+
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
+    exclude = torch.zeros(4, 5, dtype=torch.bool)
+    exclude[0, 1] = exclude[2, 3] = exclude[3, 3] = True
+    lse, best = global_logsumexp(scores, scale, exclude)
+    logits = (scale * scores).masked_fill(exclude, float("-inf"))
+    assert_close(lse, logits.logsumexp(0))
+    assert_close(best, logits.amax(0))
+    weights = torch.randn(5, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: global_logsumexp(a, b, exclude)[0] @ weights, (scores, scale))
+
+
+def test_filip_and_ct_align_gather_no_patch_tokens():
+    assert "image_tokens" not in FilipHead.gathered_keys and "image_tokens" not in CtAlignHead.gathered_keys
+    assert FilipHead.gathered_keys == ("text_tokens", "text_mask")
+    assert CtAlignHead.gathered_keys == ("sentence_embed",)
+
+
+def _global_batch(name: str, world: int, batch: int, seed: int = 5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    total = world * batch
+    if name == "filip":
+        lengths = torch.randint(1, 7, (total,), generator=g)
+        return {"image_tokens": torch.randn(total, 5, E, generator=g), "text_tokens": torch.randn(total, 6, E, generator=g),
+                "text_mask": torch.arange(6)[None] < lengths[:, None]}
+    sentences = torch.randn(total, 3, E, generator=g)
+    mask = torch.rand(total, 3, generator=g) < 0.7
+    mask[:, 0] = True
+    # A duplicate finding across ranks (volume 0 sentence 1 == the last volume's sentence 0,
+    # cosine 1 >= dedup_threshold): each is removed from the other's negatives.
+    sentences[total - 1, 0] = 2.0 * sentences[0, 1]
+    mask[0, 1] = True
+    if world == 3:
+        mask[batch : 2 * batch] = False  # the middle rank has no sentence to align
+    return {"image_tokens": torch.randn(total, 6, E, generator=g), "sentence_embed": sentences, "sentence_mask": mask}
+
+
+def _local_head(name: str, block: int):
+    torch.manual_seed(0)
+    if name == "filip":
+        head = FilipHead(FilipConfig(block_size=block), E)
+        with torch.no_grad():
+            head.logit_scale.fill_(math.log(7.0))
+        return head
+    return CtAlignHead(CtAlignConfig(block_size=block, exclude_normal=False, topk=2, dedup_threshold=0.98), E)
+
+
+def _rank_local_scheme(rank: int, world: int, name: str, block: int, batch: int) -> dict:
+    from vlp.core.collectives import gather_with_grad
+
+    full = _global_batch(name, world, batch)
+    local = {k: v[rank * batch : (rank + 1) * batch].clone() for k, v in full.items()}
+    leaves = {k: v.requires_grad_() for k, v in local.items() if v.is_floating_point() and k != "sentence_mask"}
+    head = _local_head(name, block)
+    gathered = {k: gather_with_grad(local[k]) if local[k].is_floating_point() else full[k] for k in head.gathered_keys}
+    batch_data = {"sentence_mask": local["sentence_mask"]} if name == "ct_align" else {}
+    loss = head(HeadInputs(local=local, gathered=gathered, batch=batch_data, rank=rank, world_size=world))["loss"]
+    loss.backward()
+    return {"loss": loss.detach(), **{f"input.{k}": v.grad for k, v in leaves.items()},
+            **{f"param.{n}": p.grad for n, p in head.named_parameters()}}
+
+
+def _reference_local_scheme(name: str, world: int, batch: int) -> list[dict]:
+    """Every rank's loss in one process by the former formula; input grads of their sum."""
+    from vlp.models.heads.ct_align import alignment_loss, cross_region_scores
+    from vlp.models.heads.filip import token_similarity
+
+    full = _global_batch(name, world, batch)
+    leaves = {k: v.clone().requires_grad_() for k, v in full.items() if v.is_floating_point() and k != "sentence_mask"}
+    head = _local_head(name, DENSE)
+    losses, param_grads = [], []
+    if name == "filip":
+        scale = head.logit_scale.exp()
+        images, texts = F.normalize(leaves["image_tokens"], dim=-1), F.normalize(leaves["text_tokens"], dim=-1)
+        i2t, t2i = token_similarity(images, texts, full["text_mask"])  # (N images, N texts) each
+        for rank in range(world):
+            own = slice(rank * batch, (rank + 1) * batch)
+            labels = torch.arange(batch) + rank * batch
+            losses.append((F.cross_entropy(scale * i2t[own], labels) + F.cross_entropy(scale * t2i[:, own].T, labels)) / 2)
+    else:
+        mask = full["sentence_mask"]
+        sentences = F.normalize(leaves["sentence_embed"], dim=-1)  # (N, S, E)
+        total_valid = int(mask.sum())
+        for rank in range(world):
+            rows = mask.nonzero()
+            rows = rows[(rows[:, 0] >= rank * batch) & (rows[:, 0] < (rank + 1) * batch)]
+            queries, owners = sentences[rows[:, 0], rows[:, 1]], rows[:, 0]
+            same = torch.einsum("me,nse->mns", queries.detach(), sentences.detach()) >= 0.98
+            exclude = (same & mask[None]).any(-1)  # (m, N)
+            similarity = cross_region_scores(queries, leaves["image_tokens"], "topk", 2, 0.1, block_size=DENSE)
+            loss, _ = alignment_loss(similarity, owners, head.scale(), exclude=exclude,
+                                     normaliser=total_valid / world)
+            losses.append(loss)
+    for loss in losses:
+        grads = torch.autograd.grad(loss, list(head.parameters()), retain_graph=True)
+        param_grads.append({f"param.{n}": g for (n, _), g in zip(head.named_parameters(), grads)})
+    torch.stack(losses).sum().backward()
+    return [{"loss": loss.detach(), **param_grads[rank],
+             **{f"input.{k}": v.grad[rank * batch : (rank + 1) * batch] for k, v in leaves.items()}}
+            for rank, loss in enumerate(losses)]
+
+
+def _assert_ranks_equal_reference(name, world, results, batch):
+    want = _reference_local_scheme(name, world, batch)
+    for rank, (got, ref) in enumerate(zip(results, want)):
+        assert got.keys() == ref.keys()
+        for key in ref:
+            assert_close(got[key], ref[key], **TOL, msg=f"{name} rank {rank}/{world} {key}")
+
+
+@pytest.mark.parametrize("name", ["filip", "ct_align"])
+@pytest.mark.parametrize("block", [2, DENSE])
+def test_local_images_equal_reference_on_one_rank(name, block):
+    _assert_ranks_equal_reference(name, 1, [_rank_local_scheme(0, 1, name, block, 5)], 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_local_images_equal_reference_on_gloo_ranks(world):
+    """Tiled and dense, filip and ct_align, on 2 and 3 real ranks (on 3 the middle rank aligns
+    no sentence and still takes part in every collective)."""
+    for name in ("filip", "ct_align"):
+        for block in (2, DENSE):
+            results = run_ranks(_rank_local_scheme, world, name, block, 3, timeout=180)
+            _assert_ranks_equal_reference(name, world, results, 3)

@@ -30,10 +30,16 @@ false negatives: a volume holding a sentence with cosine >= `dedup_threshold` to
 removed from sentence i's negatives.
 
 Needs encoder outputs "image_tokens" (B, P, E) and "sentence_embed" (B, S, E) (the model encodes
-batch["sentences"] (B, S, L) as one text batch), and batch["sentence_mask"] (B, S) bool. Patch
-tokens are gathered across ranks inside the head (with gradient) so that every sentence meets
-every volume of the global batch; the loss on each rank is normalised so that the ranks' mean is
-the global-batch loss.
+batch["sentences"] (B, S, L) as one text batch), and batch["sentence_mask"] (B, S) bool. The loss
+on each rank is normalised so that the ranks' mean is the global-batch loss.
+
+Distributed scheme: every sentence meets every volume of the global batch, but the patch tokens
+stay on their rank. The sentences are gathered instead (`gathered_keys`, N x S x E, with gradient
+by the objective), each rank scores its own B volumes against every aligned sentence of the
+global batch in blocks of sentences (`blockwise_columns`), and the softmax over volumes combines
+the ranks' per-sentence log-sum-exps (`global_logsumexp`, tiled_tokens.py). A rank's loss is
+over its own sentences, as before; tests/test_tiled_tokens.py checks it and the gradients
+against the single-process formula (`alignment_loss` over `cross_region_scores`).
 """
 
 from __future__ import annotations
@@ -46,10 +52,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from vlp.core.collectives import at_least_fp32, gather_no_grad, gather_with_grad
+from vlp.core.collectives import at_least_fp32, gather_no_grad
 from vlp.data_pipelines.text import caption_sentences, is_normal_sentence
 from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
-from vlp.models.heads.tiled_tokens import auto_block_size, blockwise_columns
+from vlp.models.heads.tiled_tokens import auto_block_size, blockwise_columns, global_logsumexp
 
 
 def patch_scores(patch_tokens: Tensor, sentences: Tensor) -> Tensor:
@@ -125,6 +131,55 @@ def cross_region_scores(
                              (text,), [(patch_tokens, columns)], block_size)
 
 
+def local_volume_alignment_loss(
+    patch_tokens: Tensor,
+    queries: Tensor,
+    owners: Tensor,
+    logit_scale: Tensor,
+    *,
+    mode: Literal["topk", "softmax"] = "topk",
+    k: int = 4,
+    temperature: float = 0.1,
+    exclude: Optional[Tensor] = None,
+    normaliser: Optional[float] = None,
+    block_size: Optional[int] = None,
+) -> tuple[Tensor, Tensor]:
+    """`alignment_loss` of this rank's sentences, scored from this rank's volumes only.
+
+    patch_tokens: (B, P, E) this rank's volumes; queries: (M, E) the L2-normalised aligned
+    sentences of EVERY rank, in the same order on every rank; owners: (M,) long, the local
+    volume of each sentence of this rank, -1 for the other ranks' sentences; exclude: (M, B)
+    bool, volumes removed from a sentence's negatives (never its owner); normaliser: as in
+    `alignment_loss` (default: this rank's sentence count). Every rank must call this together:
+    the softmax over volumes adds up the ranks' per-sentence log-sum-exps (`global_logsumexp`).
+    The (B, M) scores are built in blocks of `block_size` sentences with recompute in backward
+    (None: about 256 MiB per block; one block is dense).
+    Returns (loss, top-1 accuracy of finding the own volume over the global batch).
+    """
+    batch, patches, width = patch_tokens.shape
+    total = queries.shape[0]
+    if block_size is None:
+        block_size = auto_block_size(total, region_bytes_per_column(batch, patches, width))
+
+    def column_fn(tokens: Tensor, sentences: Tensor) -> Tensor:  # (B, P, E), (c, E) -> (B, c)
+        return _region_scores(sentences, tokens, mode, k, temperature).T
+
+    if block_size >= total:
+        similarity = column_fn(patch_tokens, queries)  # (B, M)
+    else:
+        columns = torch.arange(total, device=queries.device)
+        similarity = blockwise_columns(column_fn, (patch_tokens,), [(queries, columns)], block_size)
+    scale = at_least_fp32(logit_scale)
+    lse, best = global_logsumexp(at_least_fp32(similarity), scale, None if exclude is None else exclude.T)
+    mine = (owners >= 0).nonzero(as_tuple=True)[0]  # (m,) this rank's sentences
+    positive = scale * similarity[owners[mine], mine]  # (m,)
+    denominator = float(normaliser) if normaliser is not None else float(max(len(mine), 1))
+    # `0 * lse.sum()`: every rank back-propagates through the collective, with or without sentences.
+    loss = (lse[mine] - positive).sum() / denominator + 0.0 * lse.sum()
+    accuracy = (positive.detach() >= best[mine]).float().mean() if len(mine) else torch.zeros((), device=lse.device)
+    return loss, accuracy
+
+
 def alignment_loss(
     similarity: Tensor,
     owners: Tensor,
@@ -190,6 +245,8 @@ class CtAlignHead(Head):
     config_class = CtAlignConfig
     config: CtAlignConfig
     needs = ("image_tokens", "sentence_embed")
+    # Sentences only: the patch tokens stay on their rank (see the module docstring).
+    gathered_keys = ("sentence_embed",)
     # Alignment pools per sentence; it defines no global image-text geometry for zero-shot.
     scores_embeddings = False
 
@@ -222,30 +279,34 @@ class CtAlignHead(Head):
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         c = self.config
-        tokens = inputs.local["image_tokens"]  # (B, P, E)
-        sentences = F.normalize(at_least_fp32(inputs.local["sentence_embed"]), dim=-1)  # (B, S, E)
+        tokens = inputs.local["image_tokens"]  # (B, P, E): this rank's volumes, never gathered
+        sentences = inputs.local["sentence_embed"]  # (B, S, E)
         batch, num_sentences = sentences.shape[:2]
         valid = self.aligned_mask(inputs.batch, (batch, num_sentences)).to(tokens.device)  # (B, S)
-        all_tokens = gather_with_grad(tokens)  # (N, P, E)
-        all_sentences = gather_no_grad(sentences.detach())  # (N, S, E), for duplicate detection
+        all_sentences = inputs.gathered.get("sentence_embed", sentences)  # (N, S, E), rank order
         all_valid = gather_no_grad(valid.to(torch.uint8)).bool()  # (N, S)
         total_valid = int(all_valid.sum())
+        if total_valid == 0:  # no rank has a sentence to align: every rank skips the collectives
+            return {"loss": (tokens.sum() + all_sentences.sum()) * 0.0,
+                    "logging": {"logit_scale": self.scale().detach()[0], "accuracy": torch.zeros((), device=tokens.device),
+                                "aligned_sentences": 0.0}}
 
-        rows = valid.nonzero(as_tuple=False)  # (m, 2): (local volume, sentence)
-        queries = sentences[rows[:, 0], rows[:, 1]]  # (m, E)
-        owners = rows[:, 0] + inputs.rank * batch  # (m,) global volume index
-        similarity = cross_region_scores(queries, all_tokens, c.selection, c.topk, c.select_temperature,
-                                         c.block_size)  # (m, N)
+        rows = all_valid.nonzero(as_tuple=False)  # (M, 2): (global volume, sentence), rank order
+        queries = F.normalize(at_least_fp32(all_sentences[rows[:, 0], rows[:, 1]]), dim=-1)  # (M, E)
+        first = inputs.rank * batch
+        owned = (rows[:, 0] >= first) & (rows[:, 0] < first + batch)
+        owners = torch.where(owned, rows[:, 0] - first, -1)  # (M,) local volume, -1: another rank's
         exclude = None
         if c.dedup_threshold is not None:
             with torch.no_grad():
-                same = torch.einsum("me,nse->mns", queries.detach(), all_sentences) >= c.dedup_threshold
-                exclude = (same & all_valid.unsqueeze(0)).any(dim=-1)  # (m, N)
-        loss, accuracy = alignment_loss(
-            similarity, owners, self.scale(), exclude=exclude, normaliser=max(total_valid, 1) / inputs.world_size
-        )
-        if rows.shape[0] == 0:  # keep this rank's graph connected to the tokens
-            loss = loss + tokens.sum() * 0.0
+                local = F.normalize(at_least_fp32(sentences.detach()), dim=-1)  # (B, S, E)
+                same = torch.einsum("me,bse->mbs", queries.detach(), local) >= c.dedup_threshold
+                exclude = (same & valid.unsqueeze(0)).any(dim=-1)  # (M, B)
+                mine = owned.nonzero(as_tuple=True)[0]
+                exclude[mine, owners[mine]] = False
+        loss, accuracy = local_volume_alignment_loss(
+            tokens, queries, owners, self.scale(), mode=c.selection, k=c.topk, temperature=c.select_temperature,
+            exclude=exclude, normaliser=total_valid / inputs.world_size, block_size=c.block_size)
         return {
             "loss": loss,
             "logging": {

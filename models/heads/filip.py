@@ -11,12 +11,23 @@ Padding never enters: a padded token is neither a candidate of the max nor a ter
 `s'` for text->image, over this rank's images/texts against every rank's texts/images (open_clip's
 `local_loss` with `gather_with_grad`), averaged over the two directions.
 
-Memory: the two (B, N) score matrices are computed in blocks of global columns with recompute
-in backward (`blockwise_columns`, tiled_tokens.py), so one rank holds one (B, c, P, L) block of
-similarities at a time instead of B * N * P * L (`block_size`; None: about 256 MiB per block,
-dense when one block holds all). `max_image_tokens` / `max_text_tokens` score a
-random subset of patches / valid text tokens per sample during training (FILIP keeps all
-tokens but reduces the embedding width; a token subset is the cheaper lever here).
+Distributed scheme: the patch tokens stay on their rank. Only the text tokens and masks are
+gathered (`gathered_keys`; N x L x E, with L = 32 about a sixth of the N x P x E patch tokens at
+P = 196), and each rank scores its own B images against the N global texts, both scores from the
+one (B, c, P, L) similarity block. Image -> text is a softmax over the texts in a local row.
+Text -> image is a softmax over the images of every rank: each rank contributes the per-text
+log-sum-exp of its (B, N) block (`global_logsumexp`, tiled_tokens.py: an all-gather of (2, N) in
+forward, an all-reduce of (2, N) in backward), so no rank needs another rank's patch tokens,
+forward or backward. The loss of each rank and the gradients are those of the former scheme
+(open_clip's `local_loss` over gathered image and text tokens), see tests/test_tiled_tokens.py.
+
+Memory: the (B, N) scores are computed in blocks of global text columns with recompute in
+backward (`blockwise_columns`), so one rank holds one (B, c, P, L) block of similarities at a
+time (`block_size`; None: about 256 MiB per block, dense when one block holds all); the text
+blocks are normalised inside the block, so the N x L x E tokens are not copied, only their
+gradient is kept. `max_image_tokens` / `max_text_tokens` score a random subset of patches /
+valid text tokens per sample during training (FILIP keeps all tokens but reduces the
+embedding width; a token subset is the cheaper lever here).
 """
 
 from __future__ import annotations
@@ -29,9 +40,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from vlp.core.collectives import at_least_fp32, contiguous_grad
+from vlp.core.collectives import at_least_fp32, contiguous_grad, gather_no_grad, is_distributed
 from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
-from vlp.models.heads.tiled_tokens import DEFAULT_BLOCK_BYTES, auto_block_size, blockwise_columns
+from vlp.models.heads.tiled_tokens import DEFAULT_BLOCK_BYTES, auto_block_size, blockwise_columns, global_logsumexp
 
 
 class FilipConfig(HeadConfig):
@@ -68,13 +79,6 @@ def token_similarity(
     return torch.cat(i2t), torch.cat(t2i)
 
 
-def image_to_text_scores(image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
-    """s(i, t) = mean_p max_l <x_p, y_l>: images (n1, P, E), texts (n2, L, E), mask (n2, L) -> (n1, n2)."""
-    lowest = torch.finfo(image_tokens.dtype).min
-    sim = torch.einsum("ipe,tle->itpl", image_tokens, text_tokens)  # (n1, n2, P, L)
-    return sim.masked_fill(~text_mask.bool()[None, :, None, :], lowest).amax(dim=3).mean(dim=2)
-
-
 def text_to_image_scores(text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
     """s'(i, t) = mean_l max_p <x_p, y_l>, transposed: texts (n2, L, E), mask (n2, L), images
     (n1, P, E) -> (n2, n1)."""
@@ -85,59 +89,85 @@ def text_to_image_scores(text_tokens: Tensor, text_mask: Tensor, image_tokens: T
     return best_patch.sum(dim=2) / counts[:, None]
 
 
+def late_interaction_scores(image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
+    """Both late-interaction scores from one similarity block: images (n1, P, E) normalised,
+    texts (n2, L, E) raw (normalised here, so a block of gathered tokens is never copied
+    whole), mask (n2, L) -> (2, n1, n2): [s(i, t), s'(i, t)]."""
+    mask = text_mask.bool()
+    texts = F.normalize(text_tokens, dim=-1)
+    counts = mask.sum(dim=1).clamp(min=1).to(image_tokens.dtype)  # (n2,)
+    sim = torch.einsum("ipe,tle->itpl", image_tokens, texts)  # (n1, n2, P, L)
+    best_text = sim.masked_fill(~mask[None, :, None, :], torch.finfo(sim.dtype).min).amax(dim=3)  # (n1, n2, P)
+    best_patch = sim.amax(dim=2).masked_fill(~mask[None], 0.0)  # (n1, n2, L)
+    return torch.stack([best_text.mean(dim=2), best_patch.sum(dim=2) / counts[None]])
+
+
 def late_interaction_bytes_per_column(rows: int, patches: int, length: int) -> int:
-    """fp32 bytes one column of either score keeps alive in its backward: the (rows, P, L)
-    similarities, their masked copy and the max's gradient, about."""
-    return 4 * 4 * rows * patches * length
+    """fp32 bytes one text column of `late_interaction_scores` keeps alive in its backward,
+    about: the (rows, P, L) similarities, the masked copy and the two maxes' gradients."""
+    return 4 * 5 * rows * patches * length
+
+
+def random_token_index(shape: tuple[int, int], count: int, mask: Optional[Tensor] = None,
+                       device: Optional[torch.device] = None) -> Tensor:
+    """`count` random token positions per sample of a (B, T) layout -> (B, count) long (valid
+    ones first when `mask` (B, T) is given)."""
+    order = torch.rand(shape, device=device)
+    if mask is not None:
+        order = order + (~mask.bool()).to(order.dtype) * 2.0  # padding sorts after every real token
+    return order.argsort(dim=1)[:, :count]
+
+
+def take_tokens(tokens: Tensor, keep: Tensor) -> Tensor:
+    """tokens (B, T, ...) at positions keep (B, count) -> (B, count, ...)."""
+    return tokens.gather(1, keep.reshape(*keep.shape, *[1] * (tokens.dim() - 2)).expand(-1, -1, *tokens.shape[2:]))
 
 
 def random_token_subset(tokens: Tensor, count: int, mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Keep `count` random tokens per sample of (B, T, E) (valid ones first when `mask` (B, T) is given)."""
     if count >= tokens.shape[1]:
         return tokens, mask
-    order = torch.rand(tokens.shape[:2], device=tokens.device)
-    if mask is not None:
-        order = order + (~mask.bool()).to(order.dtype) * 2.0  # padding sorts after every real token
-    keep = order.argsort(dim=1)[:, :count]  # (B, count)
-    picked = tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[2]))
-    return picked, (mask.gather(1, keep) if mask is not None else None)
+    keep = random_token_index(tokens.shape[:2], count, mask, tokens.device)  # (B, count)
+    return take_tokens(tokens, keep), (take_tokens(mask, keep) if mask is not None else None)
 
 
 def filip_loss(
     image_tokens: Tensor,
-    text_tokens: Tensor,
-    text_mask: Tensor,
-    all_image_tokens: Tensor,
     all_text_tokens: Tensor,
     all_text_mask: Tensor,
     first: int,
     scale: Tensor,
-    chunk: int = 16,
     block_size: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Symmetric InfoNCE of this rank's B pairs against the global N (all inputs normalised, fp32).
+    """Symmetric InfoNCE of this rank's B pairs against the global N, scored from local images.
 
-    image_tokens (B, P, E), text_tokens (B, L, E), text_mask (B, L); all_*: the same for the
-    global N. The positive of local sample b is global index `first + b`. Both (B, N) score
-    matrices are built in blocks of `block_size` global columns with recompute in backward
-    (None: DEFAULT_BLOCK_BYTES per block; one block is the dense computation). `chunk` is kept
-    for callers and unused. Returns (loss, i2t accuracy).
+    image_tokens: (B, P, E) this rank's, L2-normalised, fp32; all_text_tokens (N, L, E) and
+    all_text_mask (N, L): every rank's texts in rank order (gathered with gradient; the tokens
+    need not be normalised). Local pair b is global index `first + b`; scale: [1].
+    Image -> text: local rows, a softmax over the N texts. Text -> image for this rank's B texts:
+    a softmax over the images of every rank, through `global_logsumexp`; every rank must call
+    this together. The (2, B, N) scores are built in blocks of `block_size` text columns with
+    recompute in backward (None: DEFAULT_BLOCK_BYTES per block; one block is the dense
+    computation). Returns (loss, i2t accuracy).
     """
-    batch, total = image_tokens.shape[0], all_text_tokens.shape[0]
-    labels = first + torch.arange(batch, device=image_tokens.device)
-    patches, length = image_tokens.shape[1], text_tokens.shape[1]
+    batch, patches = image_tokens.shape[:2]
+    total, length = all_text_tokens.shape[:2]
+    local = torch.arange(batch, device=image_tokens.device)
+    labels = first + local
     if block_size is None:
         block_size = auto_block_size(total, late_interaction_bytes_per_column(batch, patches, length))
     if block_size >= total:
-        i2t = image_to_text_scores(image_tokens, all_text_tokens, all_text_mask)  # (B, N)
-        t2i = text_to_image_scores(text_tokens, text_mask, all_image_tokens)  # (B texts, N images)
+        scores = late_interaction_scores(image_tokens, all_text_tokens, all_text_mask)  # (2, B, N)
     else:
         columns = torch.arange(total, device=image_tokens.device)
-        i2t = blockwise_columns(lambda images, texts, mask: image_to_text_scores(images, texts, mask),
-                                (image_tokens,), [(all_text_tokens, columns), (all_text_mask, columns)], block_size)
-        t2i = blockwise_columns(text_to_image_scores, (text_tokens, text_mask), [(all_image_tokens, columns)], block_size)
+        scores = blockwise_columns(late_interaction_scores, (image_tokens,),
+                                   [(all_text_tokens, columns), (all_text_mask, columns)], block_size)
+    i2t, t2i = scores[0], scores[1]  # (B images, N texts): s(i, t), s'(i, t)
     loss_i2t = F.cross_entropy(scale * i2t, labels)
-    loss_t2i = F.cross_entropy(scale * t2i, labels)
+    lse, _ = global_logsumexp(t2i, scale)  # (N,) over the images of every rank
+    positive = scale * t2i[local, labels]  # (B,) each local text with its own image
+    # `0 * lse.sum()`: every rank back-propagates through the collective, whatever its texts.
+    loss_t2i = (lse[labels] - positive).mean() + 0.0 * lse.sum()
     accuracy = (i2t.detach().argmax(dim=1) == labels).float().mean()
     return (loss_i2t + loss_t2i) / 2, accuracy
 
@@ -164,7 +194,8 @@ def bounded_text_to_image(image_tokens: Tensor, text_tokens: Tensor, text_mask: 
 class FilipHead(Head):
     config_class = FilipConfig
     needs = ("image_tokens", "text_tokens", "text_mask")
-    gathered_keys = ("image_tokens", "text_tokens", "text_mask")
+    # Texts only: the patch tokens stay on their rank (see the module docstring).
+    gathered_keys = ("text_tokens", "text_mask")
     # Late interaction needs text tokens, which zero-shot class embeddings (prompt averages) do
     # not have: zero-shot and retrieval score FILIP by global cosine; grounding uses the tokens.
     grounds = True
@@ -176,29 +207,33 @@ class FilipHead(Head):
     def no_weight_decay(self) -> set[str]:
         return {"logit_scale"}
 
-    def _subset(self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor):
-        if self.training and self.config.max_image_tokens:
-            image_tokens, _ = random_token_subset(image_tokens, self.config.max_image_tokens)
-        if self.training and self.config.max_text_tokens:
-            text_tokens, text_mask = random_token_subset(text_tokens, self.config.max_text_tokens, text_mask)
-        return image_tokens, text_tokens, text_mask
+    def _subset_texts(self, all_texts: Tensor, all_mask: Tensor, first: int, batch: int) -> tuple[Tensor, Tensor]:
+        """The gathered texts (N, L, E), (N, L), each cut to `max_text_tokens` random valid tokens
+        in training. Every rank must score a text through the same tokens (their log-sum-exps
+        are combined), so each rank draws for its own texts and the draws are gathered."""
+        count = self.config.max_text_tokens
+        if not (self.training and count and count < all_texts.shape[1]):
+            return all_texts, all_mask
+        if is_distributed():
+            keep = gather_no_grad(random_token_index((batch, all_mask.shape[1]), count, all_mask[first : first + batch],
+                                                     all_mask.device))  # (N, count)
+        else:
+            keep = random_token_index(tuple(all_mask.shape), count, all_mask, all_mask.device)
+        return take_tokens(all_texts, keep), take_tokens(all_mask, keep)
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         local, gathered = inputs.local, inputs.gathered
-        batch = local["image_tokens"].shape[0]
+        image_tokens = local["image_tokens"]  # (B, P, E): this rank's, never gathered
+        batch = image_tokens.shape[0]
         first = inputs.rank * batch
-        norm = lambda t: F.normalize(at_least_fp32(contiguous_grad(t)), dim=-1)  # noqa: E731
-        all_images, all_texts, all_mask = self._subset(
-            norm(gathered.get("image_tokens", local["image_tokens"])),
-            norm(gathered.get("text_tokens", local["text_tokens"])),
-            gathered.get("text_mask", local["text_mask"]).bool(),
-        )
-        # The local rows are the same (subsetted) tokens as this rank's slice of the gathered ones.
-        images = all_images[first : first + batch]
-        texts, mask = all_texts[first : first + batch], all_mask[first : first + batch]
+        if self.training and self.config.max_image_tokens:
+            image_tokens, _ = random_token_subset(image_tokens, self.config.max_image_tokens)
+        images = F.normalize(at_least_fp32(image_tokens), dim=-1)
+        all_texts, all_mask = self._subset_texts(
+            at_least_fp32(contiguous_grad(gathered.get("text_tokens", local["text_tokens"]))),  # (N, L, E)
+            gathered.get("text_mask", local["text_mask"]).bool(), first, batch)
         scale = at_least_fp32(self.logit_scale).clamp(max=math.log(self.config.max_logit_scale)).exp()
-        loss, accuracy = filip_loss(images, texts, mask, all_images, all_texts, all_mask, first, scale,
-                                    block_size=self.config.block_size)
+        loss, accuracy = filip_loss(images, all_texts, all_mask, first, scale, block_size=self.config.block_size)
         return {"loss": loss, "logging": {"scale": scale.detach()[0], "i2t_acc": accuracy.detach()}}
 
     # -- evaluation ---------------------------------------------------------------------------

@@ -27,6 +27,16 @@ gradients are those of the dense computation up to summation order.
 Extra memory: the inputs' gradients (linear in N) plus one block's intermediate, whose size is
 set by `block_size`; `auto_block_size` turns a byte budget into a column count. First-order
 gradients only, like tiled.py.
+
+Softmax over the rows of every rank (filip's text -> image, ct_align's sentence -> volume):
+
+    global_logsumexp(scores, scale, exclude) -> (lse (C,), max (C,))
+
+Each rank scores ITS OWN rows (images, volumes) against the gathered columns (texts,
+sentences), so the big row tokens never cross ranks; only the per-column log-sum-exp does. The
+forward all-gathers every rank's (C,) log-sum-exp and max, the backward all-reduces one (2, C)
+tensor: the columns' loss gradients, and each column's softmax-weighted mean score (for the
+scale's gradient). Every rank must call it, and back-propagate through it, in the same order.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from vlp.core.collectives import all_reduce_sum, gather_no_grad
 
 ColumnFn = Callable[..., Tensor]
 
@@ -138,3 +150,50 @@ def blockwise_columns(
     sources = [source for source, _ in columns]
     indices = [index for _, index in columns]
     return _BlockwiseColumns.apply(column_fn, block_size, len(whole), len(columns), *whole, *sources, *indices)
+
+
+class _GlobalLogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, scale, exclude):
+        logits = scale * scores  # (R, C)
+        if exclude is not None:
+            logits = logits.masked_fill(exclude, float("-inf"))
+        local = torch.stack([logits.logsumexp(dim=0), logits.amax(dim=0)])[None]  # (1, 2, C)
+        every_rank = gather_no_grad(local)  # (world, 2, C)
+        lse, best = every_rank[:, 0].logsumexp(dim=0), every_rank[:, 1].amax(dim=0)
+        ctx.save_for_backward(scores, scale, lse, exclude if exclude is not None else scores.new_empty(0))
+        ctx.has_exclude = exclude is not None
+        ctx.mark_non_differentiable(best)
+        return lse, best
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_lse, _grad_best):
+        scores, scale, lse, exclude = ctx.saved_tensors
+        logits = scale * scores
+        if ctx.has_exclude:
+            logits = logits.masked_fill(exclude, float("-inf"))
+        probabilities = (logits - lse[None]).exp()  # (R, C), 0 where excluded
+        weighted = probabilities * (scores.masked_fill(exclude, 0.0) if ctx.has_exclude else scores)
+        # Row (rank) r's share of every column's loss gradient reaches it from the column's owner;
+        # the scale's gradient is this rank's own columns only: sum_c g_c * E_softmax[score_c].
+        totals = all_reduce_sum(torch.stack([grad_lse, weighted.sum(dim=0)]))  # (2, C)
+        grad_scores = scale * probabilities * totals[0][None] if ctx.needs_input_grad[0] else None
+        grad_scale = (grad_lse * totals[1]).sum().reshape(scale.shape) if ctx.needs_input_grad[1] else None
+        return grad_scores, grad_scale, None
+
+
+def global_logsumexp(scores: Tensor, scale: Tensor, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per column, the log-sum-exp (and the max) of `scale * scores` over the rows of EVERY rank.
+
+    scores: (R, C), this rank's R rows against the C columns every rank shares (in the same
+    order); scale: a tensor that broadcasts against scores ([1] for the heads' temperatures);
+    exclude: (R, C) bool, entries left out of the sum (each column needs one kept entry on some
+    rank). Returns (lse (C,), max (C,)); the max carries no gradient.
+
+    Gradients are those of the single-process computation over the concatenated rows: `scores`
+    receives the gradient of every rank's loss (their (C,) lse gradients are all-reduced), and
+    `scale` the gradient of THIS rank's loss only, as if the rows of the other ranks were
+    inputs gathered with gradient. Without a process group it is a plain logsumexp over dim 0.
+    """
+    return _GlobalLogSumExp.apply(scores, scale, exclude)
