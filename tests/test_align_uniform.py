@@ -70,7 +70,7 @@ def test_gradients_by_gradcheck():
     assert torch.autograd.gradcheck(lambda a: uniformity(a, 2.0), (x,))
     assert torch.autograd.gradcheck(lambda a: uniformity(F.normalize(a, dim=1), 2.0), (x,))
     for alpha in (2.0, 1.5):
-        assert torch.autograd.gradcheck(lambda a, b: alignment(a, b, alpha), (x, y))
+        assert torch.autograd.gradcheck(lambda a, b, alpha=alpha: alignment(a, b, alpha), (x, y))
     # Through the whole head, features normalised as the objective does.
     head = AlignUniformHead(AlignUniformConfig(align_weight=0.7, uniform_weight=1.3), embed_dim=4)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Any, Literal, Optional
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator
 
 from vlp.data_pipelines.errors import DataError
