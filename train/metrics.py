@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ def start_wandb(run_dir: Path, config: Any, run_config: dict, resumed: bool) -> 
     except ImportError:
         raise ImportError("logging.report_to: wandb needs the wandb extra: pip install 'vlp[wandb]'") from None
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     kwargs = dict(project=getattr(config, "project", "vlp"), entity=getattr(config, "entity", None),
                   tags=list(getattr(config, "tags", []) or []), name=run_dir.name, id=run_id,
