@@ -167,13 +167,13 @@ def _plot(results: list[dict], path: Path) -> None:
 HEAD_SHAPES = {"batch": 256, "patches": 196, "dim": 512, "flair_captions": 8, "flair_heads": 8, "filip_length": 32}
 
 
-def run_head_case(head: str, impl: str, num: int, threads: int, block_size: int | None) -> dict:
+def run_head_case(head: str, impl: str, num: int, threads: int, block_size: int | None, reps: int = 1) -> dict:
     """Child side: one head's loss, forward + backward, one rank's share of a global batch of `num`."""
     import torch
 
     sys.path.insert(0, str(ROOT))
     from vlp.models.heads import HeadInputs
-    from vlp.models.heads.ct_align import alignment_loss, cross_region_scores
+    from vlp.models.heads.ct_align import local_volume_alignment_loss
     from vlp.models.heads.filip import FilipConfig, FilipHead
     from vlp.models.heads.flair import FlairConfig, FlairHead
 
@@ -195,39 +195,46 @@ def run_head_case(head: str, impl: str, num: int, threads: int, block_size: int 
                             gathered={"sub_text_embed": sub_text}, batch={}, rank=0, world_size=num // batch)
         leaves = [image_embed, image_tokens, sub_text]
         loss_fn = lambda: module(inputs)["loss"]  # noqa: E731
-    elif head == "filip":
+    elif head == "filip":  # B local images against N gathered texts; the patch tokens are never gathered
         module = FilipHead(FilipConfig(block_size=block), dim)
         length = shapes["filip_length"]
-        image_tokens, text_tokens = leaf(num, patches, dim), leaf(num, length, dim)
+        image_tokens, text_tokens = leaf(batch, patches, dim), leaf(num, length, dim)
         mask = torch.ones(num, length, dtype=torch.bool)
-        local = {"image_tokens": image_tokens[:batch], "text_tokens": text_tokens[:batch], "text_mask": mask[:batch]}
-        inputs = HeadInputs(local=local, gathered={"image_tokens": image_tokens, "text_tokens": text_tokens, "text_mask": mask},
+        local = {"image_tokens": image_tokens, "text_tokens": text_tokens[:batch], "text_mask": mask[:batch]}
+        inputs = HeadInputs(local=local, gathered={"text_tokens": text_tokens, "text_mask": mask},
                             batch={}, rank=0, world_size=num // batch)
         leaves = [image_tokens, text_tokens]
         loss_fn = lambda: module(inputs)["loss"]  # noqa: E731
-    else:  # ct_align: B local sentences (one per local volume) pooled over N global volumes
-        sentences, volume_tokens = leaf(batch, dim), leaf(num, patches, dim)
+    else:  # ct_align: B local volumes against N gathered sentences (the first B are this rank's)
+        volume_tokens, sentences = leaf(batch, patches, dim), leaf(num, dim)
         scale = torch.tensor([1 / 0.07], requires_grad=True)
-        owners = torch.arange(batch)
+        owners = torch.where(torch.arange(num) < batch, torch.arange(num), -1)
         leaves = [sentences, volume_tokens, scale]
-        loss_fn = lambda: alignment_loss(cross_region_scores(sentences, volume_tokens, block_size=block), owners, scale)[0]  # noqa: E731
+        loss_fn = lambda: local_volume_alignment_loss(  # noqa: E731
+            volume_tokens, torch.nn.functional.normalize(sentences, dim=-1), owners, scale, block_size=block)[0]
         module = None
     params = list(module.parameters()) if module is not None else []
 
     reset = _reset_peak()
     before, method = _peak_kib()
-    start = time.perf_counter()
-    loss_fn().backward()
-    elapsed = time.perf_counter() - start
+    times = []
+    for _ in range(reps):  # the min of `reps` steps: the shared machine's load only ever adds time
+        start = time.perf_counter()
+        loss_fn().backward()
+        times.append(time.perf_counter() - start)
+        for tensor in leaves + params:
+            tensor.grad = None
+    elapsed = min(times)
     after, _ = _peak_kib()
     del params, leaves
     return {"head": head, "impl": impl, "n": num, "b_local": batch, "peak_extra_mb": round((after - before) / 1024, 1),
-            "time_s": round(elapsed, 2), "predicted": False,
+            "time_s": round(elapsed, 2), "reps": reps, "predicted": False,
             "memory_method": method + (" reset after inputs" if reset else " after - before")}
 
 
 def _head_child(head: str, impl: str, num: int, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--head", head, "--child", impl, "--sizes", str(num), "--threads", str(args.threads)]
+    command = [sys.executable, __file__, "--head", head, "--child", impl, "--sizes", str(num), "--threads", str(args.threads),
+               "--batch", str(args.batch), "--reps", str(args.reps)]
     if args.tile_size:
         command += ["--tile-size", str(args.tile_size)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -240,24 +247,45 @@ def linear_bytes_per_text(head: str) -> int:
     """fp32 bytes of the tiled path's tensors that grow with N, per global text (the formula the
     tiled predictions use above the largest measured N; its block is a constant). flair: the
     (K, E) captions' gradient, projected queries, normalised copies and their gradients (6 K E),
-    and the MPS (B, K) logits with their sigmoid terms and gradient (4 B K); filip: the gradients
-    of the gathered (P + L, E) tokens and the two (B,) score columns with their softmax and
-    gradients (8 B); ct_align: the gathered (P, E) tokens' gradient and 8 B score terms."""
+    and the MPS (B, K) logits with their sigmoid terms and gradient (4 B K); filip: the gradient
+    of the gathered (L, E) text tokens (the patch tokens are local, B P E, a constant) and the
+    (2, B) score columns with their scaled copies, softmax and gradients (12 B); ct_align: the
+    gathered (E,) sentence's gradient, normalised copy and its gradient (3 E) and 10 B score
+    terms."""
     shapes = HEAD_SHAPES
-    batch, patches, dim = shapes["batch"], shapes["patches"], shapes["dim"]
+    batch, dim = shapes["batch"], shapes["dim"]
     if head == "flair":
         return 4 * (6 * shapes["flair_captions"] * dim + 4 * batch * shapes["flair_captions"])
     if head == "filip":
-        return 4 * ((patches + shapes["filip_length"]) * dim + 8 * batch)
-    return 4 * (patches * dim + 8 * batch)
+        return 4 * (shapes["filip_length"] * dim + 12 * batch)
+    return 4 * (3 * dim + 10 * batch)
+
+
+def dense_bytes_per_text(head: str) -> int:
+    """fp32 bytes the dense path (one block) keeps per global text on top of the tiled path's
+    linear terms: the whole intermediate of every column, kept for backward (the heads' own
+    `*_bytes_per_column`, the same estimate that sizes a tiled block)."""
+    from vlp.models.heads.ct_align import region_bytes_per_column
+    from vlp.models.heads.filip import late_interaction_bytes_per_column
+
+    batch, patches, dim = HEAD_SHAPES["batch"], HEAD_SHAPES["patches"], HEAD_SHAPES["dim"]
+    if head == "filip":
+        return late_interaction_bytes_per_column(batch, patches, HEAD_SHAPES["filip_length"]) + linear_bytes_per_text(head)
+    if head == "ct_align":
+        return region_bytes_per_column(batch, patches, dim) + linear_bytes_per_text(head)
+    raise ValueError(f"no dense formula for {head}: measure two sizes")
 
 
 def _predict_memory(head: str, impl: str, measured: list[dict], num: int) -> tuple[float, str]:
     """Dense: the straight line through the two smallest measured sizes (its per-text term, the
-    (B, P) block of every text, dominates from the first point). Tiled: the largest measured
-    peak plus `linear_bytes_per_text` for every further text."""
+    (B, P) block of every text, dominates from the first point), or `dense_bytes_per_text` x N
+    with fewer than two measured. Tiled: the largest measured peak plus `linear_bytes_per_text`
+    for every further text."""
     if impl == "dense":
-        return _line_through(measured, "peak_extra_mb", num), f"line through N = {sorted(r['n'] for r in measured)[:2]}"
+        if len(measured) >= 2:
+            return _line_through(measured, "peak_extra_mb", num), f"line through N = {sorted(r['n'] for r in measured)[:2]}"
+        per_text = dense_bytes_per_text(head)
+        return num * per_text / 2**20, f"{per_text} B per text (dense_bytes_per_text)"
     last = max(measured, key=lambda r: r["n"])
     per_text = linear_bytes_per_text(head)
     return (last["peak_extra_mb"] + (num - last["n"]) * per_text / 2**20,
@@ -276,13 +304,15 @@ def head_sweep(args: argparse.Namespace, sizes: list[int]) -> int:
     for impl in ("tiled", "dense"):
         measured: list[dict] = []
         for num in sizes:
-            too_big = num > args.measure_max_n or (impl == "dense" and len(measured) >= 2
-                                                   and _line_through(measured, "peak_extra_mb", num) > args.dense_max_gb * 1024)
-            if too_big and len(measured) >= 2:
+            limit = args.measure_max_n if impl == "tiled" else min(args.measure_max_n, args.dense_max_n)
+            too_big = num > limit or (impl == "dense" and len(measured) >= 2
+                                      and _line_through(measured, "peak_extra_mb", num) > args.dense_max_gb * 1024)
+            if too_big and (impl == "dense" or measured):
                 memory, how = _predict_memory(args.head, impl, measured, num)
+                timing = round(_line_through(measured, "time_s", num), 2) if len(measured) >= 2 else None
                 row = {"head": args.head, "impl": impl, "n": num, "b_local": HEAD_SHAPES["batch"], "predicted": True,
-                       "peak_extra_mb": round(memory, 1), "time_s": round(_line_through(measured, "time_s", num), 2),
-                       "prediction": f"memory: {how}; time: line through the two smallest measured N"}
+                       "peak_extra_mb": round(memory, 1), "time_s": timing,
+                       "prediction": f"memory: {how}; time: line through the two smallest measured N (None: fewer measured)"}
             else:
                 row = _head_child(args.head, impl, num, args)
                 if "error" not in row:
@@ -308,14 +338,15 @@ def _plot_heads(results: list[dict], path: Path, head: str) -> None:
         if not rows:
             continue
         for ax, key, scale in ((memory_ax, "peak_extra_mb", 1 / 1024), (time_ax, "time_s", 1.0)):
-            ax.plot([r["n"] for r in rows], [r[key] * scale for r in rows], color=colour, label=impl)
-            for r in rows:
+            shown = [r for r in rows if r.get(key) is not None]
+            ax.plot([r["n"] for r in shown], [r[key] * scale for r in shown], color=colour, label=impl)
+            for r in shown:
                 ax.plot(r["n"], r[key] * scale, "o", color=colour, fillstyle="none" if r.get("predicted") else "full")
     memory_ax.axhline(4.0, color="grey", linestyle=":", label="4 GB target")
     for ax, ylabel in ((memory_ax, "peak extra memory (GiB)"), (time_ax, "forward + backward (s)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("global texts N (B_local = 256, P = 196, E = 512, CPU)")
+        ax.set_xlabel(f"global texts N (B_local = {HEAD_SHAPES['batch']}, P = 196, E = 512, CPU)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
@@ -338,15 +369,19 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "loss_memory.png")
     parser.add_argument("--head", choices=("flair", "filip", "ct_align"), help="measure a fine-grained head instead")
     parser.add_argument("--measure-max-n", type=int, default=16384, help="--head: predict above this N")
+    parser.add_argument("--dense-max-n", type=int, default=1 << 40, help="--head: predict dense above this N")
     parser.add_argument("--dense-max-gb", type=float, default=12.0, help="--head: predict dense above this peak")
+    parser.add_argument("--batch", type=int, default=HEAD_SHAPES["batch"],
+                        help="--head: B_local (smaller than 256 only to time filip's dense path on a CPU)")
     parser.add_argument("--child", choices=("ours", "open_clip", "tiled", "dense"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
+    HEAD_SHAPES["batch"] = args.batch
     if args.head:
         if args.plot == ROOT / "docs" / "img" / "loss_memory.png":
             args.plot = ROOT / "docs" / "img" / f"loss_memory_{args.head}.png"
         if args.child:
-            print(json.dumps(run_head_case(args.head, args.child, sizes[0], args.threads, args.tile_size)))
+            print(json.dumps(run_head_case(args.head, args.child, sizes[0], args.threads, args.tile_size, args.reps)))
             return 0
         return head_sweep(args, sizes)
 

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from vlp.core.collectives import at_least_fp32, gather_no_grad
+from vlp.core.collectives import at_least_fp32, gather_no_grad, gather_with_grad
 from vlp.data_pipelines.text import caption_sentences, is_normal_sentence
 from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
 from vlp.models.heads.tiled_tokens import auto_block_size, blockwise_columns, global_logsumexp
@@ -283,7 +283,10 @@ class CtAlignHead(Head):
         sentences = inputs.local["sentence_embed"]  # (B, S, E)
         batch, num_sentences = sentences.shape[:2]
         valid = self.aligned_mask(inputs.batch, (batch, num_sentences)).to(tokens.device)  # (B, S)
-        all_sentences = inputs.gathered.get("sentence_embed", sentences)  # (N, S, E), rank order
+        # (N, S, E) in rank order; gathered here when the caller (a test, another objective) did not.
+        all_sentences = inputs.gathered.get("sentence_embed")
+        if all_sentences is None:
+            all_sentences = gather_with_grad(sentences)
         all_valid = gather_no_grad(valid.to(torch.uint8)).bool()  # (N, S)
         total_valid = int(all_valid.sum())
         if total_valid == 0:  # no rank has a sentence to align: every rank skips the collectives

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from vlp.core.collectives import at_least_fp32, contiguous_grad, gather_no_grad, is_distributed
+from vlp.core.collectives import at_least_fp32, contiguous_grad, gather_no_grad, gather_with_grad, is_distributed
 from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
 from vlp.models.heads.tiled_tokens import DEFAULT_BLOCK_BYTES, auto_block_size, blockwise_columns, global_logsumexp
 
@@ -229,9 +229,10 @@ class FilipHead(Head):
         if self.training and self.config.max_image_tokens:
             image_tokens, _ = random_token_subset(image_tokens, self.config.max_image_tokens)
         images = F.normalize(at_least_fp32(image_tokens), dim=-1)
-        all_texts, all_mask = self._subset_texts(
-            at_least_fp32(contiguous_grad(gathered.get("text_tokens", local["text_tokens"]))),  # (N, L, E)
-            gathered.get("text_mask", local["text_mask"]).bool(), first, batch)
+        # (N, L, E) and (N, L) in rank order; gathered here when the caller did not.
+        all_texts = gathered["text_tokens"] if "text_tokens" in gathered else gather_with_grad(local["text_tokens"])
+        all_mask = gathered["text_mask"] if "text_mask" in gathered else gather_no_grad(local["text_mask"].to(torch.uint8))
+        all_texts, all_mask = self._subset_texts(at_least_fp32(contiguous_grad(all_texts)), all_mask.bool(), first, batch)
         scale = at_least_fp32(self.logit_scale).clamp(max=math.log(self.config.max_logit_scale)).exp()
         loss, accuracy = filip_loss(images, all_texts, all_mask, first, scale, block_size=self.config.block_size)
         return {"loss": loss, "logging": {"scale": scale.detach()[0], "i2t_acc": accuracy.detach()}}
