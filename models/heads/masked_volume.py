@@ -30,18 +30,7 @@ from torch import Tensor, nn
 
 from vlp.data_pipelines.seeds import stable_seed
 from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
-
-
-def patchify(volumes: Tensor, patch_size: tuple[int, int, int]) -> Tensor:
-    """(B, C, H, W, D) -> (B, P, ph * pw * pd * C), patches in (h, w, d) row-major order
-    (the order of MONAI's conv patch embedding followed by `flatten(2)`)."""
-    b, c, h, w, d = volumes.shape
-    ph, pw, pd = patch_size
-    if h % ph or w % pw or d % pd:
-        raise ValueError(f"masked_volume: volume {tuple(volumes.shape[2:])} is not divisible by patch_size {patch_size}")
-    x = volumes.reshape(b, c, h // ph, ph, w // pw, pw, d // pd, pd)
-    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, gh, gw, gd, ph, pw, pd, C)
-    return x.reshape(b, (h // ph) * (w // pw) * (d // pd), ph * pw * pd * c)
+from vlp.models.towers.volume import patchify  # noqa: F401 - also this module's public name
 
 
 def sincos_positions(grid: tuple[int, int, int], dim: int) -> Tensor:
