@@ -1,5 +1,6 @@
 """Tiled (column-blocked, recompute in backward) flair / filip / ct_align equal their dense path,
-and FLAIR's pairing equals a reference written after FLAIR's own loss code.
+FLAIR's pairing equals a reference written after FLAIR's own loss code, and filip / ct_align,
+which keep the patch tokens on their rank, equal the former all-gathered formula on 1-3 ranks.
 
 Dense here is the same head with one block (block_size larger than the columns), which is the
 unblocked autograd computation; fp32 throughout, tolerance 1e-5.

@@ -188,7 +188,8 @@ def alignment_loss(
     exclude: Optional[Tensor] = None,
     normaliser: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
-    """InfoNCE of each sentence over the volumes of the global batch.
+    """InfoNCE of each sentence over the volumes of the global batch: the single-process
+    definition (the head computes the same from local volumes, `local_volume_alignment_loss`).
 
     similarity: (M, N) cos(sentence_i, region_i(b)); owners: (M,) the index of each sentence's
     own volume; exclude: (M, N) bool, volumes removed from row i's negatives (never its owner).
