@@ -5,7 +5,9 @@ Class names and templates come from lists in the config, from clip_benchmark's J
 fall back to the "imagenet1k" entry as clip_benchmark's do), or from clip_benchmark's webdataset
 eval layout: `classnames.txt` and `zeroshot_classification_templates.txt` (one per line, `{c}`
 for the class name) next to the shards or one folder above them (clip_benchmark's
-`DIR/test/{0..n-1}.tar` + `DIR/classnames.txt`). Labels are the shards' `.cls`.
+`DIR/test/{0..n-1}.tar` + `DIR/classnames.txt`). Labels are the shards' `.cls`. `data` may also
+be an image-folder tree (one folder per class, its names the class names); `template_sets` adds
+named template sets, each scored as `zeroshot_top1@templates=NAME`.
 
 Class embeddings are built from every (class, template) prompt in batches of prompts and
 averaged by the scoring head's `prompt_ensemble`; images are scored by its `pairwise_scores`
@@ -143,8 +145,8 @@ class ZeroShot(Evaluator):
 
     def run(self, model, context: EvalContext) -> dict[str, float]:
         results = zeroshot_classify(model, self.config, context)
-        # Each extra template set is one more full pass (images re-encoded): the scoring loop
-        # stays as it is, at the cost of one image pass per set (0.4 s for the 359 demo digits).
+        # Each extra template set is one more full pass with its own classifier: the images are
+        # re-encoded per set (the scoring loop stays as it is), so the cost grows with the sets.
         for name, templates in load_template_sets(self.config.template_sets).items():
             scored = zeroshot_classify(model, self.config.model_copy(update={"templates": templates}), context)
             results.update({f"{key}@templates={name}": value for key, value in scored.items()
