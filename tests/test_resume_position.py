@@ -324,3 +324,28 @@ def test_two_ranks_resumed_on_other_world_sizes_read_each_key_once(tmp_path, new
     assert max(seen.values()) == 1
     # 72 - 20 consumed = 52 left; on 3 ranks x batch 2 the 4 past the last global batch are dropped.
     assert len(seen) == 72 - (52 % (new_world * 2))
+
+
+@pytest.mark.slow
+def test_trainer_resumed_on_one_rank_logs_the_redeal(tmp_path, digits_dir):
+    """`vlp train --nproc 2`, then `--resume latest` on one rank: it goes on, and says in the log
+    and in metrics.jsonl that the data order changed."""
+    from conftest import run_vlp, tiny_config
+
+    import shutil
+
+    config = tiny_config(tmp_path, digits_dir, train={"steps": 4, "checkpoint_every": 2, "batch_size": 4,
+                                                      "warmup_steps": 1, "keep_checkpoints": 2})
+    run_dir = tmp_path / "runs" / "tiny"
+    run_vlp("train", config, "--nproc", "2")
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000004")  # as if stopped after step 2
+    (run_dir / "checkpoints" / "latest").write_text("step_00000002\n")
+    (run_dir / "results.json").unlink()
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "step_00000002").glob("loader_rank*.json")) == [
+        "loader_rank0.json", "loader_rank1.json"]
+    proc = run_vlp("train", config, "--resume", "latest")
+    assert "data order changed" in proc.stdout + proc.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    redealt = [r for r in records if r.get("event") == "data_redealt"]
+    assert len(redealt) == 1 and redealt[0]["from_layout"] == [2, 0] and redealt[0]["to_layout"] == [1, 0]
+    assert [r["step"] for r in records if "loss/total" in r] == [1, 2, 3, 4]
