@@ -120,6 +120,27 @@ class DeepSpeedConfig(Strict):
     # Passed through to the DeepSpeed config as is (e.g. offload settings); our keys win.
     extra: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _fp16_where_deepspeed_has_it(self):
+        # DeepSpeed's CPU accelerator offers fp16 only with oneDNN fp16 kernels (AVX512-FP16 /
+        # AMX-FP16 CPUs) and otherwise raises "Type fp16 is not supported on your device" once the
+        # engine is built; this is the same test, before anything runs.
+        if self.precision == "fp16" and not _fp16_available():
+            raise ValueError("deepspeed.precision=fp16: DeepSpeed has no fp16 on this CPU (no CUDA device, "
+                             "no oneDNN fp16 kernels); use bf16 or fp32")
+        return self
+
+
+def _fp16_available() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
