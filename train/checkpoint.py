@@ -91,15 +91,16 @@ def deepspeed_safe_globals() -> list:
     return found
 
 
-def verify_safe(tag_dir: Path) -> None:
+def verify_safe(tag_dir: Path, recursive: bool = False) -> None:
     """Refuse a checkpoint whose pickles hold anything but tensors, containers and the allowed
     DeepSpeed data classes.
 
     DeepSpeed loads its own files with `weights_only=False`; running the restricted unpickler over
     every file first means nothing it then loads can construct arbitrary objects or run code.
+    `recursive`: the files of subfolders too (a universal checkpoint's one folder per parameter).
     """
     allowed = deepspeed_safe_globals()
-    for path in sorted(Path(tag_dir).glob("*.pt")):
+    for path in sorted(Path(tag_dir).rglob("*.pt") if recursive else Path(tag_dir).glob("*.pt")):
         try:
             with torch.serialization.safe_globals(allowed):
                 torch.load(path, map_location="cpu", weights_only=True)
@@ -140,7 +141,8 @@ class Checkpointer:
         """Write a checkpoint on every rank, then mark it complete and point `latest` at it."""
         tag = self.tag(state.step)
         self.directory.mkdir(parents=True, exist_ok=True)
-        client = {"train_state": state.state_dict(), **(extra or {})}
+        # dp_world_size: ZeRO 1-3 partition the optimizer over it; a resume on another one converts.
+        client = {"train_state": state.state_dict(), "dp_world_size": engine.dp_world_size, **(extra or {})}
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client, save_latest=False)
         torch.save(rng_state(), self.directory / tag / f"rng_rank{self.rank}.pt")
         if self.loader is not None:
@@ -186,11 +188,17 @@ class Checkpointer:
             return path.parent, path.name
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} marker found)")
 
-    def load(self, engine: Any, state: TrainState, where: tuple[Path, str]) -> dict[str, Any]:
+    def load(self, engine: Any, state: TrainState, where: tuple[Path, str], universal: Path | None = None) -> dict[str, Any]:
+        """`universal`: the tag's universal layout (`checkpoint_io.Reshard`), which an engine built
+        with `checkpoint.load_universal` loads on another data-parallel world size; the client
+        state, RNG and loader files still come from the tag itself."""
         directory, tag = where
         verify_safe(directory / tag)
+        engine_dir, engine_tag = (directory, tag) if universal is None else (universal.parent, universal.name)
+        if universal is not None:
+            verify_safe(universal, recursive=True)
         _, client = engine.load_checkpoint(
-            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(engine_dir), tag=engine_tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if client is None:
             raise RuntimeError(f"{directory / tag}: DeepSpeed could not load the checkpoint")

@@ -10,12 +10,13 @@ unpickler (`weights_only=True`) with exactly the DeepSpeed data classes of
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from vlp.train.checkpoint import deepspeed_safe_globals
+from vlp.train.checkpoint import deepspeed_safe_globals, verify_safe
 
 
 class CheckpointReadError(ValueError):
@@ -78,3 +79,93 @@ def consolidate(directory: Path, tag: str) -> dict[str, torch.Tensor]:
         raise CheckpointReadError(f"{tag_dir}: no DeepSpeed model states found")
     blob = torch.load(model_file, map_location="cpu", weights_only=True)
     return {k: v.float() if v.is_floating_point() else v for k, v in blob["module"].items()}
+
+
+# ------------------------------------------------------------- resume on another world size
+UNIVERSAL = "universal"  # DeepSpeed's universal layout of a checkpoint, inside its tag folder
+
+
+def partition_files(tag_dir: Path) -> list[Path]:
+    """ZeRO 1-3 optimizer partitions, one per data-parallel rank (none at ZeRO 0)."""
+    return sorted(Path(tag_dir).glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))
+
+
+def saved_dp_world_size(tag_dir: Path) -> int | None:
+    """The data-parallel world size a ZeRO 1-3 checkpoint was partitioned over; None at ZeRO 0,
+    whose single model file loads on any world size.
+
+    The client state records it (`dp_world_size`, written since it was needed); older
+    checkpoints are counted by their optimizer partition files."""
+    import json
+
+    partitions = partition_files(tag_dir)
+    if not partitions:
+        return None
+    client_file = Path(tag_dir) / "client_state.json"
+    if client_file.is_file():
+        recorded = json.loads(client_file.read_text()).get("dp_world_size")
+        if recorded is not None:
+            return int(recorded)
+    return len(partitions)
+
+
+def universal_checkpoint(directory: Path, tag: str, rank: int) -> Path:
+    """`<tag>/universal`: the checkpoint in DeepSpeed's universal layout (one folder per parameter
+    with its fp32 weights and optimizer moments, whole), which `checkpoint.load_universal`
+    re-partitions over any data-parallel world size. Converted once, by rank 0, with DeepSpeed's
+    own `ds_to_universal` into a temporary folder renamed into place, so a crash mid-way leaves
+    no half folder to load; the other ranks wait at the barrier. Call on every rank, after
+    `checkpoint.verify_safe(tag_dir)` (the converter unpickles with `weights_only=False`)."""
+    import argparse
+    import os
+    import shutil
+
+    from vlp.core.collectives import barrier
+
+    tag_dir = Path(directory) / tag
+    target = tag_dir / UNIVERSAL
+    if rank == 0 and not target.is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = tag_dir / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        # One worker: the converter runs in this process (no process pool forked off a process
+        # that holds a process group). Missing `universal_checkpoint_info` (plain data
+        # parallelism writes none) is injected as the empty one: no TP/PP slices to merge.
+        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            ds_to_universal.main(args)  # its prints and progress bars; an error still raises
+        os.replace(tmp, target)
+    barrier()
+    return target
+
+
+@dataclass(frozen=True)
+class Reshard:
+    """A resume onto another data-parallel world size than the checkpoint was partitioned over:
+    the engine is built with `checkpoint.load_universal` and loads `folder` instead of the tag."""
+
+    tag: str
+    from_world_size: int
+    to_world_size: int
+    folder: Path  # <tag>/universal
+
+    @classmethod
+    def plan(cls, where: tuple[Path, str], world_size: int, rank: int) -> "Reshard | None":
+        """None where the checkpoint loads as saved (ZeRO 0, or the same world size); otherwise
+        the universal folder, converted now if it is not there yet (every rank calls this)."""
+        directory, tag = where
+        saved = saved_dp_world_size(Path(directory) / tag)
+        if saved is None or saved == world_size:
+            return None
+        verify_safe(Path(directory) / tag)  # before the converter unpickles anything
+        return cls(tag, saved, world_size, universal_checkpoint(directory, tag, rank))
+
+    def note(self) -> dict:
+        message = (f"optimizer state re-partitioned: {self.tag} was saved on {self.from_world_size} "
+                   f"data-parallel ranks, resumed on {self.to_world_size}, loaded through DeepSpeed's "
+                   f"universal checkpoint {self.folder}")
+        return {"event": "zero_resharded", "from_dp_world_size": self.from_world_size,
+                "to_dp_world_size": self.to_world_size, "universal": str(self.folder), "message": message}

@@ -20,6 +20,7 @@ import torch
 from vlp.core.collectives import all_reduce_max, barrier
 from vlp.train import preemption
 from vlp.train.checkpoint import Checkpointer, TrainState
+from vlp.train.checkpoint_io import Reshard
 from vlp.train.config import ExperimentConfig, dump_config
 from vlp.train.data import ensure_eval_data, ensure_train_data
 from vlp.train.distributed import DistEnv, init_distributed
@@ -53,8 +54,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
+def deepspeed_config(config: ExperimentConfig, load_universal: bool = False) -> dict[str, Any]:
+    """`load_universal`: the resume reads a universal checkpoint (another data-parallel world
+    size than it was saved on, `checkpoint_io.Reshard`); DeepSpeed takes that at initialize."""
     ds, tr = config.deepspeed, config.train
+    universal = {"checkpoint": {**ds.extra.get("checkpoint", {}), "load_universal": True}} if load_universal else {}
     return {
         "train_micro_batch_size_per_gpu": tr.batch_size,
         "gradient_accumulation_steps": ds.grad_accum,
@@ -67,6 +71,7 @@ def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         **ds.extra,
+        **universal,
     }
 
 
@@ -86,7 +91,7 @@ def clip_gradients(engine: Any, config: ExperimentConfig) -> Optional[torch.Tens
     return torch.nn.utils.clip_grad_norm_(engine.module.parameters(), config.deepspeed.grad_clip, foreach=True)
 
 
-def build_engine(config: ExperimentConfig, model: torch.nn.Module) -> Any:
+def build_engine(config: ExperimentConfig, model: torch.nn.Module, load_universal: bool = False) -> Any:
     """Wrap the model in `deepspeed.initialize` with a torch AdamW (no fused_adam JIT build).
 
     Locked parameters (requires_grad false) are in no group: no gradient, no optimizer state,
@@ -101,7 +106,7 @@ def build_engine(config: ExperimentConfig, model: torch.nn.Module) -> Any:
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, tr))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config)
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config, load_universal)
     )
     if tr.channels_last:
         # After initialize: DeepSpeed's parameter broadcast views each parameter as bytes, which
@@ -227,19 +232,26 @@ def train(config: ExperimentConfig, resume: str | None = None, overwrite: bool =
 
         if not will_resume(run_dir, resume):  # weights only; a checkpoint to resume wins
             init_from(model, config.train.init_from, config.train.init_strict)
-    engine = build_engine(config, model)
+    # Before the engine: a ZeRO checkpoint partitioned over another data-parallel world size is
+    # converted to DeepSpeed's universal layout, which the engine must be built to read.
+    where = Checkpointer(run_dir / "checkpoints", 1, env.rank).resolve(resume) if resume else None
+    resharded = Reshard.plan(where, env.world_size, env.rank) if where is not None else None
+    engine = build_engine(config, model, load_universal=resharded is not None)
     loader = build_loader(config, model, env)
     checkpointer = Checkpointer(run_dir / "checkpoints", config.train.keep_checkpoints, env.rank, loader=loader)
     evaluators = build_evaluators(config)
     state = TrainState()
-    where = checkpointer.resolve(resume) if resume else None
     if where is not None:
-        checkpointer.load(engine, state, where)
+        checkpointer.load(engine, state, where, universal=resharded.folder if resharded else None)
     else:
         seed_everything(config.seed + 1000 * env.rank)
     metrics = MetricsLogger(run_dir, env.is_main, config.train.steps, start_step=state.step,
                             report_to=tuple(config.logging.report_to), wandb_config=config.logging.wandb,
                             run_config=config.model_dump(mode="json"))
+    if resharded is not None:  # resumed on another data-parallel world size: ZeRO re-partitioned
+        if env.is_main:
+            print(f"[vlp] {resharded.note()['message']}", flush=True)
+        metrics.log(state.step, resharded.note())
     if loader.resume_note is not None:  # resumed on another layout: the data order changed
         metrics.log(state.step, loader.resume_note)
     from vlp.data_pipelines.bad_samples import BadSampleMonitor
