@@ -74,14 +74,32 @@ def _positives_in_block(positive_index: Tensor, start: int, stop: int) -> tuple[
     return columns.clamp(0, stop - start - 1).unsqueeze(1), inside  # (b, 1), (b,)
 
 
-def _block_max_lse(scores: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """max and log-sum-exp of a block along `dim`, with one exp pass.
+def _block_max_exp(scores: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """max of a block along `dim`, and exp(scores - max) (a new tensor), with one exp pass.
 
     `amax`, not `max`: the values-and-indices reduction is much slower on CPU (strided along dim 0,
     and tens of ms per call on tiny inputs with several threads)."""
     best = scores.amax(dim=dim)
-    shifted = scores - best.unsqueeze(dim)
-    return best, best + shifted.exp_().sum(dim=dim).log_()
+    return best, (scores - best.unsqueeze(dim)).exp_()
+
+
+def _merge_running(best: Tensor, others: Tensor, block_best: Tensor, block_others: Tensor) -> tuple[Tensor, Tensor]:
+    """Online softmax statistics: the running (max, sum over the non-positive scores of
+    exp(score - max)) merged with one block's."""
+    new_best = torch.maximum(best, block_best)
+    # exp(-inf - finite) = 0 on the first block, where the running sum is still 0.
+    return new_best, others * (best - new_best).exp() + block_others * (block_best - new_best).exp()
+
+
+def _cross_entropy(best: Tensor, others: Tensor, positive: Tensor) -> Tensor:
+    """Cross-entropy from the streamed statistics, as exact as the dense loss: (B,) each.
+
+    CE = log(sum_j exp(s_j - s_pos)) = (max - pos) + log1p(expm1(pos - max) + others), where
+    `others` sums exp(s_j - max) over the non-positive scores. When the positive wins, max - pos
+    is exactly 0 and the loss is log1p(others), exact however small. The old lse - positive
+    subtracted two O(logit scale) numbers, so a loss near 0 lost its digits (relative error 1e-3
+    in fp32 at a batch of 2); dense cross-entropy on CPU sums in fp64 and kept them."""
+    return (best - positive) + torch.log1p(torch.expm1(positive - best) + others)
 
 
 def _detached_inputs(tensors: tuple[Tensor, ...], needs: tuple[bool, ...]) -> list[Tensor]:
@@ -112,7 +130,7 @@ class _TiledCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, keys, positive_index, score_fn, tile_size, *score_params):
         num_queries, num_keys = queries.shape[0], keys.shape[0]
-        lse = queries.new_full((num_queries,), float("-inf"))
+        others = queries.new_zeros(num_queries)
         positive_score = queries.new_zeros(num_queries)
         best = queries.new_full((num_queries,), float("-inf"))
         for q0, q1 in _tiles(num_queries, tile_size):
@@ -120,23 +138,29 @@ class _TiledCrossEntropy(torch.autograd.Function):
                 scores = score_fn(queries[q0:q1], keys[k0:k1], *score_params)  # (b, n)
                 columns, inside = _positives_in_block(positive_index[q0:q1], k0, k1)
                 positive_score[q0:q1] += torch.where(inside, scores.gather(1, columns).squeeze(1), 0.0)
-                block_best, block_lse = _block_max_lse(scores, dim=1)
-                best[q0:q1] = torch.maximum(best[q0:q1], block_best)
-                lse[q0:q1] = torch.logaddexp(lse[q0:q1], block_lse)
+                block_best, exp_shifted = _block_max_exp(scores, 1)
+                # Each row's positive leaves the sum (a (b, 1) scatter): see `_cross_entropy`.
+                exp_shifted.scatter_(1, columns, torch.where(inside.unsqueeze(1), 0.0, exp_shifted.gather(1, columns)))
+                best[q0:q1], others[q0:q1] = _merge_running(best[q0:q1], others[q0:q1], block_best, exp_shifted.sum(1))
+        loss = _cross_entropy(best, others, positive_score)
         ctx.score_fn, ctx.tile_size = score_fn, tile_size
-        ctx.save_for_backward(queries, keys, positive_index, lse, *score_params)
+        # The log-sum-exp the backward's softmax needs: positive + loss.
+        ctx.save_for_backward(queries, keys, positive_index, positive_score + loss, loss, *score_params)
         is_top1 = positive_score >= best
         ctx.mark_non_differentiable(is_top1)
-        return lse - positive_score, is_top1
+        return loss, is_top1
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_is_top1):
-        queries, keys, positive_index, lse, *score_params = ctx.saved_tensors
+        queries, keys, positive_index, lse, loss, *score_params = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[5:])
         totals = [torch.zeros_like(t) if need else None for t, need in zip((queries, keys, *score_params), needs)]
         for q0, q1 in _tiles(queries.shape[0], ctx.tile_size):
             row_grad = grad_loss[q0:q1].unsqueeze(1)  # (b, 1)
+            # softmax(positive) - 1 = exp(-loss) - 1, as expm1: exact where the loss is near 0,
+            # where exp(score - lse) - 1 would cancel.
+            positive_grad = torch.expm1(-loss[q0:q1]).unsqueeze(1) * row_grad  # (b, 1)
             for k0, k1 in _tiles(keys.shape[0], ctx.tile_size):
                 leaves = _detached_inputs((queries[q0:q1], keys[k0:k1], *score_params), needs)
                 with torch.enable_grad():
@@ -144,7 +168,8 @@ class _TiledCrossEntropy(torch.autograd.Function):
                 # d CE / d scores = softmax - one_hot(positive), per row, times the row's grad.
                 grad_scores = (scores.detach() - lse[q0:q1].unsqueeze(1)).exp_().mul_(row_grad)
                 columns, inside = _positives_in_block(positive_index[q0:q1], k0, k1)
-                grad_scores.scatter_add_(1, columns, -row_grad * inside.unsqueeze(1))
+                at_positive = torch.where(inside.unsqueeze(1), positive_grad, grad_scores.gather(1, columns))
+                grad_scores.scatter_(1, columns, at_positive)
                 grads = _block_backward(scores, grad_scores, leaves, needs)
                 _add_block_grads(totals, grads, slice(q0, q1), slice(k0, k1))
         grad_queries, grad_keys, *grad_params = totals
@@ -155,7 +180,8 @@ class _TiledSymmetricCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, columns, score_fn, tile_size, *score_params):
         n = rows.shape[0]
-        row_lse, row_best, col_lse, col_best = (rows.new_full((n,), float("-inf")) for _ in range(4))
+        row_best, col_best = (rows.new_full((n,), float("-inf")) for _ in range(2))
+        row_others, col_others = rows.new_zeros(n), rows.new_zeros(n)
         diagonal = rows.new_zeros(n)
         tiles = _tiles(n, tile_size)
         for r0, r1 in tiles:
@@ -163,22 +189,28 @@ class _TiledSymmetricCrossEntropy(torch.autograd.Function):
                 scores = score_fn(rows[r0:r1], columns[c0:c1], *score_params)  # (b, n)
                 if r0 == c0:  # same tiling on both axes: the diagonal lies in these blocks only
                     diagonal[r0:r1] = scores.diagonal()
-                block_best, block_lse = _block_max_lse(scores, dim=1)
-                row_best[r0:r1] = torch.maximum(row_best[r0:r1], block_best)
-                row_lse[r0:r1] = torch.logaddexp(row_lse[r0:r1], block_lse)
-                block_best, block_lse = _block_max_lse(scores, dim=0)
-                col_best[c0:c1] = torch.maximum(col_best[c0:c1], block_best)
-                col_lse[c0:c1] = torch.logaddexp(col_lse[c0:c1], block_lse)
+                row_block_best, row_exp = _block_max_exp(scores, 1)
+                col_block_best, col_exp = _block_max_exp(scores, 0)
+                if r0 == c0:  # the positives leave the sums: see `_cross_entropy`
+                    row_exp.diagonal().zero_()
+                    col_exp.diagonal().zero_()
+                row_best[r0:r1], row_others[r0:r1] = _merge_running(
+                    row_best[r0:r1], row_others[r0:r1], row_block_best, row_exp.sum(1))
+                col_best[c0:c1], col_others[c0:c1] = _merge_running(
+                    col_best[c0:c1], col_others[c0:c1], col_block_best, col_exp.sum(0))
+        row_loss = _cross_entropy(row_best, row_others, diagonal)
+        col_loss = _cross_entropy(col_best, col_others, diagonal)
         ctx.score_fn, ctx.tile_size = score_fn, tile_size
-        ctx.save_for_backward(rows, columns, row_lse, col_lse, *score_params)
+        # The log-sum-exps the backward's softmaxes need: positive + loss.
+        ctx.save_for_backward(rows, columns, diagonal + row_loss, diagonal + col_loss, row_loss, col_loss, *score_params)
         row_top1, col_top1 = diagonal >= row_best, diagonal >= col_best
         ctx.mark_non_differentiable(row_top1, col_top1)
-        return row_lse - diagonal, col_lse - diagonal, row_top1, col_top1
+        return row_loss, col_loss, row_top1, col_top1
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_row_loss, grad_col_loss, _grad_row_top1, _grad_col_top1):
-        rows, columns, row_lse, col_lse, *score_params = ctx.saved_tensors
+        rows, columns, row_lse, col_lse, row_loss, col_loss, *score_params = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[4:])
         totals = [torch.zeros_like(t) if need else None for t, need in zip((rows, columns, *score_params), needs)]
         tiles = _tiles(rows.shape[0], ctx.tile_size)
@@ -194,7 +226,9 @@ class _TiledSymmetricCrossEntropy(torch.autograd.Function):
                 grad_scores = (detached - row_lse[r0:r1].unsqueeze(1)).exp_().mul_(row_grad)
                 grad_scores += (detached - col_lse[c0:c1].unsqueeze(0)).exp_().mul_(col_grad)
                 if r0 == c0:
-                    grad_scores.diagonal().sub_(grad_row_loss[r0:r1] + grad_col_loss[c0:c1])
+                    # Each softmax at the positive minus 1, as expm1(-loss): see _TiledCrossEntropy.
+                    grad_scores.diagonal().copy_(torch.expm1(-row_loss[r0:r1]) * grad_row_loss[r0:r1]
+                                                 + torch.expm1(-col_loss[c0:c1]) * grad_col_loss[c0:c1])
                 grads = _block_backward(scores, grad_scores, leaves, needs)
                 _add_block_grads(totals, grads, slice(r0, r1), slice(c0, c1))
         grad_rows, grad_columns, *grad_params = totals
