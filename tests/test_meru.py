@@ -140,6 +140,38 @@ def test_bounded_gradient_only_blocks_outward_pushes():
     torch.testing.assert_close(value.grad, torch.tensor([1.0, 0.0, 0.0, -1.0, 1.0]))
 
 
+@pytest.mark.parametrize("side", ["low", "high"])
+def test_curvature_gate_judges_the_summed_gradient_of_all_its_uses(side):
+    """Past a bound, log c's gradient is the total over its three uses in one forward (both lifts
+    and the losses' distances), dropped as a whole when that total points further out. A gate per
+    use (the old code) passed the inward uses alone, so the step could take the wrong sign."""
+    from vlp.models.heads.meru import MeruScalars
+
+    head = make_head(curv_init=1.0, curv_range=2.0)
+    low, high = head.log_curv_bounds
+    outside = {"low": low - 0.5, "high": high + 0.5}[side]
+    for seed in range(6):
+        image, text = features(8, seed)
+        head.zero_grad()
+        with torch.no_grad():
+            head.log_curv.fill_(outside)
+        head(inputs_for(image, text))["loss"].backward()
+
+        # The reference: the loss's total gradient in the bounded value, through a leaf.
+        true_scalars = head.scalars()
+        at_bound = torch.tensor([low if side == "low" else high], requires_grad=True)
+        leaf_scalars = MeruScalars(at_bound.exp(), *(value.detach() for value in true_scalars[1:]))
+        head.scalars = lambda: leaf_scalars  # this instance only
+        try:
+            head(inputs_for(image, text))["loss"].backward()
+        finally:
+            del head.scalars
+        total = at_bound.grad
+        outward = bool(total > 0) if side == "low" else bool(total < 0)
+        expected = torch.zeros(1) if outward else total
+        torch.testing.assert_close(head.log_curv.grad, expected, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("curv_init", [1.0, 0.5])
 def test_losses_match_dense_reference(curv_init):
     head = make_head(curv_init=curv_init, entail_weight=0.3)
