@@ -28,7 +28,9 @@ import yaml
 
 from vlp.train import export_monai, export_open_clip, export_safetensors, export_timm  # noqa: F401  (register)
 from vlp.train.checkpoint_io import CheckpointReadError, consolidate
-from vlp.train.exporter import EXPORTERS, MODEL_CARD, ExportError, Exporter, config_tree, sha256, write_json
+from vlp.train.exporter import (
+    EXPORTERS, MODEL_CARD, ExportError, Exporter, config_tree, matryoshka_card, sha256, write_json,
+)
 
 if TYPE_CHECKING:
     from vlp.train.config import ExperimentConfig
@@ -55,6 +57,7 @@ def export_model(
             "samples_seen": samples_seen,
             "eval_results": results or {},
             "config": config_tree(config),
+            "matryoshka": matryoshka_card(model),
             "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files},
         }
         write_json(tmp / MODEL_CARD, card)

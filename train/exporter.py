@@ -60,6 +60,18 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def matryoshka_card(model: torch.nn.Module) -> dict | None:
+    """The model card's `matryoshka` entry: the prefix dims the scoring head trained and how to
+    take one, or None without Matryoshka. A prefix of an exported model is its first `dim`
+    features re-normalised (docs/export.md), so every format serves every prefix."""
+    from vlp.train.evals.common import scoring_head
+
+    dims = scoring_head(model).matryoshka_dims()
+    if not dims:
+        return None
+    return {"dims": list(dims), "prefix": "normalize(embed[..., :dim]) for image and text alike"}
+
+
 def config_tree(config: ExperimentConfig) -> dict:
     return config.model_dump(mode="json")
 

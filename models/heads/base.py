@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from vlp.core.config import Strict
@@ -63,6 +64,42 @@ def bounded(value: torch.Tensor, low: float = -math.inf, high: float = math.inf)
     value: a tensor of any shape (heads use [1]); low, high: floats, -inf / inf for one-sided.
     """
     return _Bounded.apply(value, low, high)
+
+
+class MatryoshkaConfig(Strict):
+    """Matryoshka Representation Learning (Kusupati et al. 2022): the head's loss on nested
+    prefixes of the embedding, `sum_k weights[k] * loss(prefix of dims[k], re-normalised)`.
+
+    dims: strictly increasing prefix sizes, the largest at most `model.embed_dim` (say
+    [16, 32, 64, 128] of 128; leave the full size out to train the prefixes only).
+    weights: one per dim; None: 1 each (MRL's uniform weighting)."""
+
+    dims: list[int] = Field(min_length=1)
+    weights: Optional[list[float]] = None
+
+    @model_validator(mode="after")
+    def _nested(self) -> "MatryoshkaConfig":
+        if any(dim < 1 for dim in self.dims) or any(b <= a for a, b in zip(self.dims, self.dims[1:])):
+            raise ValueError(f"matryoshka.dims {self.dims}: needs strictly increasing sizes >= 1")
+        if self.weights is not None:
+            if len(self.weights) != len(self.dims):
+                raise ValueError(f"matryoshka.weights: {len(self.weights)} weights for {len(self.dims)} dims")
+            if any(weight < 0 for weight in self.weights) or not any(self.weights):
+                raise ValueError(f"matryoshka.weights {self.weights}: need >= 0, not all 0")
+        return self
+
+    def pairs(self) -> list[tuple[int, float]]:
+        """[(dim, weight)] in dims order."""
+        return list(zip(self.dims, self.weights or [1.0] * len(self.dims)))
+
+
+def prefix_normed(features: Optional[torch.Tensor], dim: int) -> Optional[torch.Tensor]:
+    """The first `dim` features (..., E) re-normalised to unit length -> (..., dim), fp32 (None stays None).
+
+    The same whether `features` were normalised at full width or not (normalising is scale-free)."""
+    if features is None:
+        return None
+    return torch.nn.functional.normalize(features[..., :dim].float(), dim=-1)
 
 
 class HeadConfig(Strict):
@@ -175,6 +212,21 @@ class Head(nn.Module):
         """Our stored scalars ({name: [1]} for the names in `open_clip_scalars`) -> open_clip's
         values ({name: 0-dim fp32}), as this head uses them in forward (clamps included)."""
         return {name: params[name].float().reshape(()) for name in cls.open_clip_scalars}
+
+    # Matryoshka: the head trains nested prefixes of the embedding (`matryoshka` in its config,
+    # heads whose config has that field). Evaluators score every prefix through
+    # `pairwise_scores(image_embed[:, :d], text_embed[:, :d])` (and `prompt_ensemble` of prefixes):
+    # a head's geometry re-normalises (or re-lifts) whatever width it is given.
+    def matryoshka_dims(self) -> tuple[int, ...]:
+        """The prefix sizes this head trained, in increasing order; () without Matryoshka."""
+        matryoshka = getattr(self.config, "matryoshka", None)
+        return tuple(matryoshka.dims) if matryoshka is not None else ()
+
+    def check_matryoshka(self) -> None:
+        """Raise when the config's prefixes do not fit `embed_dim` (called by heads at build)."""
+        dims = self.matryoshka_dims()
+        if dims and dims[-1] > self.embed_dim:
+            raise ValueError(f"matryoshka.dims {list(dims)}: the largest is above model.embed_dim {self.embed_dim}")
 
     # Hierarchy geometry: embeddings live on a Lorentz hyperboloid (`models/lorentz.py`), where
     # generic concepts sit near the origin (`vlp eval hierarchy`).

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs, bounded
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs, MatryoshkaConfig, bounded, prefix_normed
 from vlp.models.heads.tiled import (
     DEFAULT_TILE_SIZE,
     tiled_cross_entropy,
@@ -140,6 +140,8 @@ class ClipConfig(HeadConfig):
     learn_temperature: bool = True
     tile_size: int | None = Field(None, ge=1)
     """None: dense below `TILED_MIN_LOGITS_*` logits, tiled above; an int forces tiling."""
+    matryoshka: MatryoshkaConfig | None = None
+    """Nested prefix dims with weights: the loss summed over re-normalised prefixes (base.py)."""
 
     @model_validator(mode="after")
     def _starts_below_clamp(self) -> "ClipConfig":
@@ -164,6 +166,7 @@ class ClipHead(Head):
         super().__init__(config, embed_dim)
         init = torch.full((1,), math.log(1.0 / config.init_temperature))
         self.logit_scale = nn.Parameter(init, requires_grad=config.learn_temperature)
+        self.check_matryoshka()
 
     @staticmethod
     def logit_scale_bounds(config: ClipConfig) -> tuple[float, float]:
@@ -182,13 +185,25 @@ class ClipHead(Head):
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         logit_scale = self.scale()
-        loss, accuracy = clip_loss_and_accuracy(
-            inputs.local["image_normed"],
-            inputs.local["text_normed"],
-            logit_scale,
-            gathered_image=inputs.gathered.get("image_normed"),
-            gathered_text=inputs.gathered.get("text_normed"),
-            rank=inputs.rank,
-            tile_size=self.config.tile_size,
-        )
-        return {"loss": loss, "logging": {"logit_scale": logit_scale.detach()[0], "accuracy": accuracy}}
+        image, text = inputs.local["image_normed"], inputs.local["text_normed"]
+        gathered_image, gathered_text = inputs.gathered.get("image_normed"), inputs.gathered.get("text_normed")
+        if self.config.matryoshka is None:
+            loss, accuracy = clip_loss_and_accuracy(
+                image, text, logit_scale, gathered_image=gathered_image, gathered_text=gathered_text,
+                rank=inputs.rank, tile_size=self.config.tile_size,
+            )
+            return {"loss": loss, "logging": {"logit_scale": logit_scale.detach()[0], "accuracy": accuracy}}
+        # Matryoshka: one encoder pass, one loss per nested prefix, each through the same dense or
+        # tiled kernel (memory stays linear in the global batch when tiled), weighted and summed.
+        loss = image.new_zeros((), dtype=torch.float32)
+        logging: dict[str, Any] = {"logit_scale": logit_scale.detach()[0]}
+        for dim, weight in self.config.matryoshka.pairs():
+            prefix_loss, accuracy = clip_loss_and_accuracy(
+                prefix_normed(image, dim), prefix_normed(text, dim), logit_scale,
+                gathered_image=prefix_normed(gathered_image, dim), gathered_text=prefix_normed(gathered_text, dim),
+                rank=inputs.rank, tile_size=self.config.tile_size,
+            )
+            loss = loss + weight * prefix_loss
+            logging[f"loss@{dim}"], logging[f"accuracy@{dim}"] = prefix_loss.detach(), accuracy
+        logging["accuracy"] = accuracy  # the largest prefix's
+        return {"loss": loss, "logging": logging}

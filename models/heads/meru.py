@@ -30,7 +30,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from vlp.models import lorentz as L
-from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs, bounded  # noqa: F401 (bounded: re-exported)
+from vlp.models.heads.base import (  # noqa: F401 (bounded: re-exported)
+    HEADS, Head, HeadConfig, HeadInputs, MatryoshkaConfig, bounded,
+)
 from vlp.models.heads.tiled import DEFAULT_TILE_SIZE, tiled_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ class MeruConfig(HeadConfig):
     curv_bound_warn_steps: int = Field(1000, ge=0)
     # Contrastive term in (tile x tile) blocks (memory linear in the global batch); None: automatic.
     tile_size: Optional[int] = Field(None, ge=1)
+    # Nested prefix dims with weights: the whole MERU loss (contrastive, entailment, parents) on
+    # each prefix of the raw embeddings, each prefix lifted by its own exp-map (same c, alphas).
+    matryoshka: Optional[MatryoshkaConfig] = None
 
 
 def lorentz_logits(queries: Tensor, keys: Tensor, curv: Tensor, logit_scale: Tensor) -> Tensor:
@@ -165,6 +170,7 @@ class MeruHead(Head):
         self.register_buffer("curv_bound_steps", torch.zeros(1, dtype=torch.long), persistent=False)
         self._warned_at_bound = False
         self._calls = 0
+        self.check_matryoshka()
 
     # Effective scalars, each [1]-shaped fp32 and inside its range. `forward` takes them once
     # from `scalars()`; the single-scalar methods below serve evaluators.
@@ -206,25 +212,18 @@ class MeruHead(Head):
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         scalars = self.scalars()
         curv, logit_scale = scalars.curv, scalars.logit_scale
-        image = self.lift_image(inputs.local["image_embed"], scalars)  # (B, E)
-        text = self.lift_text(inputs.local["text_embed"], scalars)  # (B, E)
-        if inputs.world_size == 1:  # gathered is local itself: do not lift it twice
-            all_image, all_text = image, text
+        if self.config.matryoshka is None:
+            loss, terms = self._loss_at(inputs, scalars, self.embed_dim)
         else:
-            all_image = self.lift_image(inputs.gathered["image_embed"], scalars)  # (W * B, E)
-            all_text = self.lift_text(inputs.gathered["text_embed"], scalars)  # (W * B, E)
-
-        contrastive = contrastive_loss(
-            image, text, all_image, all_text, curv, logit_scale, inputs.rank * image.shape[0], self.config.tile_size
-        )
-        entailment = entailment_loss(text, image, curv, self.config.min_radius)
-        loss = contrastive + self.config.entail_weight * entailment
-        parent = None
-        if self.config.parent_weight > 0:
-            parent = self.lift_text(inputs.local["parent_text_embed"][:, 0], scalars)  # (B, E)
-            parent_entailment = 0.5 * (entailment_loss(parent, image, curv, self.config.min_radius)
-                                       + entailment_loss(parent, text, curv, self.config.min_radius))
-            loss = loss + self.config.parent_weight * parent_entailment
+            # One forward of the towers; each prefix its own exp-map and MERU loss, weighted.
+            loss, prefix_terms = logit_scale.new_zeros(()), {}
+            for dim, weight in self.config.matryoshka.pairs():
+                prefix_loss, terms = self._loss_at(inputs, scalars, dim)
+                loss = loss + weight * prefix_loss
+                prefix_terms[f"loss@{dim}"] = prefix_loss.detach()
+            # `terms` (radii, entailment ...) are the largest prefix's.
+        contrastive, entailment, image, text = terms["contrastive"], terms["entailment"], terms["image"], terms["text"]
+        parent, parent_entailment = terms.get("parent"), terms.get("parent_entailment")
 
         at_bound = self._track_bound()
         with torch.no_grad():
@@ -244,7 +243,34 @@ class MeruHead(Head):
             if parent is not None:
                 logging_out["parent_entailment_loss"] = parent_entailment
                 logging_out["parent_radius"] = L.origin_dist(parent, curv).mean()
+            if self.config.matryoshka is not None:
+                logging_out.update(prefix_terms)
         return {"loss": loss, "logging": logging_out}
+
+    def _loss_at(self, inputs: HeadInputs, scalars: MeruScalars, dim: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """MERU's loss on the first `dim` features of the raw embeddings (all of them at embed_dim)."""
+        curv, logit_scale = scalars.curv, scalars.logit_scale
+        image = self.lift_image(inputs.local["image_embed"][:, :dim], scalars)  # (B, dim)
+        text = self.lift_text(inputs.local["text_embed"][:, :dim], scalars)  # (B, dim)
+        if inputs.world_size == 1:  # gathered is local itself: do not lift it twice
+            all_image, all_text = image, text
+        else:
+            all_image = self.lift_image(inputs.gathered["image_embed"][:, :dim], scalars)  # (W * B, dim)
+            all_text = self.lift_text(inputs.gathered["text_embed"][:, :dim], scalars)  # (W * B, dim)
+
+        contrastive = contrastive_loss(
+            image, text, all_image, all_text, curv, logit_scale, inputs.rank * image.shape[0], self.config.tile_size
+        )
+        entailment = entailment_loss(text, image, curv, self.config.min_radius)
+        loss = contrastive + self.config.entail_weight * entailment
+        terms = {"contrastive": contrastive, "entailment": entailment, "image": image, "text": text}
+        if self.config.parent_weight > 0:
+            parent = self.lift_text(inputs.local["parent_text_embed"][:, 0, :dim], scalars)  # (B, dim)
+            parent_entailment = 0.5 * (entailment_loss(parent, image, curv, self.config.min_radius)
+                                       + entailment_loss(parent, text, curv, self.config.min_radius))
+            loss = loss + self.config.parent_weight * parent_entailment
+            terms.update(parent=parent, parent_entailment=parent_entailment)
+        return loss, terms
 
     @torch.no_grad()
     def _track_bound(self) -> Tensor:

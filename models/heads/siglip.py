@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs, bounded
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs, MatryoshkaConfig, bounded, prefix_normed
 from vlp.models.heads.tiled import DEFAULT_TILE_SIZE, tiled_sigmoid_loss
 
 # Logits (B * N) from which `siglip_loss` uses the tiled kernel. The sigmoid loss has no row
@@ -92,6 +92,8 @@ class SigLipConfig(HeadConfig):
     """Learn the scale and the bias (False freezes both)."""
     tile_size: int | None = Field(None, ge=1)
     """None: dense below `TILED_MIN_LOGITS` logits, tiled above; an int forces tiling."""
+    matryoshka: MatryoshkaConfig | None = None
+    """Nested prefix dims with weights: the loss summed over re-normalised prefixes (base.py)."""
 
     @model_validator(mode="after")
     def _starts_below_clamp(self) -> "SigLipConfig":
@@ -117,6 +119,7 @@ class SigLipHead(Head):
         learn = config.learn_temperature
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(config.init_logit_scale)), requires_grad=learn)
         self.logit_bias = nn.Parameter(torch.full((1,), config.init_logit_bias), requires_grad=learn)
+        self.check_matryoshka()
 
     @staticmethod
     def logit_scale_bounds(config: SigLipConfig) -> tuple[float, float]:
@@ -137,14 +140,20 @@ class SigLipHead(Head):
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         logit_scale, logit_bias = self.scale(), self.logit_bias.float()
-        loss = siglip_loss(
-            inputs.local["image_normed"],
-            inputs.local["text_normed"],
-            logit_scale,
-            logit_bias,
-            gathered_text=inputs.gathered.get("text_normed"),
-            rank=inputs.rank,
-            tile_size=self.config.tile_size,
-        )
+        image, text = inputs.local["image_normed"], inputs.local["text_normed"]
+        gathered_text = inputs.gathered.get("text_normed")
         logging = {"logit_scale": logit_scale.detach()[0], "logit_bias": logit_bias.detach()[0]}
+        if self.config.matryoshka is None:
+            loss = siglip_loss(image, text, logit_scale, logit_bias, gathered_text=gathered_text, rank=inputs.rank,
+                               tile_size=self.config.tile_size)
+            return {"loss": loss, "logging": logging}
+        # Matryoshka: one loss per re-normalised prefix through the same (dense or tiled) kernel.
+        loss = logit_scale.new_zeros(())
+        for dim, weight in self.config.matryoshka.pairs():
+            prefix_loss = siglip_loss(
+                prefix_normed(image, dim), prefix_normed(text, dim), logit_scale, logit_bias,
+                gathered_text=prefix_normed(gathered_text, dim), rank=inputs.rank, tile_size=self.config.tile_size,
+            )
+            loss = loss + weight * prefix_loss
+            logging[f"loss@{dim}"] = prefix_loss.detach()
         return {"loss": loss, "logging": logging}

@@ -30,6 +30,7 @@ from vlp.data_pipelines.errors import DataError
 from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
 from vlp.train.evals.common import (
     class_embeddings,
+    encode_texts,
     eval_batches,
     idle_image_forward,
     load_template_sets,
@@ -101,6 +102,8 @@ def zeroshot_classify(model, config: ZeroShotConfig, context: EvalContext) -> di
     device = context.device
     classifier = class_embeddings(model, classnames, templates, device)  # (C, E)
     head = scoring_head(model)
+    prefixes = prefix_classifiers(model, head, classnames, templates, device)  # {dim: (C, dim)}
+    prefix_correct = torch.zeros(len(prefixes), dtype=torch.float64)
     num_classes = len(classnames)
     ks = sorted(k for k in config.top_k if k <= num_classes)
     correct = torch.zeros(len(ks), dtype=torch.float64)
@@ -128,15 +131,63 @@ def zeroshot_classify(model, config: ZeroShotConfig, context: EvalContext) -> di
             correct[i] += hits[:, :k].any(dim=1).sum()
         per_class_total += torch.bincount(labels, minlength=num_classes).double()
         per_class_hits += torch.bincount(labels[hits[:, 0]], minlength=num_classes).double()
+        for i, (dim, prefix_classifier) in enumerate(prefixes.items()):
+            prefix_scores = head.pairwise_scores(encoded["image_embed"][:, :dim], prefix_classifier).cpu()
+            prefix_correct[i] += (prefix_scores.argmax(dim=1) == labels).sum()
     # Reduced on the rank's device (NCCL reduces only GPU tensors).
-    stats = all_reduce_sum(torch.cat([correct, per_class_hits, per_class_total]).to(device)).cpu()
-    correct, per_class_hits, per_class_total = stats[: len(ks)], stats[len(ks) : len(ks) + num_classes], stats[len(ks) + num_classes :]
+    stats = all_reduce_sum(torch.cat([correct, per_class_hits, per_class_total, prefix_correct]).to(device)).cpu()
+    prefix_correct = stats[len(stats) - len(prefixes):]
+    correct, per_class_hits, per_class_total = stats[: len(ks)], stats[len(ks) : len(ks) + num_classes], stats[len(ks) + num_classes : len(ks) + 2 * num_classes]
     total = per_class_total.sum().clamp(min=1)
     present = per_class_total > 0
     results = {f"{config.prefix}top{k}": float(correct[i] / total) for i, k in enumerate(ks)}
     results[f"{config.prefix}mean_per_class_recall"] = float((per_class_hits[present] / per_class_total[present]).mean())
     results[f"{config.prefix}samples"] = int(total.item())
+    for i, dim in enumerate(prefixes):
+        results[f"{config.prefix}top1@{dim}"] = float(prefix_correct[i] / total)
     return results
+
+
+def prefix_classifiers(model, head, classnames: list[str], templates: list[str],
+                       device: torch.device) -> dict[int, torch.Tensor]:
+    """{dim: (C, dim) class embeddings} for every Matryoshka prefix the scoring head trained
+    ({} without Matryoshka, or for a head that scores with tokens): each prompt's prefix goes
+    through the head's own `prompt_ensemble` (re-normalised per prefix, as it was trained), not a
+    slice of the full-width ensemble."""
+    dims = head.matryoshka_dims()
+    if not dims or head.scores_with_tokens:
+        return {}
+    prompts = [t.replace("{c}", name) if "{c}" in t else t.format(name) for name in classnames for t in templates]
+    embeds = encode_texts(model, prompts, device).reshape(len(classnames), len(templates), -1)  # (C, T, E)
+    return {dim: head.prompt_ensemble(embeds[..., :dim]) for dim in dims}
+
+
+def plot_prefix_accuracy(results: dict[str, float], metric: str, out_png: Path, title: str = "") -> Optional[Path]:
+    """PNG of `metric@dim` against the prefix dim (log2 axis); None when there are no prefixes."""
+    points = sorted((int(key.rsplit("@", 1)[1]), value) for key, value in results.items()
+                    if key.startswith(f"{metric}@") and key.rsplit("@", 1)[1].isdigit())
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot(*zip(*points), marker="o")
+    for dim, value in points:
+        ax.annotate(f"{value:.3f}", (dim, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([dim for dim, _ in points], [str(dim) for dim, _ in points])
+    ax.set_xlabel("embedding prefix dim (Matryoshka)")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
 
 
 @EVALUATORS.register("zeroshot")
@@ -145,6 +196,9 @@ class ZeroShot(Evaluator):
 
     def run(self, model, context: EvalContext) -> dict[str, float]:
         results = zeroshot_classify(model, self.config, context)
+        if context.out_dir is not None:  # beside the loss curve (plots/), rank 0 only
+            plot_prefix_accuracy(results, f"{self.config.prefix}top1", Path(context.out_dir) / f"{self.config.prefix}matryoshka.png",
+                                 title=f"step {context.step}")
         # Each extra template set is one more full pass with its own classifier: the images are
         # re-encoded per set (the scoring loop stays as it is), so the cost grows with the sets.
         for name, templates in load_template_sets(self.config.template_sets).items():
