@@ -15,6 +15,7 @@ import torch
 from conftest import run_vlp, tiny_config
 
 from vlp.train.checkpoint_io import consolidate
+from vlp.train.config import load_config
 
 # Global batch 12 on every world size (2 x 6, 1 x 12, 3 x 4): the lr schedule and samples_seen
 # mean the same thing before and after a world-size change. lr 5e-3 so 2 steps move the weights.
@@ -200,9 +201,11 @@ def test_zero2_resumes_on_another_world_size(tmp_path, two_rank_run, saved_engin
     assert ours_loss == pytest.approx(saved_loss, rel=1e-5)
 
 
-def test_fp16_on_this_cpu_is_refused_at_config_load(tmp_path, digits_dir):
+def test_fp16_on_this_cpu_is_refused_before_training_starts(tmp_path, digits_dir):
     """DeepSpeed 0.19's CPU accelerator has fp16 only with oneDNN fp16 kernels; without them it
-    fails inside `deepspeed.initialize`. Refused before anything starts instead."""
+    fails inside `deepspeed.initialize`. `vlp train` refuses it before anything starts instead,
+    while the config itself stays valid: submitting, exporting or evaluating an fp16 run from a
+    machine without fp16 works."""
     if torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_fp16_supported():
         pytest.skip("this machine has fp16 (a CUDA device or oneDNN fp16 kernels)")
     config = tiny_config(tmp_path, digits_dir, deepspeed={"precision": "fp16"})
@@ -212,3 +215,4 @@ def test_fp16_on_this_cpu_is_refused_at_config_load(tmp_path, digits_dir):
         f"vlp: error: {config}: deepspeed.precision=fp16: DeepSpeed has no fp16 on this CPU (no CUDA device, "
         "no oneDNN fp16 kernels); use bf16 or fp32"]
     assert not (tmp_path / "runs").exists()
+    assert load_config(config).deepspeed.precision == "fp16"

@@ -88,9 +88,10 @@ def launch_local_ranks(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vlp.train.config import load_config
+    from vlp.train.config import check_trainable_here, load_config
 
     config = load_config(args.config, args.overrides)  # validate before starting anything
+    check_trainable_here(config, str(args.config))
     if args.nproc > 1 and "RANK" not in os.environ:
         return launch_local_ranks(args)
     from vlp.train.trainer import train

@@ -120,15 +120,19 @@ class DeepSpeedConfig(Strict):
     # Passed through to the DeepSpeed config as is (e.g. offload settings); our keys win.
     extra: dict[str, Any] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _fp16_where_deepspeed_has_it(self):
-        # DeepSpeed's CPU accelerator offers fp16 only with oneDNN fp16 kernels (AVX512-FP16 /
-        # AMX-FP16 CPUs) and otherwise raises "Type fp16 is not supported on your device" once the
-        # engine is built; this is the same test, before anything runs.
-        if self.precision == "fp16" and not _fp16_available():
-            raise ValueError("deepspeed.precision=fp16: DeepSpeed has no fp16 on this CPU (no CUDA device, "
-                             "no oneDNN fp16 kernels); use bf16 or fp32")
-        return self
+
+
+def check_trainable_here(config: ExperimentConfig, source: str) -> None:
+    """What only the machine that trains can judge, checked before anything starts. Not part of
+    validation: `vlp submit` from a CPU login node, `vlp export` or `vlp eval` on a laptop must
+    accept a config that trains in fp16 on the cluster's GPUs.
+
+    DeepSpeed's CPU accelerator offers fp16 only with oneDNN fp16 kernels (AVX512-FP16 /
+    AMX-FP16 CPUs) and otherwise raises "Type fp16 is not supported on your device" once the
+    engine is built; this is the same test, with one line naming the key."""
+    if config.deepspeed.precision == "fp16" and not _fp16_available():
+        raise ConfigError(f"{source}: deepspeed.precision=fp16: DeepSpeed has no fp16 on this CPU (no CUDA device, "
+                          "no oneDNN fp16 kernels); use bf16 or fp32")
 
 
 def _fp16_available() -> bool:
