@@ -78,3 +78,19 @@ def run_vlp(*args, timeout=600, env=None, check=True) -> subprocess.CompletedPro
     if check and proc.returncode != 0:
         raise AssertionError(f"vlp {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def rerun_from_checkpoint(config, runs: Path, name: str, final: str, restart_at: str) -> Path:
+    """A copy of the finished run folder `runs/name` rewound to checkpoint `restart_at` (the
+    final checkpoint `final` removed, `latest` pointing back), then resumed with `vlp train
+    --resume latest` to the end. Returns the copy's checkpoints folder, for comparing its
+    `final` checkpoint with the uninterrupted run's."""
+    import shutil
+
+    resumed_runs = runs.parent / "resumed"
+    shutil.copytree(runs, resumed_runs)
+    checkpoints = resumed_runs / name / "checkpoints"
+    shutil.rmtree(checkpoints / final)
+    (checkpoints / "latest").write_text(restart_at + "\n")
+    run_vlp("train", config, f"output_dir={resumed_runs}", "--resume", "latest")
+    return checkpoints

@@ -4,12 +4,10 @@ step buffers, which the checkpoint carries). A tiny ct-lesions split, the real t
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import yaml
-from conftest import DEMO_CONFIG, run_vlp
+from conftest import DEMO_CONFIG, rerun_from_checkpoint, run_vlp
 
 from vlp.train.export import consolidate
 
@@ -47,12 +45,7 @@ def test_resume_with_the_masked_pass_is_bit_identical(tmp_path):
     run_vlp("train", config)
     reference = consolidate(tmp_path / "runs" / "mae" / "checkpoints", "step_00000006")
 
-    resumed_runs = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "runs", resumed_runs)
-    checkpoints = resumed_runs / "mae" / "checkpoints"
-    shutil.rmtree(checkpoints / "step_00000006")
-    (checkpoints / "latest").write_text("step_00000003\n")
-    run_vlp("train", config, f"output_dir={resumed_runs}", "--resume", "latest")
+    checkpoints = rerun_from_checkpoint(config, tmp_path / "runs", "mae", "step_00000006", "step_00000003")
     resumed = consolidate(checkpoints, "step_00000006")
     assert int(reference["objective.heads.masked_volume.mask_step"]) == 6
     assert reference.keys() == resumed.keys()

@@ -1,11 +1,10 @@
 """The trainer end to end on real processes: run folder, resume equivalence, 2 ranks, exit codes."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import run_vlp, tiny_config
+from conftest import rerun_from_checkpoint, run_vlp, tiny_config
 
 from vlp.train.export import consolidate
 
@@ -65,12 +64,8 @@ def test_resume_ends_with_the_same_weights(tmp_path, digits_dir, heads):
     run_dir = tmp_path / "runs" / "tiny"
     reference = final_weights(run_dir, "step_00000006")
 
-    resumed_runs = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "runs", resumed_runs)
-    ckpts = resumed_runs / "tiny" / "checkpoints"
-    shutil.rmtree(ckpts / "step_00000006")
-    (ckpts / "latest").write_text("step_00000003\n")
-    run_vlp("train", config, f"output_dir={resumed_runs}", "--resume", "latest")
+    ckpts = rerun_from_checkpoint(config, tmp_path / "runs", "tiny", "step_00000006", "step_00000003")
+    resumed_runs = ckpts.parents[1]
     resumed = final_weights(resumed_runs / "tiny", "step_00000006")
     assert reference.keys() == resumed.keys()
     for key in reference:
