@@ -94,3 +94,23 @@ def rerun_from_checkpoint(config, runs: Path, name: str, final: str, restart_at:
     (checkpoints / "latest").write_text(restart_at + "\n")
     run_vlp("train", config, f"output_dir={resumed_runs}", "--resume", "latest")
     return checkpoints
+
+
+def fit_image_projection(model, train_spec, targets_for):
+    """Set an (untrained, tiny) open_clip ViT tower's image projection by least squares so each
+    training image's embedding lands on `targets_for(labels)` (N,) -> (N, E): tests use it to
+    give a tiny model real predictions that two evaluators could disagree on."""
+    import torch
+
+    from vlp.data_pipelines.loader import build_eval_loader
+
+    vit = model.image.model
+    with torch.no_grad():
+        vit.proj.copy_(torch.eye(vit.proj.shape[0]))  # (W, E) with W == E: pooled features as they are
+        features, labels = [], []
+        for batch in build_eval_loader(train_spec, preprocess=model.image.preprocess(train=False),
+                                       tokenizer=model.text.tokenizer(), batch_size=256):
+            features.append(model.encode_image(batch["image"])["image_embed"])
+            labels.append(batch["label"])
+        features, labels = torch.cat(features), torch.cat(labels)
+        vit.proj.copy_(torch.linalg.lstsq(features, targets_for(labels)).solution)

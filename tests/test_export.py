@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 import yaml
-from conftest import run_vlp, tiny_config
+from conftest import fit_image_projection, run_vlp, tiny_config
 
 from vlp.train.checkpoint_io import CheckpointReadError
 from vlp.train.export import (
@@ -40,25 +40,15 @@ def zero3_run(tmp_path_factory, digits_dir):
     return tmp / "runs" / "tiny"
 
 
-def fit_image_projection(model, train_spec, classnames, templates):
-    """Give an (untrained, tiny) model real zero-shot predictions: set the image projection by
-    least squares so each training digit's embedding points at its class's text embedding.
-    Untrained, the tiny model predicts one class for every image, and two evaluators agreeing
-    on that could not fail."""
-    from vlp.data_pipelines.loader import build_eval_loader
+def fit_class_projection(model, train_spec, classnames, templates):
+    """Give an (untrained, tiny) model real zero-shot predictions: each training digit's embedding
+    points at its class's text embedding. Untrained, the tiny model predicts one class for every
+    image, and two evaluators agreeing on that could not fail."""
     from vlp.train.evals.common import class_embeddings
 
-    vit = model.image.model
     with torch.no_grad():
-        vit.proj.copy_(torch.eye(vit.proj.shape[0]))  # (W, E) with W == E: pooled features as they are
         classes = class_embeddings(model, classnames, templates, torch.device("cpu"))  # (C, E)
-        features, labels = [], []
-        for batch in build_eval_loader(train_spec, preprocess=model.image.preprocess(train=False),
-                                       tokenizer=model.text.tokenizer(), batch_size=256):
-            features.append(model.encode_image(batch["image"])["image_embed"])
-            labels.append(batch["label"])
-        features, labels = torch.cat(features), torch.cat(labels)
-        vit.proj.copy_(torch.linalg.lstsq(features, classes[labels]).solution)
+    fit_image_projection(model, train_spec, lambda labels: classes[labels])
 
 
 def model_from_tree(tree):
@@ -169,7 +159,7 @@ def test_clip_benchmark_agrees_with_vlp_eval(zero3_run, tmp_path, digits_dir, mo
     wds = clip_benchmark_layout(digits_dir, tmp_path / "wds")
     ours_model, config = load_model(zero3_run)
     names = resolve_names(ZeroShotConfig(data=str(wds / "test" / "0.tar")))
-    fit_image_projection(ours_model, str(digits_dir / "digits-train-{000000..000003}.tar"), *names)
+    fit_class_projection(ours_model, str(digits_dir / "digits-train-{000000..000003}.tar"), *names)
     checkpoint = export_model(ours_model, config, tmp_path / "st", "safetensors")
     export = export_model(ours_model, config, tmp_path / "oc", "open_clip")
     model, transform, tokenizer = load_clip("open_clip", f"local-dir:{export}", None, None, device="cpu")

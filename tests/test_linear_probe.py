@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import run_vlp
+from conftest import fit_image_projection, run_vlp
 from test_export import model_from_tree, numpy2_safe_accuracy, tiny_tree
 
 from vlp.data_pipelines.errors import DataError
@@ -223,19 +223,9 @@ def class_direction_projection(model, train_spec):
     embedding points along its own class's axis. Untrained, its normalised features barely differ
     between images and clip_benchmark's 10-epoch AdamW probe stays near chance loss (an
     optimiser-limited number, not a probe of the features); along class axes both probes converge."""
-    from vlp.data_pipelines.loader import build_eval_loader
-
-    vit = model.image.model
-    with torch.no_grad():
-        vit.proj.copy_(torch.eye(vit.proj.shape[0]))  # (W, E) with W == E: pooled features as they are
-        features, labels = [], []
-        for batch in build_eval_loader(train_spec, preprocess=model.image.preprocess(train=False),
-                                       tokenizer=model.text.tokenizer(), batch_size=256):
-            features.append(model.encode_image(batch["image"])["image_embed"])
-            labels.append(batch["label"])
-        features, labels = torch.cat(features), torch.cat(labels)
-        targets = torch.nn.functional.one_hot(labels, vit.proj.shape[1]).float()  # (N, E): class c -> axis c
-        vit.proj.copy_(torch.linalg.lstsq(features, targets).solution)
+    width = model.image.model.proj.shape[1]
+    fit_image_projection(model, train_spec,
+                         lambda labels: torch.nn.functional.one_hot(labels, width).float())  # class c -> axis c
 
 
 @pytest.mark.slow  # clip_benchmark's 20-odd AdamW probes on the CPU, open_clip featurising, a vlp process
