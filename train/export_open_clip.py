@@ -2,7 +2,13 @@
 `open_clip.create_model_and_transforms("local-dir:DIR")`; whatever open_clip's CLIP cannot hold
 (other heads' parameters: curvature, pooling layers, ...) goes to `vlp_extras.safetensors` (our
 names) + `vlp_extras.json`. Which head's scalars become open_clip's `logit_scale` (and
-`logit_bias`) the heads say themselves (`Head.open_clip_scalars`)."""
+`logit_bias`) the heads say themselves (`Head.open_clip_scalars`).
+
+Two kinds of model export: our open_clip_vit (or timm) + open_clip_text towers, whose
+`model_cfg` is written from their configs; and a `model.open_clip: {name: ...}` model (towers of
+type `open_clip`, built by open_clip's factory), whose `model_cfg` is open_clip's own for that
+name, so the weights also load with `open_clip.create_model(name, pretrained=FILE)` for a
+built-in name."""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vlp.train.exporter import EXPORTERS, MODEL_CARD, ExportError, Exporter, model_state, save_tensors, write_json
+from vlp.train.exporter import EXPORTERS, MODEL_CARD, Exporter, ExportError, model_state, save_tensors, write_json
 
 if TYPE_CHECKING:
     from vlp.train.config import ExperimentConfig
@@ -24,13 +30,62 @@ EXTRAS_WEIGHTS = "vlp_extras.safetensors"
 EXTRAS_INFO = "vlp_extras.json"
 
 
+def is_open_clip_model(config: ExperimentConfig) -> bool:
+    """Both towers are parts of one open_clip model built by open_clip's factory (`model.open_clip`)."""
+    return config.model.image.type == "open_clip" and config.model.text.type == "open_clip"
+
+
 def open_clip_prefixes(config: ExperimentConfig) -> list[tuple[str, str]]:
     """(our prefix, open_clip CLIP's) per tower. The text tower's TextTransformer is flattened
     into CLIP itself (token_embedding, positional_embedding, transformer, ln_final,
-    text_projection); a timm tower is open_clip's TimmModel (trunk + head.proj)."""
+    text_projection); a timm tower is open_clip's TimmModel (trunk + head.proj). An open_clip
+    model's towers are open_clip's `visual` and CustomTextCLIP's `text` already (vlp builds it
+    with `force_custom_text`): flattened like ours when open_clip's own class for the name is
+    CLIP (its loader turns that layout back into CustomTextCLIP's; not the other way round), kept
+    under `text.` for a CustomTextCLIP (HF text encoders, `custom_text`)."""
+    if is_open_clip_model(config):
+        return [("image.model.", "visual."), ("text.model.", "text." if _custom_text(_named_model_cfg(config)) else "")]
     image = [("image.model.", "visual.")] if config.model.image.type == "open_clip_vit" else [
         ("image.trunk.", "visual.trunk."), ("image.proj.", "visual.head.proj.")]
     return image + [("text.model.", "")]
+
+
+def _custom_text(model_cfg: dict) -> bool:
+    """open_clip builds CustomTextCLIP (text as one `.text` module) rather than CLIP for this
+    `model_cfg`, as `open_clip.create_model` decides it."""
+    return bool(model_cfg.get("custom_text")) or "hf_model_name" in model_cfg.get("text_cfg", {})
+
+
+def _is_builtin_name(name: str) -> bool:
+    from open_clip.factory import parse_model_name
+
+    return parse_model_name(name)[0] is None
+
+
+def _named_model_cfg(config: ExperimentConfig) -> dict:
+    """open_clip's own `model_cfg` for an open_clip model's name (`hf-hub:` from the local cache,
+    `local-dir:` from its folder), refused where our towers cannot be all of that model."""
+    import open_clip
+
+    from vlp.models.pretrained import resolve_model_name
+
+    image, text, model = config.model.image, config.model.text, config.model
+    if image.name != text.name:
+        raise ExportError(f"open_clip export: model.image.name={image.name} and model.text.name={text.name} are two "
+                          "open_clip models, open_clip_config.json holds one (use --format safetensors)")
+    try:
+        model_cfg = open_clip.get_model_config(resolve_model_name(image.name))
+    except ValueError as error:  # PretrainedError: an hf-hub: name not in the local cache, ...
+        raise ExportError(f"open_clip export: {error}") from None
+    if model_cfg is None:
+        raise ExportError(f"open_clip export: {image.name} is not an open_clip model config")
+    if "multimodal_cfg" in model_cfg:
+        raise ExportError(f"open_clip export: {image.name} is a CoCa model; vlp holds its towers without the text "
+                          "decoder, which open_clip's CoCa needs (use --format safetensors)")
+    if model_cfg["embed_dim"] != model.embed_dim:
+        raise ExportError(f"open_clip export: model.embed_dim={model.embed_dim} is not {image.name}'s "
+                          f"embed_dim {model_cfg['embed_dim']}")
+    return model_cfg
 
 
 def _timm_default_size(model_name: str) -> int | None:
@@ -48,10 +103,12 @@ def open_clip_model_cfg(config: ExperimentConfig) -> dict:
     open_clip_text."""
     model = config.model
     image, text = model.image, model.text
+    if is_open_clip_model(config):
+        return _named_model_cfg(config)
     if text.type != "open_clip_text" or image.type not in ("open_clip_vit", "timm"):
         raise ExportError(
-            f"open_clip export needs open_clip_vit (or timm) + open_clip_text towers, the model has "
-            f"{image.type} + {text.type} (use --format safetensors, timm or monai)"
+            f"open_clip export needs open_clip_vit (or timm) + open_clip_text towers, or model.open_clip, the model "
+            f"has {image.type} + {text.type} (use --format safetensors, timm or monai)"
         )
     if image.type == "open_clip_vit":
         vision_cfg = image.open_clip_cfg()
@@ -77,8 +134,11 @@ def scalar_head(config: ExperimentConfig) -> str | None:
     return next((name for name in config.model.heads_dict() if HEADS.get(name).open_clip_scalars), None)
 
 
-def to_open_clip(state: dict[str, torch.Tensor], config: ExperimentConfig) -> tuple[dict, dict, dict]:
-    """Our state dict -> (open_clip CLIP state dict, extras with our names, open_clip_config)."""
+def to_open_clip(state: dict[str, torch.Tensor], config: ExperimentConfig,
+                 preprocess_cfg: dict | None = None) -> tuple[dict, dict, dict]:
+    """Our state dict -> (open_clip CLIP state dict, extras with our names, open_clip_config).
+    `preprocess_cfg`: open_clip's, where the model has it (an open_clip model's image tower
+    carries the one open_clip resolved for its name and tag); else built from model.image."""
     from vlp.models.heads import HEADS
 
     model_cfg = open_clip_model_cfg(config)
@@ -101,10 +161,16 @@ def to_open_clip(state: dict[str, torch.Tensor], config: ExperimentConfig) -> tu
             model_cfg["init_logit_bias"] = float(open_clip_state["logit_bias"])
     else:  # no such head (e.g. a hyperbolic head alone): open_clip's default, documented in vlp_extras.json
         open_clip_state["logit_scale"] = torch.tensor(math.log(1 / 0.07))
-    image = config.model.image
-    preprocess_cfg = {"size": image.image_size, "mode": "RGB", "mean": list(image.mean), "std": list(image.std),
-                      "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
-    return open_clip_state, extras, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    if preprocess_cfg is None:
+        image = config.model.image
+        preprocess_cfg = {"size": image.image_size, "mode": "RGB", "mean": list(image.mean), "std": list(image.std),
+                          "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+    open_clip_config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    if is_open_clip_model(config) and _is_builtin_name(config.model.image.name):
+        # `open_clip.create_model(model_name, pretrained=<the weights file>)` also loads it (open_clip
+        # ignores `pretrained` for `hf-hub:` / `local-dir:` names, so those get no model_name).
+        open_clip_config["model_name"] = config.model.image.name
+    return open_clip_state, extras, open_clip_config
 
 
 def from_open_clip(open_clip_state: dict[str, torch.Tensor], extras: dict[str, torch.Tensor], config: ExperimentConfig) -> dict:
@@ -132,7 +198,10 @@ def _scoring_head_name(model: torch.nn.Module) -> str | None:
 
 class OpenClipExporter(Exporter):
     def write(self, model: torch.nn.Module, config: ExperimentConfig, out: Path) -> list[str]:
-        open_clip_state, extras, open_clip_config = to_open_clip(model_state(model), config)
+        # open_clip's resolved preprocessing (size, mean / std of the name's tag, ...) lives on its visual.
+        preprocess_cfg = getattr(model.image.model, "preprocess_cfg", None) if is_open_clip_model(config) else None
+        open_clip_state, extras, open_clip_config = to_open_clip(
+            model_state(model), config, dict(preprocess_cfg) if preprocess_cfg else None)
         write_json(out / OPEN_CLIP_CONFIG, open_clip_config)
         save_tensors(open_clip_state, out / OPEN_CLIP_WEIGHTS)
         files = [OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS]
