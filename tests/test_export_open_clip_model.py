@@ -75,3 +75,18 @@ def test_open_clip_model_export_refuses_two_open_clip_models(open_clip_model, tm
     with pytest.raises(ExportError, match="two open_clip models"):
         export_model(model, mixed, tmp_path / "oc", "open_clip")
     assert not (tmp_path / "oc").exists()
+
+
+def test_open_clip_model_export_reads_back_without_its_pretrained_weights(open_clip_model, tmp_path):
+    """A run that started from a pretrained tag exports weights that replace the tag's: reading the
+    export back must not need the tag's Hugging Face cache (absent here) again."""
+    model, config = open_clip_model
+    tagged = config.model_copy(deep=True)
+    for section in (tagged.model.open_clip, tagged.model.image, tagged.model.text):
+        section.pretrained = "laion2b_s34b_b79k"  # not in this machine's (empty) cache
+    out = export_model(model, tagged, tmp_path / "st", "safetensors")
+    back, back_config = load_model(out)
+    assert back_config.model.open_clip.pretrained is None
+    back_state = back.state_dict()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(back_state[key], value, rtol=0, atol=0, msg=key)

@@ -132,13 +132,24 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, yaml.safe_load(config_file.read_text())
 
 
+def weights_from_state(tree: dict) -> dict:
+    """The config tree with open_clip's `pretrained` removed: the state dict read next replaces
+    those weights, so rebuilding must not need the tag's Hugging Face cache or the file again."""
+    model = dict(tree.get("model") or {})
+    for key in ("open_clip", "image", "text"):
+        section = model.get(key)
+        if isinstance(section, dict) and (key == "open_clip" or section.get("type") == "open_clip"):
+            model[key] = {k: v for k, v in section.items() if k != "pretrained"}
+    return {**tree, "model": model}
+
+
 def load_model(path: Path) -> tuple[torch.nn.Module, Any]:
     """Rebuild our model from any checkpoint or export; returns (model in eval mode, config)."""
     from vlp.models.dual_encoder import VLPModel
     from vlp.train.config import load_config
 
     state, tree = read_state_dict(path)
-    config = load_config(tree=tree)
+    config = load_config(tree=weights_from_state(tree))
     model = VLPModel(config.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("attn_mask")]

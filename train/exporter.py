@@ -66,10 +66,13 @@ def matryoshka_card(model: torch.nn.Module) -> dict | None:
     features re-normalised (docs/export.md), so every format serves every prefix."""
     from vlp.train.evals.common import scoring_head
 
-    dims = scoring_head(model).matryoshka_dims()
+    head = scoring_head(model)
+    dims = head.matryoshka_dims()
     if not dims:
         return None
-    return {"dims": list(dims), "prefix": "normalize(embed[..., :dim]) for image and text alike"}
+    recipe = ("exp_map0(alpha * embed[..., :dim], c), alpha and c the head's (docs/export.md)" if head.hyperbolic
+              else "normalize(embed[..., :dim]) for image and text alike")
+    return {"dims": list(dims), "prefix": recipe}
 
 
 def config_tree(config: ExperimentConfig) -> dict:
