@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 from tests.dist_utils import run_ranks
-from vlp.models.heads.base import HeadInputs, bounded
-from vlp.models.heads.clip import ClipConfig, ClipHead
-from vlp.models.heads.meru import MeruConfig, MeruHead
-from vlp.models.heads.siglip import SigLipConfig, SigLipHead
+from vlp.models.heads import HEADS
+from vlp.models.heads.base import bounded
+from vlp.models.objective import Objective
 
 EMBED = 8
 # Outside the logit-scale bound log(100) by log(10): an Adam step of ~lr per step needs ~8 steps.
@@ -37,31 +36,37 @@ def test_gradient_is_dropped_only_where_it_points_further_out():
     torch.testing.assert_close(value.grad, torch.tensor([1.0, 0.0, 0.0, -1.0, 1.0, -1.0]))
 
 
-class _TwoTowers(nn.Module):
-    """Two linear towers and the clip, siglip and meru heads, each head's loss summed."""
+# Every head with a learnable logit scale bounded above by log(max_logit_scale) = log(100).
+BOUNDED_HEADS = ("clip", "siglip", "meru", "flair", "filip", "ct_align")
 
-    def __init__(self) -> None:
+
+class _Towers(nn.Module):
+    """One linear tower over every head's own example inputs (`Head.example_inputs`) and the
+    `BOUNDED_HEADS` in one `Objective`, which gathers across ranks as in training."""
+
+    def __init__(self, generator: torch.Generator) -> None:
         super().__init__()
-        self.image = nn.Linear(EMBED, EMBED)
-        self.text = nn.Linear(EMBED, EMBED)
-        self.heads = nn.ModuleDict({
-            "clip": ClipHead(ClipConfig(), EMBED),
-            "siglip": SigLipHead(SigLipConfig(), EMBED),
-            "meru": MeruHead(MeruConfig(), EMBED),
-        })
+        self.tower = nn.Linear(EMBED, EMBED)
+        configs = {name: HEADS.get(name).config_class(**HEADS.get(name).example_config) for name in BOUNDED_HEADS}
+        self.objective = Objective(configs, EMBED)
+        # The heads' examples agree on shared keys' shapes; a later head's draw replaces an earlier one.
+        self.encoded: dict[str, torch.Tensor] = {}
+        self.batch: dict = {}
+        for name, config in configs.items():
+            encoded, batch = HEADS.get(name).example_inputs(config, 8, EMBED, generator)
+            self.encoded.update(encoded)
+            self.batch.update(batch)
 
-    def forward(self, image_in: torch.Tensor, text_in: torch.Tensor) -> torch.Tensor:
-        image, text = self.image(image_in), self.text(text_in)
-        local = {"image_embed": image, "text_embed": text, "image_normed": nn.functional.normalize(image, dim=-1),
-                 "text_normed": nn.functional.normalize(text, dim=-1)}
-        inputs = HeadInputs(local=local, gathered={}, batch={})
-        return sum(head(inputs)["loss"] for head in self.heads.values())
+    def forward(self) -> torch.Tensor:
+        encoded = {key: self.tower(value) if value.is_floating_point() else value
+                   for key, value in self.encoded.items()}
+        return self.objective(encoded, self.batch)["loss"]
 
 
 def _scales(engine) -> dict[str, float]:
     import deepspeed
 
-    params = {name: head.logit_scale for name, head in engine.module.heads.items()}
+    params = {name: head.logit_scale for name, head in engine.module.objective.heads.items()}
     with deepspeed.zero.GatheredParameters(list(params.values())):  # a no-op below ZeRO 3
         return {name: param.detach().float().item() for name, param in params.items()}
 
@@ -73,21 +78,19 @@ def _train_from_outside(rank: int, world_size: int, zero_stage: int) -> dict[str
 
     os.environ["LOCAL_RANK"] = str(rank)  # what a launcher sets; deepspeed.initialize reads it
     torch.manual_seed(0)
-    model = _TwoTowers()
+    # Unrelated image and text features, different on each rank: the loss falls with the logit
+    # scale, so every gradient on it points back inside the bound.
+    model = _Towers(torch.Generator().manual_seed(rank))
     with torch.no_grad():
-        for head in model.heads.values():
+        for head in model.objective.heads.values():
             head.logit_scale.fill_(PUSHED_OUT)  # as an Adam overshoot could leave it
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.3, weight_decay=0.0)
     config = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": zero_stage},
               "steps_per_print": 10**9}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    # Unrelated image and text features: the loss falls with the logit scale, so every gradient
-    # on it points back inside the bound.
-    generator = torch.Generator().manual_seed(rank)
-    image_in, text_in = torch.randn(2, 8, EMBED, generator=generator)
     history = {name: [value] for name, value in _scales(engine).items()}
     for _ in range(15):
-        loss = engine(image_in, text_in)
+        loss = engine()
         engine.backward(loss)
         engine.step()
         for name, value in _scales(engine).items():
@@ -99,6 +102,7 @@ def _train_from_outside(rank: int, world_size: int, zero_stage: int) -> dict[str
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_scalar_pushed_outside_its_bound_comes_back(zero_stage):
     history = run_ranks(_train_from_outside, 2, zero_stage)[0]
+    assert set(history) == set(BOUNDED_HEADS)
     for name, values in history.items():
         assert values[0] == pytest.approx(PUSHED_OUT), name  # the engine kept the pushed-out value
         assert values[-1] < HIGH, f"{name} at ZeRO {zero_stage}: {values}"

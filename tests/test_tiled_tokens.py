@@ -2,8 +2,8 @@
 FLAIR's pairing equals a reference written after FLAIR's own loss code, and filip / ct_align,
 which keep the patch tokens on their rank, equal the former all-gathered formula on 1-3 ranks.
 
-Dense here is the same head with one block (block_size larger than the columns), which is the
-unblocked autograd computation; fp32 throughout, tolerance 1e-5.
+Dense here is the same head with `block_size` unset, which at these sizes is the unblocked
+autograd computation (`block_plan` returns None; asserted below); fp32 throughout, tolerance 1e-5.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from dist_utils import run_ranks
 from torch.testing import assert_close
 
-from vlp.models.heads import HeadInputs
+from vlp.models.heads import HeadInputs, tiled_tokens
 from vlp.models.heads.ct_align import CtAlignConfig, CtAlignHead
 from vlp.models.heads.filip import FilipConfig, FilipHead
 from vlp.models.heads.flair import FlairConfig, FlairHead, flair_pairs
-from vlp.models.heads.tiled_tokens import auto_block_size, blockwise_columns
+from vlp.models.heads.tiled_tokens import DENSE_BUDGET_BYTES, auto_block_size, block_plan, blockwise_columns
 
 E = 16
 TOL = dict(atol=1e-5, rtol=1e-5)
-DENSE = 1 << 30
+DENSE = None  # auto: dense at these sizes
 
 
 def test_blockwise_columns_equals_dense_with_repeated_indices():
@@ -46,7 +46,7 @@ def test_blockwise_columns_equals_dense_with_repeated_indices():
     assert auto_block_size(100, 10, budget=250) == 25 and auto_block_size(10, 10, budget=10**6) == 10
 
 
-def _head_and_inputs(name: str, block: int, batch: int = 4, world: int = 1, rank: int = 0, seed: int = 0):
+def _head_and_inputs(name: str, block: int | None, batch: int = 4, world: int = 1, rank: int = 0, seed: int = 0):
     """A head with `block_size` and one rank's inputs (local slices of a seeded global batch)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(seed)
@@ -95,6 +95,48 @@ def _loss_and_grads(name, block, batch=4, world=1, rank=0):
 def test_tiled_equals_dense_on_one_rank(name, block):
     dense, tiled = _loss_and_grads(name, DENSE), _loss_and_grads(name, block)
     assert dense.keys() == tiled.keys() and len(dense) > 2
+    for key in dense:
+        assert_close(tiled[key], dense[key], **TOL, msg=f"{name} {key}")
+
+
+def test_block_plan_is_dense_while_the_dense_intermediate_fits_the_budget():
+    assert block_plan(1000, DENSE_BUDGET_BYTES // 1000) is None  # the whole dense computation fits
+    # Beyond the budget: blocks of DEFAULT_BLOCK_BYTES, so at least 4 of them.
+    block = block_plan(1000, DENSE_BUDGET_BYTES // 1000 + 1)
+    assert block == tiled_tokens.DEFAULT_BLOCK_BYTES // (DENSE_BUDGET_BYTES // 1000 + 1) and 1000 / block >= 4
+    assert block_plan(10, tiled_tokens.DEFAULT_BLOCK_BYTES + 1) == 1  # a column larger than a block
+    # An explicit block size always tiles, even one larger than the columns.
+    assert block_plan(10, 1, block_size=3) == 3 and block_plan(10, 1, block_size=50) == 50
+
+
+def _spy_blockwise(monkeypatch) -> list[int]:
+    """Record the block size of every `blockwise_columns` call the heads make."""
+    import vlp.models.heads.ct_align as ct_align
+    import vlp.models.heads.filip as filip
+    import vlp.models.heads.flair as flair
+
+    calls: list[int] = []
+
+    def spy(column_fn, whole, columns, block_size):
+        calls.append(block_size)
+        return blockwise_columns(column_fn, whole, columns, block_size)
+
+    for module in (flair, filip, ct_align):
+        monkeypatch.setattr(module, "blockwise_columns", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["flair", "filip", "ct_align"])
+def test_auto_block_size_is_dense_for_small_inputs_and_tiles_beyond_the_budget(name, monkeypatch):
+    calls = _spy_blockwise(monkeypatch)
+    dense = _loss_and_grads(name, None)
+    assert calls == [], f"{name}: small inputs with block_size unset were tiled"
+    _loss_and_grads(name, 50)  # an explicit block size tiles even when one block holds every column
+    assert calls == [50]
+    calls.clear()
+    monkeypatch.setattr(tiled_tokens, "DENSE_BUDGET_BYTES", 0)  # now any dense intermediate is too large
+    tiled = _loss_and_grads(name, None)
+    assert calls and all(block >= 1 for block in calls)
     for key in dense:
         assert_close(tiled[key], dense[key], **TOL, msg=f"{name} {key}")
 
@@ -323,7 +365,7 @@ def _global_batch(name: str, world: int, batch: int, seed: int = 5) -> dict:
     return {"image_tokens": torch.randn(total, 6, E, generator=g), "sentence_embed": sentences, "sentence_mask": mask}
 
 
-def _local_head(name: str, block: int):
+def _local_head(name: str, block: int | None):
     torch.manual_seed(0)
     if name == "filip":
         head = FilipHead(FilipConfig(block_size=block), E)

@@ -54,8 +54,8 @@ from torch import Tensor, nn
 
 from vlp.core.collectives import at_least_fp32, gather_no_grad, gather_with_grad
 from vlp.data_pipelines.text import caption_sentences, is_normal_sentence
-from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
-from vlp.models.heads.tiled_tokens import auto_block_size, blockwise_columns, global_logsumexp
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs, bounded
+from vlp.models.heads.tiled_tokens import block_plan, blockwise_columns, global_logsumexp
 
 
 def patch_scores(patch_tokens: Tensor, sentences: Tensor) -> Tensor:
@@ -119,12 +119,11 @@ def cross_region_scores(
     """cos(sentence_i, region_i(b)): every sentence pooled over every volume.
 
     sentences: (M, E); patch_tokens: (N, P, E) -> (M, N), fp32. Built in blocks of `block_size`
-    volumes, recomputed in backward (None: about 256 MiB per block; one block is dense)."""
+    volumes, recomputed in backward (None: `tiled_tokens.block_plan` picks dense or the size)."""
     text = F.normalize(at_least_fp32(sentences), dim=-1)
     total, patches, width = patch_tokens.shape
-    if block_size is None:
-        block_size = auto_block_size(total, region_bytes_per_column(text.shape[0], patches, width))
-    if block_size >= total or text.shape[0] == 0:
+    block_size = block_plan(total, region_bytes_per_column(text.shape[0], patches, width), block_size)
+    if block_size is None or text.shape[0] == 0:
         return _region_scores(text, patch_tokens, mode, k, temperature)
     columns = torch.arange(total, device=patch_tokens.device)
     return blockwise_columns(lambda t, tokens: _region_scores(t, tokens, mode, k, temperature),
@@ -153,18 +152,17 @@ def local_volume_alignment_loss(
     `alignment_loss` (default: this rank's sentence count). Every rank must call this together:
     the softmax over volumes adds up the ranks' per-sentence log-sum-exps (`global_logsumexp`).
     The (B, M) scores are built in blocks of `block_size` sentences with recompute in backward
-    (None: about 256 MiB per block; one block is dense).
+    (None: `tiled_tokens.block_plan` picks dense or the block size).
     Returns (loss, top-1 accuracy of finding the own volume over the global batch).
     """
     batch, patches, width = patch_tokens.shape
     total = queries.shape[0]
-    if block_size is None:
-        block_size = auto_block_size(total, region_bytes_per_column(batch, patches, width))
+    block_size = block_plan(total, region_bytes_per_column(batch, patches, width), block_size)
 
     def column_fn(tokens: Tensor, sentences: Tensor) -> Tensor:  # (B, P, E), (c, E) -> (B, c)
         return _region_scores(sentences, tokens, mode, k, temperature).T
 
-    if block_size >= total:
+    if block_size is None:
         similarity = column_fn(patch_tokens, queries)  # (B, M)
     else:
         columns = torch.arange(total, device=queries.device)
@@ -234,11 +232,12 @@ class CtAlignConfig(HeadConfig):
     topk: int = Field(4, ge=1, description="patches kept per sentence (selection=topk)")
     select_temperature: float = Field(0.1, gt=0, description="softmax temperature of the pooling weights")
     init_temperature: float = Field(0.07, gt=0)
-    max_logit_scale: float = Field(100.0, gt=0)
+    max_logit_scale: float = Field(100.0, gt=0, description="upper bound of exp(logit_scale), by `base.bounded`")
     exclude_normal: bool = Field(True, description="mask normal/negated sentences out of the alignment")
     dedup_threshold: Optional[float] = Field(0.98, gt=0, le=1, description="None: keep duplicates as negatives")
     block_size: Optional[int] = Field(
-        None, ge=1, description="volumes per alignment block; None: about 256 MiB per block, dense when one holds all")
+        None, ge=1,
+        description="sentences per alignment block (an int always tiles); None: dense up to 1 GiB, else ~256 MiB blocks")
 
 
 @HEADS.register("ct_align")
@@ -256,8 +255,9 @@ class CtAlignHead(Head):
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / config.init_temperature)))
 
     def scale(self) -> Tensor:
-        """exp(logit_scale) clamped in forward (ZeRO 2/3 would undo an in-place clamp), [1] fp32."""
-        return self.logit_scale.float().clamp(max=math.log(self.config.max_logit_scale)).exp()
+        """exp(logit_scale) at most max_logit_scale, [1] fp32, by the heads' bounded-parameter rule
+        (`base.bounded`: an overshoot can come back, any ZeRO stage). `forward` calls it once."""
+        return bounded(self.logit_scale.float(), high=math.log(self.config.max_logit_scale)).exp()
 
     def aligned_mask(self, batch: dict[str, Any], shape: tuple[int, int]) -> Tensor:
         """(B, S) bool: real sentences, minus normal ones when `exclude_normal`."""
@@ -280,6 +280,7 @@ class CtAlignHead(Head):
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         c = self.config
+        logit_scale = self.scale()
         tokens = inputs.local["image_tokens"]  # (B, P, E): this rank's volumes, never gathered
         sentences = inputs.local["sentence_embed"]  # (B, S, E)
         batch, num_sentences = sentences.shape[:2]
@@ -292,7 +293,7 @@ class CtAlignHead(Head):
         total_valid = int(all_valid.sum())
         if total_valid == 0:  # no rank has a sentence to align: every rank skips the collectives
             return {"loss": (tokens.sum() + all_sentences.sum()) * 0.0,
-                    "logging": {"logit_scale": self.scale().detach()[0], "accuracy": torch.zeros((), device=tokens.device),
+                    "logging": {"logit_scale": logit_scale.detach()[0], "accuracy": torch.zeros((), device=tokens.device),
                                 "aligned_sentences": 0.0}}
 
         rows = all_valid.nonzero(as_tuple=False)  # (M, 2): (global volume, sentence), rank order
@@ -309,12 +310,12 @@ class CtAlignHead(Head):
                 mine = owned.nonzero(as_tuple=True)[0]
                 exclude[mine, owners[mine]] = False
         loss, accuracy = local_volume_alignment_loss(
-            tokens, queries, owners, self.scale(), mode=c.selection, k=c.topk, temperature=c.select_temperature,
+            tokens, queries, owners, logit_scale, mode=c.selection, k=c.topk, temperature=c.select_temperature,
             exclude=exclude, normaliser=total_valid / inputs.world_size, block_size=c.block_size)
         return {
             "loss": loss,
             "logging": {
-                "logit_scale": self.scale().detach()[0],
+                "logit_scale": logit_scale.detach()[0],
                 "accuracy": accuracy,
                 "aligned_sentences": float(total_valid),
             },

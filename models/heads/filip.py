@@ -23,9 +23,9 @@ forward or backward. The loss of each rank and the gradients are those of the fo
 
 Memory: the (B, N) scores are computed in blocks of global text columns with recompute in
 backward (`blockwise_columns`), so one rank holds one (B, c, P, L) block of similarities at a
-time (`block_size`; None: about 256 MiB per block, dense when one block holds all); the text
-blocks are normalised inside the block, so the N x L x E tokens are not copied, only their
-gradient is kept. `max_image_tokens` / `max_text_tokens` score a random subset of patches /
+time (`block_size`; unset: dense while the whole intermediate fits in 1 GiB, else blocks of about
+256 MiB); the text blocks are normalised inside the block, so the N x L x E tokens are not
+copied, only their gradient is kept. `max_image_tokens` / `max_text_tokens` score a random subset of patches /
 valid text tokens per sample during training (FILIP keeps all tokens but reduces the
 embedding width; a token subset is the cheaper lever here).
 """
@@ -41,20 +41,21 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from vlp.core.collectives import at_least_fp32, contiguous_grad, gather_no_grad, gather_with_grad, is_distributed
-from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
-from vlp.models.heads.tiled_tokens import DEFAULT_BLOCK_BYTES, auto_block_size, blockwise_columns, global_logsumexp
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs, bounded
+from vlp.models.heads.tiled_tokens import DEFAULT_BLOCK_BYTES, block_plan, blockwise_columns, global_logsumexp
 
 
 class FilipConfig(HeadConfig):
     init_logit_scale: float = Field(math.log(1 / 0.07), description="log of the initial inverse temperature")
-    max_logit_scale: float = Field(100.0, gt=0)
+    max_logit_scale: float = Field(100.0, gt=0, description="upper bound of exp(logit_scale), by `base.bounded`")
     # Random token subsets per sample during training (None: all tokens).
     max_image_tokens: Optional[int] = Field(None, ge=1)
     max_text_tokens: Optional[int] = Field(None, ge=1)
     # Images scored per chunk in `token_scores` (bounds the (chunk, N, P, L) similarity block).
     chunk: int = Field(16, ge=1)
     block_size: Optional[int] = Field(
-        None, ge=1, description="global columns per loss block; None: about 256 MiB per block, dense when one holds all")
+        None, ge=1,
+        description="global columns per loss block (an int always tiles); None: dense up to 1 GiB, else ~256 MiB blocks")
 
 
 def token_similarity(
@@ -147,16 +148,15 @@ def filip_loss(
     Image -> text: local rows, a softmax over the N texts. Text -> image for this rank's B texts:
     a softmax over the images of every rank, through `global_logsumexp`; every rank must call
     this together. The (2, B, N) scores are built in blocks of `block_size` text columns with
-    recompute in backward (None: DEFAULT_BLOCK_BYTES per block; one block is the dense
-    computation). Returns (loss, i2t accuracy).
+    recompute in backward (None: `tiled_tokens.block_plan` picks dense or the block size).
+    Returns (loss, i2t accuracy).
     """
     batch, patches = image_tokens.shape[:2]
     total, length = all_text_tokens.shape[:2]
     local = torch.arange(batch, device=image_tokens.device)
     labels = first + local
+    block_size = block_plan(total, late_interaction_bytes_per_column(batch, patches, length), block_size)
     if block_size is None:
-        block_size = auto_block_size(total, late_interaction_bytes_per_column(batch, patches, length))
-    if block_size >= total:
         scores = late_interaction_scores(image_tokens, all_text_tokens, all_text_mask)  # (2, B, N)
     else:
         columns = torch.arange(total, device=image_tokens.device)
@@ -207,6 +207,11 @@ class FilipHead(Head):
     def no_weight_decay(self) -> set[str]:
         return {"logit_scale"}
 
+    def scale(self) -> Tensor:
+        """exp(logit_scale) at most max_logit_scale, [1] fp32, by the heads' bounded-parameter rule
+        (`base.bounded`: an overshoot can come back, any ZeRO stage). `forward` calls it once."""
+        return bounded(at_least_fp32(self.logit_scale), high=math.log(self.config.max_logit_scale)).exp()
+
     def _subset_texts(self, all_texts: Tensor, all_mask: Tensor, first: int, batch: int) -> tuple[Tensor, Tensor]:
         """The gathered texts (N, L, E), (N, L), each cut to `max_text_tokens` random valid tokens
         in training. Every rank must score a text through the same tokens (their log-sum-exps
@@ -233,7 +238,7 @@ class FilipHead(Head):
         all_texts = gathered["text_tokens"] if "text_tokens" in gathered else gather_with_grad(local["text_tokens"])
         all_mask = gathered["text_mask"] if "text_mask" in gathered else gather_no_grad(local["text_mask"].to(torch.uint8))
         all_texts, all_mask = self._subset_texts(at_least_fp32(contiguous_grad(all_texts)), all_mask.bool(), first, batch)
-        scale = at_least_fp32(self.logit_scale).clamp(max=math.log(self.config.max_logit_scale)).exp()
+        scale = self.scale()
         loss, accuracy = filip_loss(images, all_texts, all_mask, first, scale, block_size=self.config.block_size)
         return {"loss": loss, "logging": {"scale": scale.detach()[0], "i2t_acc": accuracy.detach()}}
 

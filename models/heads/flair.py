@@ -33,8 +33,8 @@ single-process loss of the global batch, so the averaged DDP gradient is the glo
 
 Memory: TCS is scored in blocks of text columns (`blockwise_columns` in tiled_tokens.py), so one
 rank holds the (B, T) logits plus one block's (B, H, t, P) attention, never all B x T pooled
-vectors; `block_size` (None: about 256 MiB per block) sets t, and a pairing that fits in one
-block takes the dense path.
+vectors; `block_size` sets t. Unset, a pairing whose dense intermediate fits in
+`DENSE_BUDGET_BYTES` (1 GiB) takes the dense path, a larger one blocks of about 256 MiB.
 
 Zero-shot scoring (`pairwise_scores`) pools every image for every text when given the image
 tokens (FLAIR's primary `get_logits`), optionally only for each text's `topk` images by global
@@ -53,8 +53,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from vlp.core.collectives import at_least_fp32, contiguous_grad
-from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
-from vlp.models.heads.tiled_tokens import DEFAULT_BLOCK_BYTES, auto_block_size, blockwise_columns
+from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs, bounded
+from vlp.models.heads.tiled_tokens import DEFAULT_BLOCK_BYTES, auto_block_size, block_plan, blockwise_columns
 
 
 class FlairConfig(HeadConfig):
@@ -63,7 +63,7 @@ class FlairConfig(HeadConfig):
     include_global_token: bool = False
     init_logit_scale: float = Field(math.log(10.0), description="log of the initial scale (SigLIP)")
     init_logit_bias: float = -10.0
-    max_logit_scale: float = Field(100.0, gt=0, description="clamp of exp(logit_scale)")
+    max_logit_scale: float = Field(100.0, gt=0, description="upper bound of exp(logit_scale), by `base.bounded`")
     # "flair": FLAIR's per-rank blocks (B x (N + W (K - 1)), TCS / (B + K - 1)); "sampled": own K
     # captions + one random caption of every other image (B x (K + N - 1), TCS / B); "all":
     # every caption of the global batch (B x N * K pooled vectors; small batches only).
@@ -72,7 +72,8 @@ class FlairConfig(HeadConfig):
     # Images pooled per chunk in zero-shot scoring (bounds eval memory, with the byte budget).
     score_chunk: int = Field(64, ge=1)
     block_size: Optional[int] = Field(
-        None, ge=1, description="text columns per TCS block; None: about 256 MiB per block, dense when one block holds all")
+        None, ge=1,
+        description="text columns per TCS block (an int always tiles); None: dense up to 1 GiB, else ~256 MiB blocks")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,8 +256,9 @@ class FlairHead(Head):
         return {"logit_scale", "logit_bias"}
 
     def _scale(self) -> Tensor:
-        # Clamped here, not in place: ZeRO writes the master copy back every step.
-        return at_least_fp32(self.logit_scale).clamp(max=math.log(self.config.max_logit_scale)).exp()
+        """exp(logit_scale) at most max_logit_scale, [1] fp32, by the heads' bounded-parameter rule
+        (`base.bounded`: an overshoot can come back, any ZeRO stage). `forward` calls it once."""
+        return bounded(at_least_fp32(self.logit_scale), high=math.log(self.config.max_logit_scale)).exp()
 
     def _tokens(self, image_tokens: Tensor, image_embed: Optional[Tensor]) -> Tensor:
         """Keys/values of the pooling: patch tokens (B, P, E), plus the global token if configured."""
@@ -284,11 +286,10 @@ class FlairHead(Head):
         caption_index, labels = flair_pairs(negative_caption, inputs.rank, world_size, k)
         return caption_index, labels, float(batch + k - 1)
 
-    def block_size(self, batch: int, columns: int, patches: int) -> int:
-        """Text columns per TCS block: the config's, else a DEFAULT_BLOCK_BYTES budget."""
-        if self.config.block_size is not None:
-            return self.config.block_size
-        return auto_block_size(columns, pooled_bytes_per_column(batch, self.pool.num_heads, patches, self.embed_dim))
+    def block_size(self, batch: int, columns: int, patches: int) -> int | None:
+        """Text columns per TCS block, None for the dense path (`tiled_tokens.block_plan`)."""
+        bytes_per_column = pooled_bytes_per_column(batch, self.pool.num_heads, patches, self.embed_dim)
+        return block_plan(columns, bytes_per_column, self.config.block_size)
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         local = inputs.local
@@ -309,7 +310,7 @@ class FlairHead(Head):
         scale, bias = self._scale(), at_least_fp32(self.logit_bias)
         whole = (keys, values, self.pool.out_proj.weight, self.pool.out_proj.bias, scale, bias)
         block = self.block_size(batch, caption_index.shape[1], tokens.shape[1])
-        if block >= caption_index.shape[1]:  # dense: one block, no recompute
+        if block is None:  # dense: no recompute
             tcs_logits = pooled_logits(*whole, queries[caption_index], texts_normed[caption_index])
         else:
             tcs_logits = blockwise_columns(pooled_logits, whole, [(queries, caption_index), (texts_normed, caption_index)], block)

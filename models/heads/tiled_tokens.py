@@ -28,6 +28,12 @@ Extra memory: the inputs' gradients (linear in N) plus one block's intermediate,
 set by `block_size`; `auto_block_size` turns a byte budget into a column count. First-order
 gradients only, like tiled.py.
 
+Dense or tiled: the recompute makes a tiled step 1.14-2.2x the dense one (docs/benchmarks.md),
+so blocking only pays where the dense intermediate would not fit. The heads ask `block_plan`:
+a config's integer `block_size` always tiles; unset, the predicted dense intermediate
+(columns x the head's `*_bytes_per_column`) decides: dense up to `DENSE_BUDGET_BYTES`, else
+blocks of `DEFAULT_BLOCK_BYTES`.
+
 Softmax over the rows of every rank (filip's text -> image, ct_align's sentence -> volume):
 
     global_logsumexp(scores, scale, exclude) -> (lse (C,), max (C,))
@@ -51,19 +57,38 @@ from vlp.core.collectives import all_reduce_sum, gather_no_grad
 
 ColumnFn = Callable[..., Tensor]
 
-# Bytes one block's intermediate may take when the head's config does not fix the block size.
-# 256 MiB keeps a block's matmuls large (hundreds of columns for FLAIR and the CT head at
-# B = 256, P = 196) while the whole loss stays far under a GPU's memory; measured in
-# benchmarks/loss_memory.py --head.
+# Bytes one block's intermediate may take when the head's config does not fix the block size
+# (also the eval scorers' streaming blocks in flair.py and filip.py). 256 MiB keeps a block's
+# matmuls large (hundreds of columns for FLAIR and the CT head at B = 256, P = 196) while the
+# whole loss stays far under a GPU's memory; measured in benchmarks/loss_memory.py --head.
 DEFAULT_BLOCK_BYTES = 256 * 2**20
+
+# Predicted dense intermediate (bytes) up to which an unset `block_size` takes the dense path.
+# Dense skips the recompute (tiled costs 1.14-2.2x its time) and, at this size, spends at most
+# 0.75 GiB more than 256 MiB blocks would: about 1% of an 80 GB GPU, small next to the towers'
+# activations. Beyond it the dense intermediate grows as B x N (7.7 GiB for filip at N = 256),
+# which is what tiling is for. Larger than DEFAULT_BLOCK_BYTES, so a tiled loss has >= 4 blocks.
+DENSE_BUDGET_BYTES = 2**30
 
 
 def auto_block_size(num_columns: int, bytes_per_column: int, budget: int = DEFAULT_BLOCK_BYTES) -> int:
-    """Columns per block so that one block's intermediate stays within `budget` bytes (>= 1).
-
-    Returns `num_columns` itself when everything fits in one block: the caller then takes its
-    dense path, which skips the recompute."""
+    """Columns per block so that one block's intermediate stays within `budget` bytes, in
+    [1, num_columns]."""
     return max(1, min(num_columns, budget // max(1, bytes_per_column)))
+
+
+def block_plan(num_columns: int, bytes_per_column: int, block_size: int | None = None) -> int | None:
+    """How a head scores its `num_columns` columns: None for the dense path (one autograd graph,
+    no recompute), else the columns per block for `blockwise_columns`.
+
+    block_size: the config's; an integer always tiles (one block, recomputed, when it is at
+    least `num_columns`). None: dense when the predicted dense intermediate, `num_columns x
+    bytes_per_column`, fits in DENSE_BUDGET_BYTES; blocks of DEFAULT_BLOCK_BYTES beyond it."""
+    if block_size is not None:
+        return block_size
+    if num_columns * bytes_per_column <= DENSE_BUDGET_BYTES:
+        return None
+    return auto_block_size(num_columns, bytes_per_column)
 
 
 def _blocks(length: int, block_size: int) -> list[tuple[int, int]]:
