@@ -16,7 +16,7 @@ Prints one JSON line (all numbers, and whether each target is met) and writes th
 `--head flair|filip|ct_align` measures a fine-grained head instead (see `run_head_case`): one
 rank's share, B_local = 256 local images against N global texts, P = 196 patch tokens, E = 512,
 fp32, forward + backward, the tiled path (blocks of text columns, recompute in backward) and the
-dense one (one block). One JSON line per (head, impl, N); sizes above `--measure-max-n` (or whose
+dense one (no blocks, no recompute). One JSON line per (head, impl, N); sizes above `--measure-max-n` (or whose
 dense peak is predicted above `--dense-max-gb`) are predicted from the two smallest measured sizes
 by a straight line in N (both paths are linear in N at fixed B), marked `"predicted": true`.
 
@@ -180,8 +180,12 @@ def run_head_case(head: str, impl: str, num: int, threads: int, block_size: int 
     torch.set_num_threads(threads)
     shapes = HEAD_SHAPES
     batch, patches, dim = shapes["batch"], shapes["patches"], shapes["dim"]
-    dense_block = 1 << 40  # one block: the dense path
-    block = dense_block if impl == "dense" else block_size
+    from vlp.models.heads import tiled_tokens
+
+    # dense: the heads' dense path (one autograd graph, no recompute) whatever its size; tiled:
+    # the automatic blocks (or --block-size) even where the automatic choice would go dense.
+    tiled_tokens.DENSE_BUDGET_BYTES = 1 << 60 if impl == "dense" else -1
+    block = None if impl == "dense" else block_size
     generator = torch.Generator().manual_seed(0)
 
     def leaf(*shape):
