@@ -20,7 +20,7 @@ from vlp.data_pipelines.errors import DataError
 from vlp.data_pipelines.image_folder import ImageFolder, is_image_folder
 from vlp.train.evals import EVALUATORS, EvalContext
 from vlp.train.evals.common import load_template_sets, resolve_eval_source
-from vlp.train.evals.linear_probe import LinearProbeConfig, choose_c, k_shot, linear_probe
+from vlp.train.evals.linear_probe import LinearProbeConfig, choose_c, k_shot, linear_probe, split_train
 from vlp.train.export import export_model
 
 TRAIN = "digits-train-{000000..000003}.tar"  # shard_size=400 in the session's digits_dir
@@ -182,7 +182,7 @@ class _CudaOnCpu(str):
 def clip_benchmark_vs_vlp(model, config, digits_dir, tmp_path, monkeypatch, epochs=10):
     """(clip_benchmark's linear-probe metrics on the open_clip export of `model`, `vlp eval
     linear_probe` on its safetensors export), digits train -> test. clip_benchmark's own
-    featuriser (open_clip), its cli's random split (val_proportion 0.2), sweep and metrics."""
+    featuriser (open_clip), weight-decay sweep, final fit and metrics, on vlp's train/val split."""
     monkeypatch.setitem(sys.modules, "requests", sys.modules.get("requests", types.ModuleType("requests")))
     from clip_benchmark.metrics import linear_probe as reference
     from clip_benchmark.models import load_clip
@@ -193,12 +193,18 @@ def clip_benchmark_vs_vlp(model, config, digits_dir, tmp_path, monkeypatch, epoc
     checkpoint = export_model(model, config, tmp_path / "st", "safetensors")
     oc_model, transform, _ = load_clip("open_clip", f"local-dir:{export}", None, None, device="cpu")
 
-    def samples(split):
-        return [(transform(Image.open(io.BytesIO(sample["png"])).convert("RGB")), int(sample["cls"]))
-                for shard in sorted(digits_dir.glob(f"digits-{split}-*.tar")) for sample in read_tar(shard).values()]
+    def samples(split):  # sorted by key, the order vlp's features are in
+        found = {key: sample for shard in digits_dir.glob(f"digits-{split}-*.tar") for key, sample in read_tar(shard).items()}
+        return [(transform(Image.open(io.BytesIO(found[key]["png"])).convert("RGB")), int(found[key]["cls"]))
+                for key in sorted(found)]
 
-    torch.manual_seed(0)
-    train, val = torch.utils.data.random_split(samples("train"), [0.8, 0.2])  # clip_benchmark's cli split
+    # The split vlp's probe makes (val_proportion 0.2, seed 0), handed to clip_benchmark as its
+    # train and val loaders: both search the same held-out samples. clip_benchmark's cli draws its
+    # own (`random_split(train, [0.8, 0.2])`), 287 other samples; on this model that moves its
+    # figure by under a point, but it is a second difference besides the optimiser.
+    train = samples("train")
+    fit_part, val_part = split_train(np.array([label for _, label in train]), 0.2, 0)
+    train, val = torch.utils.data.Subset(train, fit_part.tolist()), torch.utils.data.Subset(train, val_part.tolist())
     loader = lambda data: torch.utils.data.DataLoader(data, batch_size=64, shuffle=False)  # noqa: E731
     monkeypatch.setattr(reference, "accuracy", numpy2_safe_accuracy)
     monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self)
@@ -232,17 +238,23 @@ def class_direction_projection(model, train_spec):
 @pytest.mark.timeout(2400)  # 16 min on 2 contended cores (load 18); minutes when the CPUs are free
 def test_agrees_with_clip_benchmarks_linear_probe(tmp_path, digits_dir, probe_model, monkeypatch):
     """clip_benchmark's own linear probe on our open_clip export against `vlp eval linear_probe`
-    on the same weights, digits train -> test.
+    on the same weights, digits train -> test, full train split: within 1 point (issue 16).
 
-    Issue 16 asks for agreement within 1 point. Measured on the demo checkpoint (step 198 of
-    800): clip_benchmark 0.8635 (wd 4.64) vs vlp 0.9304 (C 75); clip_benchmark's probe is 10
-    epochs of AdamW at lr 0.1, which stops short of the optimum L-BFGS reaches, so the
-    converged probe scores higher. What is asserted: vlp's probe is never more than 1 point
-    below clip_benchmark's; the gap is printed."""
+    Matched settings: the same features (open_clip's and vlp's differ by < 1e-4), the same
+    train/val split (vlp's, handed to clip_benchmark), the same coarse-to-fine search over 97
+    log-spaced values, final fit on train + val; clip_benchmark at its cli defaults (AdamW, lr
+    0.1, 10 epochs, batch 64). What still differs is the optimiser and its regulariser (AdamW's
+    decoupled weight decay on weight and bias vs scikit-learn's L2 penalty C), so the two meet
+    only where AdamW converges. Measured: this model vlp 0.8273 (C 1e6), clip_benchmark 0.8357
+    (wd 0.038; on its own cli split 0.8273); the demo checkpoint (runs/demo_s0, step 800) vlp 0.9526, clip_benchmark
+    0.9499 at 10 epochs, 0.9582 at 100. Not asserted, as it does not hold at these settings:
+    10-shot, where clip_benchmark's probe takes 20 AdamW steps (100 samples, batch 64, 10
+    epochs): this model vlp 0.8273, clip_benchmark 0.7187 (10 epochs), 0.8134 (300 epochs).
+    A step-198 demo checkpoint gave 0.9304 vs 0.8635 (full, cli split), the same undertraining."""
     model, config = probe_model
     model = copy.deepcopy(model)
     class_direction_projection(model, str(digits_dir / TRAIN))
     theirs, ours = clip_benchmark_vs_vlp(model, config, digits_dir, tmp_path, monkeypatch)
     assert ours["linear_probe_test_samples"] == 359 and ours["linear_probe_train_samples"] == 1438
     assert 0.3 < ours["linear_probe_top1"] < 0.995  # a probe that could disagree
-    assert ours["linear_probe_top1"] >= theirs["lp_acc1"] - 0.01
+    assert abs(ours["linear_probe_top1"] - theirs["lp_acc1"]) <= 0.01
