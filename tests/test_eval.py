@@ -268,9 +268,29 @@ def test_flair_checkpoint_retrieval_reranks_through_the_evaluator(tmp_path, digi
     got = EVALUATORS.get("retrieval")(RetrievalConfig(data=spec, batch_size=4, chunk_size=5, rerank_topk=10)).run(
         model, EvalContext())
     # Dense reference: FLAIR's own re-ranked score matrix.
+    image_embed, image_tokens, text, owner = encoded_shards(model, tmp_path / "ret")
+    with torch.no_grad():
+        dense = model.objective.heads.flair.pairwise_scores(image_embed, text, image_tokens=image_tokens, topk=10)
+    positive = owner[None, :] == torch.arange(len(image_embed))[:, None]
+    t2i = dense_ranks(dense.T, positive.T)
+    for k in (1, 5, 10):
+        assert got[f"retrieval_t2i_r{k}"] == pytest.approx(float((t2i < k).double().mean()), abs=1e-9), k
+
+
+def encoded_shards(model, shard_dir):
+    """Image embeddings (N, E), tokens (N, P, E), caption embeddings (M, E) and owners (M,) of
+    every sample, encoded in one batch (the evaluator's order: shards and keys sorted)."""
+    import io
+    import json
+
+    from conftest import read_tar
+    from PIL import Image
+
+    from vlp.train.evals.retrieval import sample_captions
+
     preprocess, tokenizer = model.image.preprocess(train=False), model.text.tokenizer()
     images, captions, owner = [], [], []
-    for shard in sorted((tmp_path / "ret").glob("ret-*.tar")):
+    for shard in sorted(shard_dir.glob("ret-*.tar")):
         members = read_tar(shard)
         for key in sorted(members):
             own = sample_captions(members[key]["txt"].decode(), json.loads(members[key]["json"]), "auto")
@@ -280,9 +300,4 @@ def test_flair_checkpoint_retrieval_reranks_through_the_evaluator(tmp_path, digi
     with torch.no_grad():
         encoded = model.encode_image(torch.stack(images))
         text = model.encode_text(tokenizer(captions))["text_embed"]
-        dense = model.objective.heads.flair.pairwise_scores(encoded["image_embed"], text,
-                                                            image_tokens=encoded["image_tokens"], topk=10)
-    positive = torch.tensor(owner)[None, :] == torch.arange(len(images))[:, None]
-    t2i = dense_ranks(dense.T, positive.T)
-    for k in (1, 5, 10):
-        assert got[f"retrieval_t2i_r{k}"] == pytest.approx(float((t2i < k).double().mean()), abs=1e-9), k
+    return encoded["image_embed"], encoded.get("image_tokens"), text, torch.tensor(owner)

@@ -7,7 +7,7 @@ import torch
 import yaml
 from conftest import tiny_config
 from dist_utils import run_ranks
-from test_eval import dense_ranks, random_retrieval_set, write_caption_shards
+from test_eval import dense_ranks, encoded_shards, random_retrieval_set, write_caption_shards
 
 from vlp.train.evals import EVALUATORS, EvalContext
 from vlp.train.evals.retrieval import (
@@ -96,32 +96,6 @@ def build_model(tree, state=None):
     if state is not None:
         model.load_state_dict(state)
     return model.eval()
-
-
-def encoded_shards(model, shard_dir):
-    """Image embeddings (N, E), tokens (N, P, E), caption embeddings (M, E) and owners (M,) of
-    every sample, encoded in one batch (the evaluator's order: shards and keys sorted)."""
-    import io
-    import json
-
-    from conftest import read_tar
-    from PIL import Image
-
-    from vlp.train.evals.retrieval import sample_captions
-
-    preprocess, tokenizer = model.image.preprocess(train=False), model.text.tokenizer()
-    images, captions, owner = [], [], []
-    for shard in sorted(shard_dir.glob("ret-*.tar")):
-        members = read_tar(shard)
-        for key in sorted(members):
-            own = sample_captions(members[key]["txt"].decode(), json.loads(members[key]["json"]), "auto")
-            owner += [len(images)] * len(own)
-            captions += own
-            images.append(preprocess(Image.open(io.BytesIO(members[key]["png"])).convert("RGB")))
-    with torch.no_grad():
-        encoded = model.encode_image(torch.stack(images))
-        text = model.encode_text(tokenizer(captions))["text_embed"]
-    return encoded["image_embed"], encoded.get("image_tokens"), text, torch.tensor(owner)
 
 
 def recalls(i2t, t2i, suffix=""):
