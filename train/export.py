@@ -132,7 +132,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, yaml.safe_load(config_file.read_text())
 
 
-def weights_from_state(tree: dict) -> dict:
+def without_pretrained_weights(tree: dict) -> dict:
     """The config tree with open_clip's `pretrained` removed: the state dict read next replaces
     those weights, so rebuilding must not need the tag's Hugging Face cache or the file again."""
     model = dict(tree.get("model") or {})
@@ -149,7 +149,7 @@ def load_model(path: Path) -> tuple[torch.nn.Module, Any]:
     from vlp.train.config import load_config
 
     state, tree = read_state_dict(path)
-    config = load_config(tree=weights_from_state(tree))
+    config = load_config(tree=without_pretrained_weights(tree))
     model = VLPModel(config.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("attn_mask")]
