@@ -55,6 +55,48 @@ def test_tower_shapes_and_mean_pool_matches_monai_vit():
     torch.testing.assert_close(out["image_embed"], tower.proj(hidden.mean(1)))
 
 
+def _einsum_reference(tower: MonaiViT3D) -> MonaiViT3D:
+    """A copy of `tower` on MONAI's einsum attention (the path the tower ran before SDPA)."""
+    import copy
+
+    reference = copy.deepcopy(tower)
+    for block in reference.vit.blocks:
+        block.attn.use_flash_attention = False
+    return reference
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_sdpa_attention_equals_monai_einsum_path_forward_and_backward(pool, monkeypatch):
+    torch.manual_seed(0)
+    tower = small_tower(pool=pool).train()
+    reference = _einsum_reference(tower)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    volumes = torch.randn(3, 1, 16, 16, 8)
+    outputs = [model(volumes) for model in (tower, reference)]
+    assert len(calls) == 2  # one SDPA per block in the tower, none in the reference
+    for key in ("image_embed", "image_tokens"):
+        torch.testing.assert_close(outputs[0][key], outputs[1][key], atol=1e-5, rtol=1e-5)
+    for model, out in zip((tower, reference), outputs):
+        (out["image_embed"].square().sum() + out["image_tokens"].sin().sum()).backward()
+    for (name, param), ref in zip(tower.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(param.grad, ref.grad, atol=1e-5, rtol=1e-5, msg=name)
+    # No parameter or buffer moved: checkpoints and UNETR exports keep loading.
+    assert list(tower.state_dict()) == list(reference.state_dict())
+
+
+def test_sdpa_attention_dropout_only_in_training():
+    torch.manual_seed(0)
+    tower = small_tower(dropout_rate=0.5).eval()
+    volumes = torch.randn(2, 1, 16, 16, 8)
+    torch.testing.assert_close(tower(volumes)["image_embed"], _einsum_reference(tower)(volumes)["image_embed"])
+    tower.train()
+    assert not torch.equal(tower(volumes)["image_embed"], tower(volumes)["image_embed"])
+    tower.eval()  # back to deterministic
+    torch.testing.assert_close(tower(volumes)["image_embed"], tower(volumes)["image_embed"])
+
+
 def test_max_pool_is_the_elementwise_max_of_monai_hidden_states():
     torch.manual_seed(0)
     tower = small_tower(pool="max").eval()

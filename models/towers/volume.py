@@ -9,6 +9,12 @@ The MONAI ViT is kept at `self.vit`, built with `classification=False` and MONAI
 names, so its state dict is exactly `UNETR(...).vit`'s (for UNETR's fixed 16^3 patches and 12
 layers): export is a prefix strip. The optional class token therefore lives outside it
 (`self.cls_token`), and the tower runs the ViT's submodules itself.
+
+Attention runs through `scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA),
+by MONAI's own `SABlock.use_flash_attention` switch, which `ViT` does not expose but which only
+changes `SABlock.forward` (no parameter, so state dicts are unchanged). MONAI passes its
+`dropout_rate` to SDPA whatever the module's mode, so a pre-forward hook sets it to 0 outside
+training; with that, the SDPA path equals MONAI's einsum path (tests/test_ct_model.py).
 """
 
 from __future__ import annotations
@@ -34,6 +40,18 @@ def patchify(volumes: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.T
     x = volumes.reshape(b, c, h // ph, ph, w // pw, pw, d // pd, pd)
     x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, gh, gw, gd, ph, pw, pd, C)
     return x.reshape(b, (h // ph) * (w // pw) * (d // pd), ph * pw * pd * c)
+
+
+def use_sdpa(attention: nn.Module, dropout_rate: float) -> None:
+    """Switch a MONAI `SABlock` to `scaled_dot_product_attention` (MONAI's own flag), with the
+    attention dropout applied in training only: MONAI hands `attention.dropout_rate` to SDPA as
+    `dropout_p` in every mode, where its einsum path drops weights through an `nn.Dropout`."""
+
+    def dropout_follows_mode(module: nn.Module, _args) -> None:
+        module.dropout_rate = dropout_rate if module.training else 0.0
+
+    attention.use_flash_attention = True
+    attention.register_forward_pre_hook(dropout_follows_mode)
 
 
 class MonaiViT3DConfig(TowerConfig):
@@ -97,6 +115,8 @@ class MonaiViT3D(ImageTower):
             spatial_dims=3,
             qkv_bias=config.qkv_bias,
         )
+        for block in self.vit.blocks:
+            use_sdpa(block.attn, config.dropout_rate)
         if config.pool == "cls":
             self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
             nn.init.normal_(self.cls_token, std=0.02)
