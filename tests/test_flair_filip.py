@@ -93,6 +93,47 @@ def test_zero_slot_is_a_zero_key_and_zero_value():
     assert_close(weights[..., -1], 1 / (1 + torch.einsum("bhtd,bhpd->bhtp", q, k[:, :, :5]).mul(8**-0.5).exp().sum(-1)))
 
 
+def _math_zero_slot_attention(queries, keys, values, need_weights=True):
+    """The explicit-softmax pooling the losses ran before SDPA (kept here as the reference)."""
+    logits = torch.einsum("bhtd,bhpd->bhtp", queries, keys) * queries.shape[-1] ** -0.5
+    weights = torch.cat([logits, logits.new_zeros(logits.shape[:-1] + (1,))], dim=-1).softmax(dim=-1)
+    return torch.einsum("bhtp,bhpd->bhtd", weights[..., :-1], values), weights
+
+
+def test_sdpa_pooling_equals_the_explicit_softmax_forward_and_backward():
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 3, 5, 8, generator=g)]
+    grads = []
+    for attention in (zero_slot_attention, _math_zero_slot_attention):
+        inputs = [leaf.clone().requires_grad_() for leaf in leaves]
+        pooled, weights = attention(*inputs, need_weights=False)
+        pooled.sin().sum().backward()
+        grads.append((pooled.detach(), *(leaf.grad for leaf in inputs)))
+    assert weights is not None  # the reference
+    for ours, reference in zip(*grads):
+        assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_flair_loss_by_sdpa_equals_the_explicit_softmax_loss(block_size, monkeypatch):
+    import vlp.models.heads.flair as flair
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    results = []
+    for attention in (flair.zero_slot_attention, _math_zero_slot_attention):
+        monkeypatch.setattr(flair, "zero_slot_attention", attention)
+        head = _flair(negatives="all", block_size=block_size).float()
+        local = {key: value.float().requires_grad_() for key, value in _flair_inputs(dtype=torch.float32).items()}
+        loss = head(HeadInputs(local=local, gathered={}, batch={}))["loss"]
+        loss.backward()
+        results.append((loss.detach(), *(value.grad for value in local.values()), *(p.grad for p in head.parameters())))
+    assert calls  # the head's own path went through SDPA
+    for ours, reference in zip(*results):
+        assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
 def test_a_text_can_put_all_its_weight_on_the_zero_slot():
     head = _flair()
     with torch.no_grad():  # make every real key anti-aligned with every query

@@ -80,7 +80,9 @@ class FlairConfig(HeadConfig):
 # Pure functions
 
 
-def zero_slot_attention(queries: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+def zero_slot_attention(
+    queries: Tensor, keys: Tensor, values: Tensor, need_weights: bool = True
+) -> tuple[Tensor, Optional[Tensor]]:
     """Scaled dot-product attention with one extra all-zero key/value slot.
 
     queries: (B, H, T, d); keys, values: (B, H, P, d).
@@ -88,7 +90,17 @@ def zero_slot_attention(queries: Tensor, keys: Tensor, values: Tensor) -> tuple[
     slot. Its key is zero, so its logit is 0 whatever the query; its value is zero, so the
     pooled vector is `weights[..., :P] @ values` and shrinks toward zero when a text puts its
     weight on the slot (the attention weights over real tokens need not sum to 1).
+
+    need_weights=False (the losses): weights is None and the pooled vectors come from
+    `scaled_dot_product_attention` over the keys and values with the zero slot appended, which
+    on CUDA never materialises the (B, H, T, P + 1) weights (flash / memory-efficient kernels);
+    equal to the explicit softmax within 1e-5 in fp32 (tests/test_flair_filip.py).
     """
+    if not need_weights:
+        slot = keys.new_zeros(keys.shape[:-2] + (1, keys.shape[-1]))  # (B, H, 1, d)
+        pooled = F.scaled_dot_product_attention(
+            queries, torch.cat([keys, slot], dim=-2), torch.cat([values, slot.to(values.dtype)], dim=-2))
+        return pooled, None
     scale = queries.shape[-1] ** -0.5
     logits = torch.einsum("bhtd,bhpd->bhtp", queries, keys) * scale  # (B, H, T, P)
     zero = logits.new_zeros(logits.shape[:-1] + (1,))
@@ -178,7 +190,7 @@ def pooled_logits(
     batch, columns, width = queries.shape
     heads = keys.shape[1]
     split = queries.reshape(batch, columns, heads, width // heads).transpose(1, 2)  # (B, H, c, d)
-    pooled, _ = zero_slot_attention(split, keys, values)  # (B, H, c, d)
+    pooled, _ = zero_slot_attention(split, keys, values, need_weights=False)  # (B, H, c, d)
     pooled = F.linear(pooled.transpose(1, 2).reshape(batch, columns, width), out_weight, out_bias)  # (B, c, E)
     cosine = (F.normalize(at_least_fp32(pooled), dim=-1) * at_least_fp32(texts_normed)).sum(-1)
     return scale * cosine + bias
@@ -224,15 +236,18 @@ class TextConditionedPool(nn.Module):
         """Projected queries (B, H, T, d) of text embeddings (B, T, E)."""
         return self._split(self.q_proj(self.ln_q(texts)))
 
-    def pool(self, queries: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Pooled image embeddings (B, T, E) and attention weights (B, H, T, P + 1)."""
-        pooled, weights = zero_slot_attention(queries, keys, values)
+    def pool(
+        self, queries: Tensor, keys: Tensor, values: Tensor, need_weights: bool = True
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """Pooled image embeddings (B, T, E) and attention weights (B, H, T, P + 1), None
+        without `need_weights` (then by SDPA, see `zero_slot_attention`)."""
+        pooled, weights = zero_slot_attention(queries, keys, values, need_weights)
         b, h, t, d = pooled.shape
         return self.out_proj(pooled.transpose(1, 2).reshape(b, t, h * d)), weights
 
-    def forward(self, texts: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, texts: Tensor, tokens: Tensor, need_weights: bool = True) -> tuple[Tensor, Optional[Tensor]]:
         keys, values = self.keys_values(tokens)
-        return self.pool(self.queries(texts), keys, values)
+        return self.pool(self.queries(texts), keys, values, need_weights)
 
 
 @HEADS.register("flair")
@@ -452,7 +467,7 @@ class FlairHead(Head):
             embed = image_embed[images] if image_embed is not None else None
             tokens = self._tokens(image_tokens[images], embed)  # (q, P, E)
             query = text_embed[texts][:, None].to(tokens.dtype)  # (q, 1, E)
-            pooled, _ = self.pool(query, tokens)
+            pooled, _ = self.pool(query, tokens, need_weights=False)
             cosine = F.normalize(at_least_fp32(pooled[:, 0]), dim=-1) * F.normalize(at_least_fp32(query[:, 0]), dim=-1)
             out.append(cosine.sum(-1))
         return torch.cat(out)
