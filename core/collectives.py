@@ -1,6 +1,11 @@
 """Cross-rank helpers: feature gathering for the losses, reductions and gathers for the trainer
 and the evaluators. Every function is a no-op (returns its input) without a process group of
-more than one rank, so single-process code calls them unconditionally.
+more than one rank, so single-process code calls them unconditionally (`VLP_FORCE_COLLECTIVES=1`
+runs them on a one-rank group too).
+
+This is the only module that calls torch.distributed collectives (a test holds the rest of vlp to
+it). Each tensor goes to `collective_device()` first, since the backend serves only its own
+device types (NCCL: CUDA only), and the result comes back on the caller's device.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from vlp.core.devices import collective_device, force_collectives
 
 
 def world() -> tuple[int, int]:
@@ -19,8 +26,9 @@ def world() -> tuple[int, int]:
 
 
 def is_distributed() -> bool:
-    """True when a process group of more than one rank is up."""
-    return world()[1] > 1
+    """True when a process group of more than one rank is up (or any, with VLP_FORCE_COLLECTIVES)."""
+    world_size = world()[1]
+    return world_size > 1 or (force_collectives() and dist.is_available() and dist.is_initialized())
 
 
 def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
@@ -63,16 +71,21 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     import torch.distributed.nn.functional as dist_fn
 
-    return contiguous_grad(torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0))
+    # The features are on the compute device, which is the collective device in every run vlp
+    # starts (NCCL with GPUs, gloo on CPU); `.to` is autograd-aware should the two ever differ.
+    device = tensor.device
+    parts = dist_fn.all_gather(tensor.to(collective_device()).contiguous())
+    return contiguous_grad(torch.cat(parts, dim=0).to(device))
 
 
 def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     """All-gather without gradient (for evaluation and logging); every rank passes the same shape."""
     if not is_distributed():
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world()[1])]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
+    local = tensor.to(collective_device()).contiguous()
+    parts = [torch.empty_like(local) for _ in range(world()[1])]
+    dist.all_gather(parts, local)
+    return torch.cat(parts, dim=0).to(tensor.device)
 
 
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -80,20 +93,21 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     hold different n_r (padded to the largest for the collective, then trimmed)."""
     if not is_distributed():
         return tensor
-    world_size = world()[1]
-    count = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    world_size, device = world()[1], collective_device()
+    count = torch.tensor([tensor.shape[0]], dtype=torch.long, device=device)
     counts = [torch.zeros_like(count) for _ in range(world_size)]
     dist.all_gather(counts, count)
     sizes = [int(c) for c in counts]
-    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded = torch.zeros((max(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device=device)
     padded[: tensor.shape[0]] = tensor
     parts = [torch.zeros_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(tensor.device)
 
 
 def gather_objects(items: list[Any]) -> list[Any]:
-    """Concatenate a per-rank Python list over ranks, in rank order."""
+    """Concatenate a per-rank Python list over ranks, in rank order. (Under NCCL torch pickles
+    through a tensor on `torch.cuda.current_device()`, which `use_compute_device` set.)"""
     if not is_distributed():
         return items
     parts: list = [None] * world()[1]
@@ -102,25 +116,31 @@ def gather_objects(items: list[Any]) -> list[Any]:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """The element-wise sum over ranks (a new tensor; the input is left as it is)."""
-    if is_distributed():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-    return tensor
+    """The element-wise sum over ranks, on the input's device (a new tensor; the input is left
+    as it is)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(value: torch.Tensor | float) -> torch.Tensor | float:
-    """The element-wise max over ranks of a tensor, or of a Python number (returned as a float;
-    used to agree on stop and skip decisions). The input is left as it is."""
+    """The element-wise max over ranks of a tensor (on the input's device, no host sync), or of a
+    Python number (returned as a float: one host sync; used to agree on stop decisions). The
+    input is left as it is."""
     if not is_distributed():
         return value
     if isinstance(value, torch.Tensor):
-        tensor = value.clone()
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
+        return _all_reduce(value, dist.ReduceOp.MAX)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
+
+
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
+    if not is_distributed():
+        return tensor
+    # `.to` copies when the devices differ; `clone` when they do not: the input is never reduced in place.
+    reduced = tensor.to(collective_device(), copy=True)
+    dist.all_reduce(reduced, op=op)
+    return reduced.to(tensor.device)
 
 
 # What gloo and NCCL say when another rank died, was killed or stopped answering. They raise a

@@ -322,3 +322,23 @@ def test_loading_refuses_pickled_objects(tmp_path):
         read_state_dict(tmp_path / "checkpoints" / "step_00000001")
     with pytest.raises(ExportError, match="not a run folder, checkpoint"):
         read_state_dict(tmp_path)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_bf16_zero_run_exports_the_fp32_master_weights(tmp_path, digits_dir, zero_stage):
+    """bf16 with ZeRO 1/2: the module holds bf16 copies; the export must be the optimizer's fp32
+    master weights (what the final checkpoint's zero_to_fp32 merge holds), not their rounding."""
+    config = tiny_config(tmp_path, digits_dir, train={"steps": 2, "warmup_steps": 0, "checkpoint_every": 0},
+                         deepspeed={"zero_stage": zero_stage, "precision": "bf16"}, evals=[],
+                         export=["safetensors"])
+    run_vlp("train", config)
+    run = tmp_path / "runs" / "tiny"
+    master = consolidate(run / "checkpoints", (run / "checkpoints" / "latest").read_text().strip())
+    exported, _ = read_state_dict(run / "export" / "safetensors")
+    off_the_bf16_grid = 0
+    for key, weight in master.items():
+        if not weight.is_floating_point():
+            continue
+        torch.testing.assert_close(exported[key].float(), weight, rtol=0, atol=0, msg=key)
+        off_the_bf16_grid += int((weight != weight.bfloat16().float()).any())
+    assert off_the_bf16_grid > 0  # the master weights are not bf16 values: the test can tell them apart

@@ -61,6 +61,14 @@ class TrainConfig(Strict):
     # since ZeRO 1-3 keep parameters as views of flat buffers.
     channels_last: bool = False
     dist_timeout_s: float = Field(600, gt=0)
+    # Where this rank computes (vlp.core.devices.compute_device): auto is CUDA when torch sees a
+    # GPU, else CPU with a log line; cuda without a usable GPU stops with the reason (exit 2).
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # TF32 tensor cores for fp32 matmuls and convolutions on CUDA (ignored on CPU).
+    tf32: bool = True
+    # The accelerator's dense bf16/fp16 peak in TFLOP/s for the `mfu` metric; None: from the
+    # device's name where vlp.models.flops knows it (never on CPU).
+    peak_tflops: Optional[float] = Field(None, gt=0)
     # open_clip's --lr-scheduler: cosine (to min_lr_ratio), constant, const-cooldown (constant,
     # then over the last cooldown_steps down to lr_cooldown_end with lr_cooldown_power); all warm up.
     schedule: Literal["cosine", "constant", "const-cooldown"] = "cosine"
@@ -117,6 +125,16 @@ class DeepSpeedConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    # ZeRO 1/2: overlap the gradient reduce-scatter with the backward on a side stream. None: on
+    # under CUDA, off on CPU (the CPU accelerator has no streams, so it would only add a buffer).
+    overlap_comm: Optional[bool] = None
+    # ZeRO 1/2 bucket sizes in elements (DeepSpeed's default 5e8 each); None: DeepSpeed's.
+    reduce_bucket_size: Optional[int] = Field(None, ge=1)
+    allgather_bucket_size: Optional[int] = Field(None, ge=1)
+    # Reduce gradients across ranks in fp32 under bf16/fp16 (DeepSpeed's communication_data_type;
+    # bf16 ZeRO 1 also accumulates them in fp32, its data_types.grad_accum_dtype): twice the bytes
+    # on the wire, no bf16 rounding of the summed gradient.
+    fp32_grad_reduce: bool = False
     # Passed through to the DeepSpeed config as is (e.g. offload settings); our keys win.
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -172,6 +190,17 @@ class ExperimentConfig(Strict):
         if not _NAME.match(value) or ".." in value:
             raise ValueError(f"{value!r} must be letters, digits, '_', '.', '-' (it names the run folder)")
         return value
+
+    @model_validator(mode="after")
+    def _zero_knobs_need_zero(self):
+        ds = self.deepspeed
+        for key in ("overlap_comm", "reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(ds, key) is not None and ds.zero_stage not in (1, 2, 3):
+                raise ValueError(f"deepspeed.{key} needs deepspeed.zero_stage 1-3 (got {ds.zero_stage})")
+        if ds.fp32_grad_reduce and ds.precision == "fp32":
+            raise ValueError("deepspeed.fp32_grad_reduce: gradients are already reduced in fp32 under "
+                             "deepspeed.precision fp32")
+        return self
 
     @model_validator(mode="after")
     def _channels_last_without_zero(self):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vlp.core.collectives import all_reduce_max, barrier
+from vlp.core.devices import apply_tf32, current_compute_device
 from vlp.train import preemption
 from vlp.train.checkpoint import Checkpointer, TrainState
 from vlp.train.checkpoint_io import Reshard
@@ -25,7 +26,7 @@ from vlp.train.config import ExperimentConfig, dump_config
 from vlp.train.data import ensure_eval_data, ensure_train_data
 from vlp.train.distributed import DistEnv, init_distributed
 from vlp.train.metrics import MetricsLogger, plot_loss_curves
-from vlp.train.monitors import BadSampleTally, NonFiniteGuard, ThroughputMeter
+from vlp.train.monitors import BadSampleTally, NonFiniteGuard, StepTelemetry, ThroughputMeter
 from vlp.train.schedule import itstime, lr_multiplier
 
 
@@ -54,23 +55,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def deepspeed_config(config: ExperimentConfig, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(config: ExperimentConfig, load_universal: bool = False,
+                     device: torch.device | None = None) -> dict[str, Any]:
     """`load_universal`: the resume reads a universal checkpoint (another data-parallel world
-    size than it was saved on, `checkpoint_io.Reshard`); DeepSpeed takes that at initialize."""
+    size than it was saved on, `checkpoint_io.Reshard`); DeepSpeed takes that at initialize.
+    `device`: the rank's compute device (default: the one `init_distributed` chose), which sets
+    the ZeRO defaults that only pay on GPUs."""
     ds, tr = config.deepspeed, config.train
+    device = device if device is not None else current_compute_device()
     universal = {"checkpoint": {**ds.extra.get("checkpoint", {}), "load_universal": True}} if load_universal else {}
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0:
+        # The reduce-scatter of one bucket overlaps the backward of the next on a side stream;
+        # the CPU accelerator has no streams, so there it would only add a second bucket buffer.
+        zero["overlap_comm"] = ds.overlap_comm if ds.overlap_comm is not None else device.type == "cuda"
+        zero.update({key: getattr(ds, key) for key in ("reduce_bucket_size", "allgather_bucket_size")
+                     if getattr(ds, key) is not None})
+    zero.update(ds.extra.get("zero_optimization", {}))  # offload and other DeepSpeed-only settings
+    reduce_in_fp32: dict[str, Any] = {}
+    if ds.fp32_grad_reduce:
+        reduce_in_fp32["communication_data_type"] = "fp32"
+        if ds.precision == "bf16" and ds.zero_stage == 1:  # DeepSpeed's BF16 optimizer: fp32 accumulators
+            reduce_in_fp32["data_types"] = {**ds.extra.get("data_types", {}), "grad_accum_dtype": "fp32"}
     return {
         "train_micro_batch_size_per_gpu": tr.batch_size,
         "gradient_accumulation_steps": ds.grad_accum,
         # fp32 at ZeRO 0: the trainer clips (`clip_gradients`); DeepSpeed's own clip there takes
         # a Python loop of per-parameter norms plus an all-reduce, about 5% of the demo's step.
         "gradient_clipping": 0.0 if trainer_clips(config) else ds.grad_clip,
-        "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         **ds.extra,
+        "zero_optimization": zero,
+        **reduce_in_fp32,
         **universal,
     }
 
@@ -217,7 +236,8 @@ def train(config: ExperimentConfig, resume: str | None = None, overwrite: bool =
     # Before init_distributed, so every rank decides alike; the rank as launchers or srun set it.
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     claim_run_dir(run_dir, resume, overwrite, rank == 0)
-    env = init_distributed(config.train.dist_timeout_s)
+    env = init_distributed(config.train.dist_timeout_s, config.train.device)
+    apply_tf32(config.train.tf32, env.device)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
@@ -272,11 +292,14 @@ def run_loop(
     global_batch = tr.batch_size * env.world_size
     stream = micro_batches(loader, state)
     throughput = ThroughputMeter()
-    nonfinite = NonFiniteGuard(tr.max_nonfinite_steps, state, metrics.log, checkpointer.latest_tag)
+    # fp16: DeepSpeed's loss scaler skips overflowing steps itself, so the flag is read at log time.
+    nonfinite = NonFiniteGuard(tr.max_nonfinite_steps, state, metrics.log, checkpointer.latest_tag,
+                               deferred=config.deepspeed.precision == "fp16")
+    telemetry = StepTelemetry(config, engine.module, env)
     results: dict[str, Any] = {}
     stop_reason = None
     while state.step < tr.steps:
-        batch = bad_samples.take(next(stream))
+        batch = bad_samples.take(throughput.next_batch(stream))
         out = engine(to_device(batch, env.device, dtype, tr.channels_last))
         if nonfinite.skip(out):
             continue
@@ -290,20 +313,28 @@ def run_loop(
         state.samples_seen += global_batch * config.deepspeed.grad_accum
         nonfinite.stepped()
 
-        if itstime(state.step, tr.log_every, tr.steps):
-            metrics.log(state.step, step_metrics(out, grad_norm, engine, state, throughput, bad_samples))
+        log_now = itstime(state.step, tr.log_every, tr.steps)
+        checkpoint_now = itstime(state.step, tr.checkpoint_every, tr.steps)
+        if log_now or checkpoint_now:
+            nonfinite.settle()
+        if log_now:
+            logged = step_metrics(out, grad_norm, engine, state, throughput, bad_samples)
+            logged.update(telemetry.window(throughput))
+            metrics.log(state.step, logged)
             throughput.restart()
-        if itstime(state.step, tr.checkpoint_every, tr.steps):
+        if checkpoint_now:
             checkpointer.save(engine, state)
         eval_results = run_evaluators(evaluators, engine, env, config.run_dir, state.step, final=state.step == tr.steps)
         if eval_results:
             metrics.log(state.step, {f"eval/{k}": v for k, v in eval_results.items()})
             results.update(eval_results)
         # Every rank takes the same decision: the strongest signal any rank saw (TERM over USR1).
-        signalled = preemption.reason_from_flag(int(all_reduce_max(preemption.stop_flag())))
-        if signalled is not None and state.step < tr.steps:
-            stop_reason = signalled
-            break
+        # A host sync, so read at log and checkpoint steps only (Slurm's USR1 comes minutes ahead).
+        if log_now or checkpoint_now:
+            signalled = preemption.reason_from_flag(int(all_reduce_max(preemption.stop_flag())))
+            if signalled is not None and state.step < tr.steps:
+                stop_reason = signalled
+                break
 
     if stop_reason is not None:
         checkpointer.save(engine, state)
@@ -333,6 +364,16 @@ def step_metrics(out: dict[str, Any], grad_norm: Optional[torch.Tensor], engine:
     return logged
 
 
+def exports_from_checkpoint(config: ExperimentConfig) -> bool:
+    """True where the live module is not the weights to export, so `finish_run` exports the final
+    checkpoint's fp32 merge (DeepSpeed's zero_to_fp32) instead: under ZeRO-3 each rank holds a
+    slice of every weight; under bf16/fp16 with ZeRO 1-2 the module holds the 16-bit copy of the
+    fp32 master weights the optimizer updates. (bf16 at ZeRO 0 has no fp32 master: DeepSpeed
+    steps the bf16 parameters themselves, so the module is what there is.)"""
+    ds = config.deepspeed
+    return ds.zero_stage == 3 or (ds.zero_stage > 0 and ds.precision != "fp32")
+
+
 def finish_run(config: ExperimentConfig, engine: Any, results: dict, state: TrainState) -> None:
     """Rank 0, after the final checkpoint: loss-curve PNG, exports, results.json (written last,
     atomically, so its presence means the run finished)."""
@@ -342,8 +383,7 @@ def finish_run(config: ExperimentConfig, engine: Any, results: dict, state: Trai
     if config.export:
         from vlp.train.export import export_model, load_model
 
-        # Under ZeRO-3 each rank holds a slice of every weight: export the merged checkpoint.
-        model = load_model(run_dir)[0] if config.deepspeed.zero_stage == 3 else engine.module
+        model = load_model(run_dir)[0] if exports_from_checkpoint(config) else engine.module
         for fmt in config.export:
             export_model(model, config, run_dir / "export" / fmt, fmt, results=results, samples_seen=state.samples_seen)
     tmp = run_dir / ".results.json.tmp"
