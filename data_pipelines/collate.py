@@ -44,6 +44,9 @@ class SamplePipeline:
     seed: int = 0
     max_bad_fraction: float = 1.0
     bad_window: int = 1000
+    # The preprocess's `finish_batch` (uint8 -> normalised float) is left to the model: batches
+    # carry the uint8 pixels, which the image tower normalises on the device (training loader).
+    finish_on_device: bool = False
 
     @property
     def wants_sample(self) -> bool:
@@ -124,8 +127,9 @@ class SamplePipeline:
             raise BadSample("bad_image") from None
 
     def finish_images(self, images: Any) -> Any:
-        """The preprocess's batch step (e.g. normalising uint8 images in one op), if it has one."""
-        finish = getattr(self.preprocess, "finish_batch", None)
+        """The preprocess's batch step (e.g. normalising uint8 images in one op), if it has one
+        and the model does not do it on the device (`finish_on_device`)."""
+        finish = None if self.finish_on_device else getattr(self.preprocess, "finish_batch", None)
         return finish(images) if finish is not None else images
 
     def collate(self, items: list[dict], bad: Counter, bad_shards: set[str], epoch: int) -> dict:

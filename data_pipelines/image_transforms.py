@@ -12,9 +12,12 @@ work around them, which on small images costs more than the resampling itself (m
   loader passes it), not from torch's global generator, so the loader need not reseed three
   global RNGs per sample;
 - each sample becomes a uint8 tensor (a view of the PIL buffer, no float pass);
-- `finish_batch` converts and normalises the stacked (B, C, H, W) batch in one vectorised op.
+- `finish_batch` converts and normalises the stacked (B, C, H, W) batch in one vectorised op
+  (`normalize_pixels`).
 
-The loader calls `transform(image, seed)` per sample and `transform.finish_batch(images)` once
+The training loader calls `transform(image, seed)` per sample and sends the stacked uint8 batch
+as it is: the image tower normalises it on the device (`normalize_pixels` in its forward, 4x
+fewer bytes over PCIe than float32). The eval loaders call `transform.finish_batch(images)` once
 per batch (see `wants_seed` / `finish_batch` in `data_pipelines.loader`). Called as
 `transform(image)` it returns the normalised float (C, H, W) tensor open_clip's transform
 returns, for code that preprocesses one image at a time.
@@ -97,10 +100,21 @@ class ClipImageTransform:
 
     def finish_batch(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float32 (B, C, H, W), `(x / 255 - mean) / std` as torchvision's."""
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return images.float().div_(255.0).sub_(mean).div_(std)
+        return normalize_pixels(images, torch.tensor(self.mean), torch.tensor(self.std))
 
     def __repr__(self) -> str:
         kind = f"train, scale={self.scale}, ratio={self.ratio}" if self.train else "eval"
         return f"ClipImageTransform(size={self.size}, {kind})"
+
+
+def normalize_pixels(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> `(x / 255 - mean) / std`, computed in float32 and then cast to `dtype`.
+
+    `mean`, `std`: float32 (C,) on the images' device. The same float32 ops in the same order on
+    every device, so the worker (eval loaders) and the image tower (training batches, on the
+    device) give the same numbers, and a bf16 model gets exactly the bf16 rounding of them.
+    The memory format is kept (a channels_last batch stays channels_last)."""
+    shape = (1, -1) + (1,) * (images.ndim - 2)
+    pixels = images.float().div_(255.0).sub_(mean.view(shape)).div_(std.view(shape))
+    return pixels if dtype is None or dtype == torch.float32 else pixels.to(dtype)
