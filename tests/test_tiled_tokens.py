@@ -109,6 +109,38 @@ def test_block_plan_is_dense_while_the_dense_intermediate_fits_the_budget():
     assert block_plan(10, 1, block_size=3) == 3 and block_plan(10, 1, block_size=50) == 50
 
 
+def _fake_cuda_memory(monkeypatch, free: int, reserved: int = 0, allocated: int = 0) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+
+
+def test_cuda_budget_follows_the_free_memory(monkeypatch):
+    _fake_cuda_memory(monkeypatch, free=40 * 2**30, reserved=6 * 2**30, allocated=2 * 2**30)
+    budget = tiled_tokens.dense_budget_bytes("cuda:0")
+    assert budget == int(tiled_tokens.DENSE_FREE_FRACTION * 44 * 2**30)  # free + the cache's unused 4 GiB
+    # 8 GiB of dense intermediate: tiled under the CPU budget, dense on this GPU.
+    assert block_plan(1024, 8 * 2**20) is not None and block_plan(1024, 8 * 2**20, device="cpu") is not None
+    assert block_plan(1024, 8 * 2**20, device=torch.device("cuda", 0)) is None
+    # A GPU nearly full (256 MiB free): tiles what the CPU budget would have run dense.
+    _fake_cuda_memory(monkeypatch, free=256 * 2**20)
+    assert block_plan(1000, DENSE_BUDGET_BYTES // 1000) is None  # CPU: as before
+    block = block_plan(1000, DENSE_BUDGET_BYTES // 1000, device="cuda")
+    assert block == tiled_tokens.DEFAULT_BLOCK_BYTES // (DENSE_BUDGET_BYTES // 1000)
+    assert block_plan(1000, DENSE_BUDGET_BYTES // 1000, block_size=7, device="cuda") == 7  # the config wins
+
+
+def test_flair_asks_for_the_budget_of_its_scores_device(monkeypatch):
+    """The head passes its tensors' device; on CPU the fixed budget answers whatever CUDA reports."""
+    devices = []
+    budget = tiled_tokens.dense_budget_bytes
+    monkeypatch.setattr(tiled_tokens, "dense_budget_bytes", lambda device=None: devices.append(device) or budget(device))
+    _fake_cuda_memory(monkeypatch, free=0)  # would tile everything if CPU asked CUDA
+    calls = _spy_blockwise(monkeypatch)
+    _loss_and_grads("flair", None)
+    assert devices and all(torch.device(device).type == "cpu" for device in devices) and calls == []
+
+
 def _spy_blockwise(monkeypatch) -> list[int]:
     """Record the block size of every `blockwise_columns` call the heads make."""
     import vlp.models.heads.ct_align as ct_align

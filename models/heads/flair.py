@@ -33,8 +33,9 @@ single-process loss of the global batch, so the averaged DDP gradient is the glo
 
 Memory: TCS is scored in blocks of text columns (`blockwise_columns` in tiled_tokens.py), so one
 rank holds the (B, T) logits plus one block's (B, H, t, P) attention, never all B x T pooled
-vectors; `block_size` sets t. Unset, a pairing whose dense intermediate fits in
-`DENSE_BUDGET_BYTES` (1 GiB) takes the dense path, a larger one blocks of about 256 MiB.
+vectors; `block_size` sets t. Unset, a pairing whose dense intermediate fits the device's budget
+(`tiled_tokens.dense_budget_bytes`: half the free memory on CUDA, 1 GiB on CPU) takes the dense
+path, a larger one blocks of about 256 MiB.
 
 Zero-shot scoring (`pairwise_scores`) pools every image for every text when given the image
 tokens (FLAIR's primary `get_logits`), optionally only for each text's `topk` images by global
@@ -73,7 +74,8 @@ class FlairConfig(HeadConfig):
     score_chunk: int = Field(64, ge=1)
     block_size: Optional[int] = Field(
         None, ge=1,
-        description="text columns per TCS block (an int always tiles); None: dense up to 1 GiB, else ~256 MiB blocks")
+        description="text columns per TCS block (an int always tiles); None: dense while it fits the device's "
+                    "budget (half the free memory on CUDA, 1 GiB on CPU), else ~256 MiB blocks")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,10 +303,11 @@ class FlairHead(Head):
         caption_index, labels = flair_pairs(negative_caption, inputs.rank, world_size, k)
         return caption_index, labels, float(batch + k - 1)
 
-    def block_size(self, batch: int, columns: int, patches: int) -> int | None:
-        """Text columns per TCS block, None for the dense path (`tiled_tokens.block_plan`)."""
+    def block_size(self, batch: int, columns: int, patches: int, device=None) -> int | None:
+        """Text columns per TCS block, None for the dense path (`tiled_tokens.block_plan` on the
+        device the scores live on)."""
         bytes_per_column = pooled_bytes_per_column(batch, self.pool.num_heads, patches, self.embed_dim)
-        return block_plan(columns, bytes_per_column, self.config.block_size)
+        return block_plan(columns, bytes_per_column, self.config.block_size, device)
 
     def forward(self, inputs: HeadInputs) -> dict[str, Any]:
         local = inputs.local
@@ -324,7 +327,7 @@ class FlairHead(Head):
         texts_normed = F.normalize(at_least_fp32(texts), dim=-1)
         scale, bias = self._scale(), at_least_fp32(self.logit_bias)
         whole = (keys, values, self.pool.out_proj.weight, self.pool.out_proj.bias, scale, bias)
-        block = self.block_size(batch, caption_index.shape[1], tokens.shape[1])
+        block = self.block_size(batch, caption_index.shape[1], tokens.shape[1], keys.device)
         if block is None:  # dense: no recompute
             tcs_logits = pooled_logits(*whole, queries[caption_index], texts_normed[caption_index])
         else:

@@ -31,8 +31,10 @@ gradients only, like tiled.py.
 Dense or tiled: the recompute makes a tiled step 1.14-2.2x the dense one (docs/benchmarks.md),
 so blocking only pays where the dense intermediate would not fit. The heads ask `block_plan`:
 a config's integer `block_size` always tiles; unset, the predicted dense intermediate
-(columns x the head's `*_bytes_per_column`) decides: dense up to `DENSE_BUDGET_BYTES`, else
-blocks of `DEFAULT_BLOCK_BYTES`.
+(columns x the head's `*_bytes_per_column`) decides: dense up to `dense_budget_bytes(device)`,
+else blocks of `DEFAULT_BLOCK_BYTES`. The budget is the memory the device has left: on CUDA
+`DENSE_FREE_FRACTION` of what is free at the loss (`torch.cuda.mem_get_info` plus the caching
+allocator's unused blocks), on CPU the fixed `DENSE_BUDGET_BYTES`.
 
 Softmax over the rows of every rank (filip's text -> image, ct_align's sentence -> volume):
 
@@ -70,6 +72,26 @@ DEFAULT_BLOCK_BYTES = 256 * 2**20
 # which is what tiling is for. Larger than DEFAULT_BLOCK_BYTES, so a tiled loss has >= 4 blocks.
 DENSE_BUDGET_BYTES = 2**30
 
+# On CUDA the budget is this fraction of the memory free when the loss runs. The towers'
+# activations are already allocated by then; the half left over covers the backward, which
+# holds the dense intermediate's gradient next to it for a moment (the `*_bytes_per_column`
+# estimates count what the forward keeps alive, not that transient), and the allocator's
+# fragmentation. On an 80 GB GPU with 40 GB free this is dense up to 20 GB, where 1 GiB tiled
+# every FILIP batch beyond N = 64 at 1.14-2.2x the step time for memory it did not need.
+DENSE_FREE_FRACTION = 0.5
+
+
+def dense_budget_bytes(device: torch.device | str | None = None) -> int:
+    """Bytes the dense path may take on `device`: `DENSE_FREE_FRACTION` of the free memory
+    on a CUDA device (free on the device plus reserved-but-unallocated in torch's cache, both
+    reusable by the loss), else `DENSE_BUDGET_BYTES` (CPU, or no device given)."""
+    if device is None or torch.device(device).type != "cuda":
+        return DENSE_BUDGET_BYTES
+    device = torch.device(device)
+    free, _total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(DENSE_FREE_FRACTION * (free + cached))
+
 
 def auto_block_size(num_columns: int, bytes_per_column: int, budget: int = DEFAULT_BLOCK_BYTES) -> int:
     """Columns per block so that one block's intermediate stays within `budget` bytes, in
@@ -77,16 +99,20 @@ def auto_block_size(num_columns: int, bytes_per_column: int, budget: int = DEFAU
     return max(1, min(num_columns, budget // max(1, bytes_per_column)))
 
 
-def block_plan(num_columns: int, bytes_per_column: int, block_size: int | None = None) -> int | None:
+def block_plan(
+    num_columns: int, bytes_per_column: int, block_size: int | None = None, device: torch.device | str | None = None
+) -> int | None:
     """How a head scores its `num_columns` columns: None for the dense path (one autograd graph,
     no recompute), else the columns per block for `blockwise_columns`.
 
     block_size: the config's; an integer always tiles (one block, recomputed, when it is at
     least `num_columns`). None: dense when the predicted dense intermediate, `num_columns x
-    bytes_per_column`, fits in DENSE_BUDGET_BYTES; blocks of DEFAULT_BLOCK_BYTES beyond it."""
+    bytes_per_column`, fits in `dense_budget_bytes(device)` (the device the scores live on);
+    blocks of DEFAULT_BLOCK_BYTES beyond it. Ranks may decide differently (their free memory
+    differs): both paths make the same collective calls and agree up to summation order."""
     if block_size is not None:
         return block_size
-    if num_columns * bytes_per_column <= DENSE_BUDGET_BYTES:
+    if num_columns * bytes_per_column <= dense_budget_bytes(device):
         return None
     return auto_block_size(num_columns, bytes_per_column)
 
