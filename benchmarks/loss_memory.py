@@ -10,6 +10,10 @@ the same for both implementations).
 
     python benchmarks/loss_memory.py                      # the full sweep, a few minutes
     python benchmarks/loss_memory.py --sizes 1024,4096    # a quick run
+    python benchmarks/loss_memory.py --device cuda --sizes 16384,65536 --plot /tmp/loss_memory_cuda.png
+
+`--device cuda`: the same cases on the GPU, memory as `torch.cuda.max_memory_allocated` above
+what the inputs hold (the peak is reset after they are built), time after a synchronize.
 
 Prints one JSON line (all numbers, and whether each target is met) and writes the plot.
 
@@ -57,7 +61,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def run_case(impl: str, num: int, dim: int, threads: int, reps: int, tile_size: int | None) -> dict:
+def run_case(impl: str, num: int, dim: int, threads: int, reps: int, tile_size: int | None, device: str = "cpu") -> dict:
     """Child side: one implementation at one N; returns its numbers."""
     import torch
 
@@ -69,13 +73,13 @@ def run_case(impl: str, num: int, dim: int, threads: int, reps: int, tile_size: 
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
     # In-place normalisation: no (N, D) temporaries that would raise the baseline's peak.
-    image = torch.randn(num, dim, generator=generator)
+    image = torch.randn(num, dim, generator=generator).to(device)
     image.div_(image.norm(dim=1, keepdim=True))
-    text = torch.randn(num, dim, generator=generator)
+    text = torch.randn(num, dim, generator=generator).to(device)
     text.div_(text.norm(dim=1, keepdim=True))
     image.requires_grad_()
     text.requires_grad_()
-    logit_scale = torch.tensor([1 / 0.07], requires_grad=True)
+    logit_scale = torch.tensor([1 / 0.07], device=device, requires_grad=True)
     reference = ClipLoss()
 
     def step() -> None:
@@ -86,18 +90,30 @@ def run_case(impl: str, num: int, dim: int, threads: int, reps: int, tile_size: 
         loss.backward()
         image.grad = text.grad = logit_scale.grad = None
 
-    reset = _reset_peak()
-    before, method = _peak_kib()
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before_bytes, method, reset = torch.cuda.memory_allocated(), "cuda max_memory_allocated", True
+    else:
+        reset = _reset_peak()
+        before, method = _peak_kib()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         step()
+        if on_cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    after, _ = _peak_kib()
+    if on_cuda:
+        extra_kib = (torch.cuda.max_memory_allocated() - before_bytes) / 1024
+    else:
+        extra_kib = _peak_kib()[0] - before
     return {
         "impl": impl,
         "n": num,
-        "peak_extra_mb": round((after - before) / 1024, 1),
+        "device": device,
+        "peak_extra_mb": round(extra_kib / 1024, 1),
         "time_s": round(min(times), 3),
         "reps": reps,
         "memory_method": method + (" reset after inputs" if reset else " after - before"),
@@ -106,7 +122,7 @@ def run_case(impl: str, num: int, dim: int, threads: int, reps: int, tile_size: 
 
 def _child(impl: str, num: int, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--child", impl, "--sizes", str(num), "--dim", str(args.dim),
-               "--threads", str(args.threads), "--reps", str(args.reps if num <= args.reps_below else 1)]
+               "--threads", str(args.threads), "--reps", str(args.reps if num <= args.reps_below else 1), "--device", args.device]
     if args.tile_size:
         command += ["--tile-size", str(args.tile_size)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -184,7 +200,8 @@ def run_head_case(head: str, impl: str, num: int, threads: int, block_size: int 
 
     # dense: the heads' dense path (one autograd graph, no recompute) whatever its size; tiled:
     # the automatic blocks (or --block-size) even where the automatic choice would go dense.
-    tiled_tokens.DENSE_BUDGET_BYTES = 1 << 60 if impl == "dense" else -1
+    forced_budget = 1 << 60 if impl == "dense" else -1
+    tiled_tokens.dense_budget_bytes = lambda device=None: forced_budget
     block = None if impl == "dense" else block_size
     generator = torch.Generator().manual_seed(0)
 
@@ -377,6 +394,7 @@ def main() -> int:
     parser.add_argument("--dense-max-gb", type=float, default=12.0, help="--head: predict dense above this peak")
     parser.add_argument("--batch", type=int, default=HEAD_SHAPES["batch"],
                         help="--head: B_local (smaller than 256 only to time filip's dense path on a CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (the CLIP loss cases; --head is CPU only)")
     parser.add_argument("--child", choices=("ours", "open_clip", "tiled", "dense"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
@@ -390,7 +408,7 @@ def main() -> int:
         return head_sweep(args, sizes)
 
     if args.child:
-        print(json.dumps(run_case(args.child, sizes[0], args.dim, args.threads, args.reps, args.tile_size)))
+        print(json.dumps(run_case(args.child, sizes[0], args.dim, args.threads, args.reps, args.tile_size, args.device)))
         return 0
 
     results, skipped = [], []
@@ -410,8 +428,9 @@ def main() -> int:
         "benchmark": "loss_memory",
         "dim": args.dim,
         "threads": args.threads,
-        "device": "cpu",
-        "memory": "peak RSS above the inputs' baseline, fresh subprocess per case",
+        "device": args.device,
+        "memory": ("peak RSS above the inputs' baseline" if args.device == "cpu" else "max_memory_allocated above the inputs")
+        + ", fresh subprocess per case",
         "results": results,
         "skipped": skipped,
         "targets": _targets(results),
