@@ -62,17 +62,17 @@ def no_cuda_reason(environ: Mapping[str, str] = os.environ) -> str:
 
 
 def compute_device(requested: DeviceRequest = "auto", local_rank: int = 0,
-                   environ: Mapping[str, str] = os.environ) -> torch.device:
+                   environ: Mapping[str, str] = os.environ, announce: bool = True) -> torch.device:
     """The device this rank computes on (no side effects; `use_compute_device` applies it).
 
-    auto: CUDA when torch sees a GPU, else CPU with a log line saying so. cuda without one, or
-    more local ranks than visible GPUs: `DeviceError`."""
+    auto: CUDA when torch sees a GPU, else CPU with a log line saying so (rank 0, `announce`).
+    cuda without one, or more local ranks than visible GPUs: `DeviceError`."""
     if requested == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         if requested == "cuda":
             raise DeviceError(f"train.device=cuda: no CUDA device: {no_cuda_reason(environ)}")
-        if environ.get("RANK", "0") == "0":  # one line per run, not per rank
+        if announce and environ.get("RANK", "0") == "0":  # one line per run, not per rank
             print(f"[vlp] train.device=auto: no CUDA device ({no_cuda_reason(environ)}); training on CPU",
                   file=sys.stderr, flush=True)
         return torch.device("cpu")

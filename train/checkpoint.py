@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from vlp.core.collectives import barrier
+from vlp.core.devices import current_compute_device
 from vlp.data_pipelines.position import read_positions, write_position
 
 LATEST = "latest"
@@ -55,7 +56,9 @@ def rng_state() -> dict[str, Any]:
         "python": [version, list(internal), gauss],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This rank's own GPU only: a resume may see another number of GPUs (per-task binding,
+        # fewer GPUs per node), and this rank's device is the only one its kernels drew from.
+        "cuda": torch.cuda.get_rng_state(current_compute_device()) if current_compute_device().type == "cuda" else None,
     }
 
 
@@ -65,8 +68,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    device, cuda_state = current_compute_device(), state.get("cuda")
+    if isinstance(cuda_state, list):  # saved before vlp kept one state per rank: every visible GPU's
+        index = device.index or 0
+        cuda_state = cuda_state[index] if index < len(cuda_state) else None
+    if cuda_state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)
 
 
 def deepspeed_safe_globals() -> list:

@@ -57,6 +57,7 @@ def launch_local_ranks(args: argparse.Namespace) -> int:
     procs = []
     for rank in range(args.nproc):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc),
+                   LOCAL_WORLD_SIZE=str(args.nproc),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         procs.append(subprocess.Popen(argv, env=env))
     code = 0
@@ -87,12 +88,30 @@ def launch_local_ranks(args: argparse.Namespace) -> int:
     return code
 
 
+def agree_local_rank(local_rank: int | None) -> None:
+    """`--local_rank N` (DeepSpeed's launcher appends it) must say what LOCAL_RANK says; where
+    the launcher set no LOCAL_RANK, the flag provides it."""
+    if local_rank is None:
+        return
+    from vlp.train.config import ConfigError
+
+    env_rank = os.environ.get("LOCAL_RANK")
+    if env_rank is not None and env_rank != str(local_rank):
+        raise ConfigError(f"--local_rank {local_rank} disagrees with LOCAL_RANK={env_rank} set by the launcher")
+    os.environ["LOCAL_RANK"] = str(local_rank)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from vlp.core.devices import compute_device
     from vlp.train.config import check_trainable_here, load_config
 
     config = load_config(args.config, args.overrides)  # validate before starting anything
     check_trainable_here(config, str(args.config))
+    agree_local_rank(args.local_rank)
     if args.nproc > 1 and "RANK" not in os.environ:
+        # One rank per GPU under CUDA: refuse here, once, rather than in every rank.
+        compute_device(config.train.device, args.nproc - 1, {**os.environ, "LOCAL_WORLD_SIZE": str(args.nproc)},
+                       announce=False)
         return launch_local_ranks(args)
     from vlp.train.trainer import train
 
@@ -147,12 +166,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data:
         options["data"] = args.data
     config = evaluator_cls.config_class.model_validate({"type": args.task, **options})
-    model, _ = load_model(Path(args.checkpoint))
+    model, run_config = load_model(Path(args.checkpoint))
     out_dir = Path(args.out).parent if args.out else None
     import torch
 
+    from vlp.core.devices import compute_device, use_compute_device
+
+    # The run's own device decision: --device, else the checkpoint's train.device (auto: CUDA
+    # when there is a GPU). The weights stay fp32: evaluation is cheap next to training.
+    device = use_compute_device(compute_device(args.device or run_config.train.device, 0))
+    model.to(device)
     with torch.no_grad():
-        results = evaluator_cls(config).run(model, EvalContext(out_dir=out_dir))
+        results = evaluator_cls(config).run(model, EvalContext(device=device, out_dir=out_dir))
     line = json.dumps({"task": args.task, "checkpoint": str(args.checkpoint), **results}, default=float)
     print("| metric | value |\n|---|---|")
     for key, value in results.items():
@@ -182,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="start N local ranks")
     p.add_argument("--resume", default=None, help="latest | PATH")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same run folder")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help="set by DeepSpeed's launcher; must agree with LOCAL_RANK")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train and evaluate a small CLIP on digits, on CPU")
@@ -204,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--option", "-o", action="append", default=[], help="key=value for the evaluator")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
+                   help="default: the run's train.device (auto: CUDA when a GPU is visible)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a checkpoint for other tools")
