@@ -18,6 +18,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from vlp.data_pipelines.bad_samples import BAD_REASONS, BadSample, format_reasons
 from vlp.data_pipelines.decode import IMAGE_EXTENSIONS, decode_image, peek_image
+from vlp.data_pipelines.gpu_decode import collate_planned, plan_jpeg
 from vlp.data_pipelines.seeds import seeded, stable_seed
 from vlp.data_pipelines.text import caption_sentences, sample_sub_captions
 
@@ -47,6 +48,9 @@ class SamplePipeline:
     # The preprocess's `finish_batch` (uint8 -> normalised float) is left to the model: batches
     # carry the uint8 pixels, which the image tower normalises on the device (training loader).
     finish_on_device: bool = False
+    # `data.decode: gpu`: JPEGs are not decoded here but planned (bytes + crop box drawn from the
+    # sample's seed) for the device to decode (`data_pipelines.gpu_decode`).
+    decode_on_device: bool = False
 
     @property
     def wants_sample(self) -> bool:
@@ -89,7 +93,7 @@ class SamplePipeline:
         parent = self.caption(sample, self.parent_caption_key) if self.parent_caption_key else None
         if getattr(self.preprocess, "wants_seed", False):
             # It draws its augmentation from the seed it is handed: no global RNG to reseed.
-            image = self._image(sample, lambda image_or_sample: self.preprocess(image_or_sample, rng_seed))
+            image = self._image(sample, lambda image_or_sample: self.preprocess(image_or_sample, rng_seed), rng_seed)
         else:
             with seeded(rng_seed):
                 image = self._image(sample, self.preprocess)
@@ -108,7 +112,7 @@ class SamplePipeline:
         return {"image": image, "caption": caption, "label": label, "key": sample["__key__"], "meta": meta,
                 "url": sample.get("__url__", ""), "parent": parent}
 
-    def _image(self, sample: dict, preprocess: Callable) -> Any:
+    def _image(self, sample: dict, preprocess: Callable, seed: int = 0) -> Any:
         if self.wants_sample:
             try:
                 return preprocess(sample)
@@ -116,6 +120,10 @@ class SamplePipeline:
                 raise BadSample("bad_image") from None
         data = self.image_bytes(sample)
         try:
+            if self.decode_on_device:
+                planned = plan_jpeg(sample, self.preprocess, seed, self.max_image_pixels)
+                if planned is not None:
+                    return planned
             pil = decode_image(data, self.max_image_pixels)
         except Image.DecompressionBombError:
             raise BadSample("image_too_large") from None
@@ -137,10 +145,13 @@ class SamplePipeline:
         {"image": (B, C, H, W) or (B, 1, H, W, D), "text": (B, L), "label": (B,) (-1: none),
         "key", "caption", "meta": B each, "bad": {reason: count skipped before it}, "bad_shards"},
         plus "parent_caption"/"parent_text" (B, 1, L), "sub_text" (B, K, L) and "sentences"
-        (B, S, L) with "sentence_mask" (B, S) when configured."""
+        (B, S, L) with "sentence_mask" (B, S) when configured. With `decode_on_device`, "image"
+        holds only the worker-decoded samples, with "jpeg" and "crop" (`gpu_decode.collate_planned`)."""
         captions = [item["caption"] for item in items]
+        images = [item["image"] for item in items]
         batch = {
-            "image": self.finish_images(default_collate([item["image"] for item in items])),
+            **(collate_planned(images) if self.decode_on_device else
+               {"image": self.finish_images(default_collate(images))}),
             "text": self.tokenizer(captions),
             "label": torch.tensor([item["label"] for item in items], dtype=torch.long),
             "key": [item["key"] for item in items],

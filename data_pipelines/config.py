@@ -56,6 +56,10 @@ class DataConfig(Strict):
     # per shard; they are refused unless this is set.
     allow_pipe_urls: bool = False
     max_image_pixels: int = Field(89_478_485, ge=1)  # PIL's default decompression-bomb limit
+    # Where training JPEGs are decoded: "cpu" in the loader workers (PIL), or "gpu": the workers
+    # send the bytes and each sample's crop box, the device decodes the batch (nvjpeg via
+    # torchvision.io.decode_jpeg), crops and resizes (data_pipelines/gpu_decode.py, docs/input.md).
+    decode: Literal["cpu", "gpu"] = "cpu"
 
     @model_validator(mode="after")
     def _no_shell_unless_allowed(self):

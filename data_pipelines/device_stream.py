@@ -97,12 +97,8 @@ class DeviceStream:
     def _to_device(self, batch: Batch) -> Batch:
         moved = {}
         for key, value in batch.items():
-            if torch.is_tensor(value):
-                moved[key] = self._copy(value)
-            elif isinstance(value, list) and value and all(torch.is_tensor(item) for item in value):
-                moved[key] = [self._copy(item) for item in value]  # e.g. JPEG byte tensors for GPU decode
-            else:
-                moved[key] = value
+            # Lists stay on the host, tensors in them too: GPU JPEG decode reads its bytes there.
+            moved[key] = self._copy(value) if torch.is_tensor(value) else value
         if self.device_stage is not None:
             moved = self.device_stage(moved)
         for key, value in moved.items():

@@ -72,6 +72,7 @@ from vlp.data_pipelines.collate import SamplePipeline
 from vlp.data_pipelines.config import DataConfig
 from vlp.data_pipelines.datasets import EvalDataset, ShardSource, TrainDataset
 from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.gpu_decode import check_gpu_decode
 from vlp.data_pipelines.position import POSITION_FILE, VERSION, fresh_resampled_slot, redeal, sources_digest
 from vlp.data_pipelines.sharding import check_urls, expand_urls, shard_sizes
 from vlp.data_pipelines.tar_reader import is_local, local_path
@@ -249,6 +250,8 @@ def build_train_loader(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_urls(cfg)
+    if cfg.decode == "gpu":
+        check_gpu_decode(preprocess)
     sources = []
     for source in cfg.train:
         urls = expand_urls(source.urls)
@@ -266,7 +269,7 @@ def build_train_loader(
         parent_caption_key=cfg.parent_caption_key, max_image_pixels=cfg.max_image_pixels, sub_captions=cfg.sub_captions,
         sub_caption_sentences=cfg.sub_caption_sentences, sentences=cfg.sentences,
         seed=seed, max_bad_fraction=cfg.max_bad_fraction, bad_window=cfg.bad_window,
-        finish_on_device=finish_on_device,
+        finish_on_device=finish_on_device, decode_on_device=cfg.decode == "gpu",
     )
     return TrainLoader(TrainDataset(
         pipeline=pipeline, sources=sources, mode=cfg.mode, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
