@@ -142,3 +142,40 @@ def test_unsafe_pickle_in_checkpoint_is_refused(tmp_path, digits_dir):
     proc = run_vlp("train", config, "train.steps=4", "--resume", "latest", check=False)
     assert proc.returncode == 2 and "refused to load" in proc.stderr
     assert not marker.exists()
+
+
+def guard_outputs(losses):
+    return [{"loss": torch.tensor(value), "logging": {"loss/clip": torch.tensor(value)}} for value in losses]
+
+
+def test_nonfinite_guard_reads_per_micro_batch_without_a_loss_scaler():
+    """fp32/bf16: the decision is taken before backward, one host read per micro-batch."""
+    from vlp.train.checkpoint import TrainState
+    from vlp.train.monitors import NonFiniteGuard, TrainingStopped
+
+    state, logged = TrainState(), []
+    guard = NonFiniteGuard(2, state, lambda step, record: logged.append(record), lambda: "step_1")
+    decisions = [guard.skip(out) for out in guard_outputs([1.0, float("nan")])]
+    assert decisions == [False, True] and logged[-1] == {"nonfinite_skipped": 1, "nonfinite_heads": "clip"}
+    with pytest.raises(TrainingStopped, match="2 non-finite losses in a row from head\\(s\\) clip"):
+        guard.skip(guard_outputs([float("inf")])[0])
+
+
+def test_nonfinite_guard_deferred_under_fp16_counts_on_the_device_and_reads_at_log_time():
+    """fp16: DeepSpeed's loss scaler skips the step; the guard never syncs per micro-batch, and
+    `settle` (log/checkpoint steps) logs the skips and stops after `limit` in a row."""
+    from vlp.train.checkpoint import TrainState
+    from vlp.train.monitors import NonFiniteGuard, TrainingStopped
+
+    state, logged = TrainState(), []
+    guard = NonFiniteGuard(3, state, lambda step, record: logged.append(record), lambda: "step_1", deferred=True)
+    assert not any(guard.skip(out) for out in guard_outputs([float("nan"), float("nan"), 1.0, float("nan")]))
+    assert logged == []  # nothing read yet
+    guard.settle()
+    assert state.nonfinite_steps == 1 and logged[-1]["nonfinite_skipped"] == 3
+    guard.settle()
+    assert len(logged) == 1  # nothing new since the last read
+    for out in guard_outputs([float("nan"), float("nan")]):
+        guard.skip(out)
+    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
+        guard.settle()

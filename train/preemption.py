@@ -5,11 +5,11 @@ Everything here is a no-op outside Slurm, so the trainer calls it unconditionall
     slurm_env_to_dist()          # once, before init_process_group: RANK etc. from SLURM_*
     install_handlers()           # once, in the main thread
     ...
-    # at each step boundary, on every rank:
-    flag = torch.tensor([stop_flag()]); dist.all_reduce(flag, op=MAX)
-    if flag.item():
+    # at each log or checkpoint step, on every rank:
+    flag = all_reduce_max(stop_flag())   # vlp.core.collectives: on the collective device
+    if flag:
         save checkpoint
-        if reason_from_flag(flag.item()) == "USR1" and not finished and rank == 0:
+        if reason_from_flag(int(flag)) == "USR1" and not finished and rank == 0:
             requeue()
         exit
 
