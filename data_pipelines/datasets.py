@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlp.data_pipelines.bad_samples import BadSample
@@ -54,6 +55,9 @@ class TrainDataset(IterableDataset):
     checkpoint from before positions were saved), those batches are read and discarded.
     `total`: the rank's batches in this epoch (segment), default `batches_per_epoch`.
     Each batch carries "__position__": (role, JSON of the role's slot state after it).
+    `shared_epoch`: a shared-memory 0-dim long tensor the loader sets before each epoch, read at
+    the start of every `__iter__` in place of `epoch` (persistent workers keep the dataset
+    object they were started with, so the epoch has to reach them this way).
     """
 
     pipeline: SamplePipeline
@@ -69,6 +73,7 @@ class TrainDataset(IterableDataset):
     skip_batches: int = 0
     starts: Optional[dict[int, dict]] = None
     total: Optional[int] = None
+    shared_epoch: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -82,6 +87,8 @@ class TrainDataset(IterableDataset):
         return fresh_slot(sizes, self.seed, self.epoch, self.rank, self.world_size, self.workers, role)
 
     def __iter__(self) -> Iterator[dict]:
+        if self.shared_epoch is not None:
+            self.epoch = int(self.shared_epoch)  # this worker's own copy of the dataset
         worker, workers = _this_worker(self.pipeline, self.workers)
         # The DataLoader asks worker 0 first; after n batches, the batch that comes next belongs
         # to role n % workers, so worker w plays role (w + n) % workers.

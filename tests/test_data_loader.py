@@ -479,3 +479,18 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt, suffix):
             if not ext.startswith("__"):
                 got[f"{sample['__key__']}.{ext}"] = data
     assert got == members
+
+
+def test_persistent_workers_give_every_epoch_as_fresh_workers(tmp_path):
+    """Whole epochs reuse one DataLoader (workers started once, the epoch passed in shared memory):
+    the batches of each epoch equal those of workers started for that epoch alone."""
+    urls = write(tmp_path, "a", [7, 6, 5])
+    persistent = train_loader(urls, batch_size=2, workers=2, shuffle_buffer=3)
+    fresh = train_loader(urls, batch_size=2, workers=2, shuffle_buffer=3)
+    fresh.persistent_workers = False
+    pids = []
+    for epoch in range(3):
+        assert_same_batches(list(persistent.iterate(epoch)), list(fresh.iterate(epoch)))
+        pids.append(sorted(worker.pid for worker in persistent._workers._iterator._workers))
+    assert pids[0] == pids[1] == pids[2]
+    assert keys(persistent.iterate(0)) != keys(persistent.iterate(1))  # the epoch did reach the workers
