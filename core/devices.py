@@ -136,8 +136,7 @@ def apply_tf32(enabled: bool, device: torch.device) -> None:
     times the fp32 rate at a 10-bit mantissa, what open_clip and timm train with); a no-op on CPU."""
     if device.type != "cuda":
         return
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; mixing it with allow_tf32 is refused
-        matmul.fp32_precision = conv.fp32_precision = "tf32" if enabled else "ieee"
-    else:
-        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    # The float32-matmul-precision API, not torch >= 2.9's per-backend `fp32_precision`: torch
+    # refuses `get_float32_matmul_precision()` (which vlp.models.flops reads) once the two mix.
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled

@@ -23,17 +23,22 @@ def launcher_env(local_rank: int = 0) -> dict[str, str]:
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""}
 
 
-@pytest.mark.parametrize("flag", [["--local_rank=0"], ["--local-rank", "0"]])
-def test_deepspeed_launcher_local_rank_flag_starts_a_run(tmp_path, digits_dir, flag):
-    config = tiny_config(tmp_path, digits_dir, train={"steps": 2, "warmup_steps": 0, "checkpoint_every": 0},
-                         evals=[])
+@pytest.mark.parametrize("flag, peak", [(["--local_rank=0"], None), (["--local-rank", "0"], 0.05)])
+def test_deepspeed_launcher_local_rank_flag_starts_a_run(tmp_path, digits_dir, flag, peak):
+    """Also the telemetry: data_wait_frac in every line; mfu only where a peak is known (on CPU:
+    train.peak_tflops)."""
+    config = tiny_config(tmp_path, digits_dir, train={"steps": 2, "warmup_steps": 0, "checkpoint_every": 0,
+                                                      "peak_tflops": peak}, evals=[])
     proc = run_vlp("train", config, *flag, env=launcher_env())
     assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"].endswith("tiny")
     records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss/total" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(0 <= r["data_wait_frac"] <= 1 for r in steps)
-    assert "mfu" not in steps[0]  # no peak known on CPU without train.peak_tflops
+    if peak is None:
+        assert not any("mfu" in r for r in steps)
+    else:
+        assert all(0 < r["mfu"] < 1 for r in steps)
     assert "no CUDA device" in proc.stderr  # train.device auto fell back to CPU and said so
 
 
@@ -96,15 +101,16 @@ def test_engine_settings_follow_the_device(tmp_path, digits_dir):
     assert deepspeed_config(load_config(path), device=torch.device("cuda", 0))["zero_optimization"] == {"stage": 0}
 
 
-def test_tf32_on_cuda_only(monkeypatch):
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = matmul.fp32_precision, conv.fp32_precision
+def test_tf32_on_cuda_only():
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
+        torch.set_float32_matmul_precision("highest")
         devices.apply_tf32(True, torch.device("cpu"))
-        assert (matmul.fp32_precision, conv.fp32_precision) == before
+        assert torch.get_float32_matmul_precision() == "highest"
         devices.apply_tf32(True, torch.device("cuda", 0))
-        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
         devices.apply_tf32(False, torch.device("cuda", 0))
-        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
     finally:
-        matmul.fp32_precision, conv.fp32_precision = before
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]

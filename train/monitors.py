@@ -166,6 +166,8 @@ class StepTelemetry:
     one-line hint the first time the input is the bottleneck."""
 
     def __init__(self, config: Any, model: Any, env: Any) -> None:
+        """`model`: the VLPModel before `deepspeed.initialize` (ZeRO-3 would partition it); the
+        FLOPs are counted once, here, and only where a peak is known."""
         self.world_size = env.world_size
         self.is_main = env.is_main
         self.hinted = False

@@ -256,6 +256,7 @@ def train(config: ExperimentConfig, resume: str | None = None, overwrite: bool =
     # converted to DeepSpeed's universal layout, which the engine must be built to read.
     where = Checkpointer(run_dir / "checkpoints", 1, env.rank).resolve(resume) if resume else None
     resharded = Reshard.plan(where, env.world_size, env.rank) if where is not None else None
+    telemetry = StepTelemetry(config, model, env)  # counts FLOPs on the model before ZeRO-3 splits it
     engine = build_engine(config, model, load_universal=resharded is not None)
     loader = build_loader(config, model, env)
     checkpointer = Checkpointer(run_dir / "checkpoints", config.train.keep_checkpoints, env.rank, loader=loader)
@@ -277,14 +278,14 @@ def train(config: ExperimentConfig, resume: str | None = None, overwrite: bool =
     from vlp.data_pipelines.bad_samples import BadSampleMonitor
 
     bad_samples = BadSampleTally(BadSampleMonitor.from_config(config.data))
-    results = run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluators, bad_samples)
+    results = run_loop(config, env, engine, loader, state, checkpointer, metrics, evaluators, bad_samples, telemetry)
     metrics.close()
     return results
 
 
 def run_loop(
     config: ExperimentConfig, env: DistEnv, engine: Any, loader: Any, state: TrainState, checkpointer: Checkpointer,
-    metrics: MetricsLogger, evaluators: list, bad_samples: BadSampleTally,
+    metrics: MetricsLogger, evaluators: list, bad_samples: BadSampleTally, telemetry: StepTelemetry,
 ) -> dict[str, Any]:
     """Step / log / checkpoint / evaluate from `state` to `train.steps`, or until a signal."""
     tr = config.train
@@ -295,7 +296,6 @@ def run_loop(
     # fp16: DeepSpeed's loss scaler skips overflowing steps itself, so the flag is read at log time.
     nonfinite = NonFiniteGuard(tr.max_nonfinite_steps, state, metrics.log, checkpointer.latest_tag,
                                deferred=config.deepspeed.precision == "fp16")
-    telemetry = StepTelemetry(config, engine.module, env)
     results: dict[str, Any] = {}
     stop_reason = None
     while state.step < tr.steps:
