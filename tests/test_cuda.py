@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,13 +33,26 @@ pytestmark = [
 CUDA_RUN = {"VLP_FORCE_COLLECTIVES": "1", "CUDA_VISIBLE_DEVICES": "0"}
 
 
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The digits shards: pre-built ones from VLP_DIGITS_DIR (benchmarks/gpu_check.sh ships them;
+    the GPU machine has no scikit-learn to build them), else built as conftest builds them."""
+    if os.environ.get("VLP_DIGITS_DIR"):
+        return Path(os.environ["VLP_DIGITS_DIR"])
+    from vlp.data_pipelines.sources import build
+
+    out = tmp_path_factory.mktemp("digits")
+    build("digits", out, shard_size=400)
+    return out
+
+
 def metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_one_nccl_rank_with_collectives_forced_on(tmp_path, digits_dir):
+def test_one_nccl_rank_with_collectives_forced_on(tmp_path, digits):
     """Train, log, checkpoint and evaluate on one NCCL rank whose collectives all run."""
-    config = tiny_config(tmp_path, digits_dir, train={"device": "cuda", "steps": 4, "checkpoint_every": 2})
+    config = tiny_config(tmp_path, digits, train={"device": "cuda", "steps": 4, "checkpoint_every": 2})
     run_vlp("train", config, env=CUDA_RUN)
     run_dir = tmp_path / "runs" / "tiny"
     records = metrics(run_dir)
@@ -47,10 +62,10 @@ def test_one_nccl_rank_with_collectives_forced_on(tmp_path, digits_dir):
     assert 0.0 <= results["zeroshot_top1"] <= 1.0
 
 
-def test_bf16_zero1_run_evaluates_checkpoints_resumes_and_exports_the_master_weights(tmp_path, digits_dir):
+def test_bf16_zero1_run_evaluates_checkpoints_resumes_and_exports_the_master_weights(tmp_path, digits):
     from vlp.train.export import consolidate, read_state_dict
 
-    config = tiny_config(tmp_path, digits_dir, train={"device": "cuda", "steps": 6, "checkpoint_every": 3,
+    config = tiny_config(tmp_path, digits, train={"device": "cuda", "steps": 6, "checkpoint_every": 3,
                                                       "keep_checkpoints": 3},
                          deepspeed={"zero_stage": 1, "precision": "bf16"}, export=["safetensors"])
     run_vlp("train", config, env=CUDA_RUN)
