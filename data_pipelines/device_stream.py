@@ -51,7 +51,7 @@ class DeviceStream:
         self.host_stage, self.device_stage = host_stage, device_stage
         self._batches = self._host_batches()
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._ready: deque[tuple[Batch, Any, tuple[int, int]]] = deque()
+        self._ready: deque[tuple[Batch, Any, tuple[int, int], Any]] = deque()
 
     def __iter__(self) -> "DeviceStream":
         return self
@@ -59,10 +59,12 @@ class DeviceStream:
     def __next__(self) -> Batch:
         while len(self._ready) <= self.lookahead:
             self._ready.append(self._pull())
-        batch, position, (epoch, batch_in_epoch) = self._ready.popleft()
-        if self._copy_stream is not None:
+        batch, position, (epoch, batch_in_epoch), copied = self._ready.popleft()
+        if copied is not None:
+            # Wait for this batch's copy only: `wait_stream` would also wait for the copies of
+            # the batches behind it, which the lookahead queued after it on the same side stream.
             consumer = torch.cuda.current_stream(self.device)
-            consumer.wait_stream(self._copy_stream)
+            consumer.wait_event(copied)
             for value in batch.values():
                 for tensor in value if isinstance(value, list) else [value]:
                     if torch.is_tensor(tensor) and tensor.device.type == "cuda":
@@ -84,15 +86,20 @@ class DeviceStream:
                 yield batch, position() if position is not None else None, (epoch, done)
             epoch, done = epoch + 1, 0
 
-    def _pull(self) -> tuple[Batch, Any, tuple[int, int]]:
+    def _pull(self) -> tuple[Batch, Any, tuple[int, int], Optional[torch.cuda.Event]]:
+        """The next host batch on the device, with its position, counters and (CUDA) the event
+        recorded after its copy and device stage."""
         batch, position, counters = next(self._batches)
         if self._copy_stream is None:
-            return self._to_device(batch), position, counters
+            return self._to_device(batch), position, counters, None
         # No wait on the consumer's stream here: that would queue the copy behind the step in
         # flight. Memory is safe without it: the copy allocates from the side stream's pool, and
         # handed-over tensors are record_stream'ed on the consumer's stream.
         with torch.cuda.stream(self._copy_stream):
-            return self._to_device(batch), position, counters
+            moved = self._to_device(batch)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        return moved, position, counters, copied
 
     def _to_device(self, batch: Batch) -> Batch:
         moved = {}

@@ -24,6 +24,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# Telemetry shown in the progress line as well as metrics.jsonl: the share of step time spent
+# waiting for data, and model FLOPs utilisation where the device's peak is known.
+PROGRESS_TELEMETRY = ("data_wait_frac", "mfu")
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int = 0,
                  report_to: tuple[str, ...] = ("tensorboard",), wandb_config: Any = None,
@@ -84,14 +89,18 @@ class MetricsLogger:
         loss = record.get("loss/total")
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix(loss=f"{loss:.4f}" if isinstance(loss, float) else loss, refresh=False)
+            shown = {"loss": f"{loss:.4f}" if isinstance(loss, float) else loss}
+            for key in PROGRESS_TELEMETRY:  # where the step time goes, beside the loss
+                if isinstance(record.get(key), float):
+                    shown[key] = f"{record[key]:.2f}"
+            self._bar.set_postfix(shown, refresh=False)
             self._bar.refresh()
         elif time.time() - self._last_line > 5 or step == self.total:
             self._last_line = time.time()
             shown = " ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in record.items()
-                if k in ("step", "loss/total", "lr", "samples_per_s") or k.startswith("eval/")
+                if k in ("step", "loss/total", "lr", "samples_per_s", *PROGRESS_TELEMETRY) or k.startswith("eval/")
             )
             print(f"[vlp] {shown} / {self.total}", file=sys.stderr, flush=True)
 

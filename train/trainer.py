@@ -19,6 +19,8 @@ import torch
 
 from vlp.core.collectives import all_reduce_max, barrier
 from vlp.core.devices import apply_tf32, current_compute_device
+from vlp.data_pipelines.device_stream import DeviceStream
+from vlp.data_pipelines.gpu_decode import GpuJpegDecode
 from vlp.train import preemption
 from vlp.train.checkpoint import Checkpointer, TrainState
 from vlp.train.checkpoint_io import Reshard
@@ -238,6 +240,12 @@ def train(config: ExperimentConfig, resume: str | None = None, overwrite: bool =
     claim_run_dir(run_dir, resume, overwrite, rank == 0)
     env = init_distributed(config.train.dist_timeout_s, config.train.device)
     apply_tf32(config.train.tf32, env.device)
+    if config.data.decode == "gpu" and env.device.type != "cuda":
+        from vlp.train.config import ConfigError
+
+        # Decoding on the CPU in the main process would only be slower than the workers' PIL path.
+        raise ConfigError(f"data.decode: gpu needs a CUDA device (this run trains on {env.device.type}); "
+                          f"set data.decode: cpu")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
@@ -291,7 +299,11 @@ def run_loop(
     tr = config.train
     dtype = engine_dtype(config)
     global_batch = tr.batch_size * env.world_size
-    stream = micro_batches(loader, state)
+    # Batches arrive on the device one ahead of the step (a side-stream copy on CUDA); the data
+    # position is committed when the loop takes a batch, so checkpoints stay exact.
+    decode = GpuJpegDecode(engine.module.image.input_shape()[-1], env.device) if config.data.decode == "gpu" else None
+    stream = DeviceStream(loader, state, env.device, dtype, tr.channels_last, lookahead=1,
+                          host_stage=bad_samples.take, device_stage=decode)
     throughput = ThroughputMeter()
     # fp16: DeepSpeed's loss scaler skips overflowing steps itself, so the flag is read at log time.
     nonfinite = NonFiniteGuard(tr.max_nonfinite_steps, state, metrics.log, checkpointer.latest_tag,
@@ -299,8 +311,7 @@ def run_loop(
     results: dict[str, Any] = {}
     stop_reason = None
     while state.step < tr.steps:
-        batch = bad_samples.take(throughput.next_batch(stream))
-        out = engine(to_device(batch, env.device, dtype, tr.channels_last))
+        out = engine(throughput.next_batch(stream))
         if nonfinite.skip(out):
             continue
         engine.backward(out["loss"])
