@@ -56,11 +56,20 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 )
 
 
+def _tf32_allowed() -> bool:
+    """Whether fp32 CUDA matmuls may run as TF32. torch raises on the global getter once its
+    per-backend API (`torch.backends.cuda.matmul.fp32_precision`) has been used, so ask that then."""
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
 def _precision(dtype: torch.dtype) -> str:
     if dtype in (torch.bfloat16, torch.float16):
         return "bf16" if dtype == torch.bfloat16 else "fp16"
     if dtype == torch.float32:
-        return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return "tf32" if _tf32_allowed() else "fp32"
     raise ValueError(f"peak_flops: no peak for dtype {dtype}")
 
 
