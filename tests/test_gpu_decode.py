@@ -101,6 +101,7 @@ def test_gpu_decode_needs_the_training_transform(shard):
         DataConfig(train=[{"urls": shard}], decode="nvjpeg")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg)")
 def test_nvjpeg_decode_equals_cpu_decode_within_rounding(shard):
     cuda, cpu = batches(shard, "gpu", "cuda"), batches(shard, "gpu", "cpu")

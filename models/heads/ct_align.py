@@ -122,7 +122,8 @@ def cross_region_scores(
     volumes, recomputed in backward (None: `tiled_tokens.block_plan` picks dense or the size)."""
     text = F.normalize(at_least_fp32(sentences), dim=-1)
     total, patches, width = patch_tokens.shape
-    block_size = block_plan(total, region_bytes_per_column(text.shape[0], patches, width), block_size)
+    block_size = block_plan(total, region_bytes_per_column(text.shape[0], patches, width), block_size,
+                            device=patch_tokens.device)
     if block_size is None or text.shape[0] == 0:
         return _region_scores(text, patch_tokens, mode, k, temperature)
     columns = torch.arange(total, device=patch_tokens.device)
@@ -157,7 +158,8 @@ def local_volume_alignment_loss(
     """
     batch, patches, width = patch_tokens.shape
     total = queries.shape[0]
-    block_size = block_plan(total, region_bytes_per_column(batch, patches, width), block_size)
+    block_size = block_plan(total, region_bytes_per_column(batch, patches, width), block_size,
+                            device=patch_tokens.device)
 
     def column_fn(tokens: Tensor, sentences: Tensor) -> Tensor:  # (B, P, E), (c, E) -> (B, c)
         return _region_scores(sentences, tokens, mode, k, temperature).T

@@ -155,7 +155,8 @@ def filip_loss(
     total, length = all_text_tokens.shape[:2]
     local = torch.arange(batch, device=image_tokens.device)
     labels = first + local
-    block_size = block_plan(total, late_interaction_bytes_per_column(batch, patches, length), block_size)
+    block_size = block_plan(total, late_interaction_bytes_per_column(batch, patches, length), block_size,
+                            device=image_tokens.device)
     if block_size is None:
         scores = late_interaction_scores(image_tokens, all_text_tokens, all_text_mask)  # (2, B, N)
     else:
