@@ -338,10 +338,13 @@ def open_clip_plain(samples: list[dict], batch_size: int) -> Iterator[int]:
 # Timing.
 
 
-def child_cpu_seconds() -> dict[int, float]:
-    """CPU seconds (user + system) of each live child process (the DataLoader workers)."""
-    import psutil
-
+def child_cpu_seconds() -> Optional[dict[int, float]]:
+    """CPU seconds (user + system) of each live child process (the DataLoader workers); None
+    without psutil (a bare GPU machine may lack it: the CPU fields then read null)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
     times = {}
     for child in psutil.Process().children(recursive=True):
         try:
@@ -354,9 +357,12 @@ def child_cpu_seconds() -> dict[int, float]:
 
 def wait_for_workers_to_exit(timeout: float = 20.0) -> None:
     """A side's workers are gone before the next side starts, so they never share the cores."""
-    import psutil
-
     gc.collect()
+    try:
+        import psutil
+    except ImportError:
+        time.sleep(1.0)  # DataLoader shutdown joins its workers; this covers the stragglers
+        return
     children = psutil.Process().children(recursive=True)
     _, alive = psutil.wait_procs(children, timeout=timeout)
     if alive:
@@ -384,11 +390,13 @@ def measure(make_batches: Callable[[], Iterator[int]], warmup: int, timed: int, 
         workers_after, main_after = child_cpu_seconds(), time.process_time()
     finally:
         batches.close()  # ends the generator: its loader and workers are released (attempt waits for them)
-    worker_cpu = sum(cpu - workers_before.get(pid, 0.0) for pid, cpu in workers_after.items())
+    worker_cpu = None
+    if workers and workers_before is not None and workers_after is not None:
+        worker_cpu = sum(cpu - workers_before.get(pid, 0.0) for pid, cpu in workers_after.items())
     rate = samples / wall
     return {"samples_per_s": round(rate, 1), "per_worker_samples_per_s": round(rate / max(workers, 1), 1),
             "startup_s": round(startup, 2), "timed_s": round(wall, 2), "timed_batches": timed,
-            "worker_cpu_ms_per_sample": round(worker_cpu / samples * 1e3, 3) if workers else None,
+            "worker_cpu_ms_per_sample": round(worker_cpu / samples * 1e3, 3) if worker_cpu is not None else None,
             "main_cpu_ms_per_sample": round((main_after - main_before) / samples * 1e3, 3)}
 
 
