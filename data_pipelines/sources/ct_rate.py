@@ -15,7 +15,7 @@ from tqdm import tqdm
 from vlp.core.config import Strict
 from vlp.data_pipelines.errors import DataError
 from vlp.data_pipelines.shards import write_shards
-from vlp.data_pipelines.sources import SOURCES
+from vlp.data_pipelines.sources.base import SOURCES
 from vlp.data_pipelines.sources.ct_sample import ct_sample, parse_options, safe_key, source_folder
 from vlp.data_pipelines.volume_io import Volume, read_volume
 from vlp.data_pipelines.volume_transforms import resample_to_spacing

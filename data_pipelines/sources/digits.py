@@ -20,7 +20,7 @@ from PIL import Image
 
 from vlp.data_pipelines.errors import DataError
 from vlp.data_pipelines.shards import atomic_write_text, progress, write_shards
-from vlp.data_pipelines.sources import SOURCES
+from vlp.data_pipelines.sources.base import SOURCES
 
 DIGIT_CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # Zero-shot prompts for the evaluator (`{c}` is a class name from DIGIT_CLASSNAMES).

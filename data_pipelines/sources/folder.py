@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from vlp.data_pipelines.decode import IMAGE_SUFFIXES, image_member
 from vlp.data_pipelines.errors import DataError
 from vlp.data_pipelines.shards import progress, write_shards
-from vlp.data_pipelines.sources import SOURCES
+from vlp.data_pipelines.sources.base import SOURCES
 
 
 @SOURCES.register("folder")

@@ -29,7 +29,7 @@ from pydantic import Field, ValidationError, model_validator
 from vlp.core.config import Strict
 from vlp.data_pipelines.errors import DataError
 from vlp.data_pipelines.shards import write_shards
-from vlp.data_pipelines.sources import SOURCES
+from vlp.data_pipelines.sources.base import SOURCES
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {

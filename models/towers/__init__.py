@@ -1,12 +1,8 @@
-"""Tower registries; importing this package registers every built-in tower."""
+"""Tower registries; importing this package registers every tower in this folder."""
 
-from vlp.models.towers import image, text, volume  # noqa: F401  (registers)
-from vlp.models.towers.base import (
-    IMAGE_TOWERS,
-    TEXT_TOWERS,
-    ImageTower,
-    TextTower,
-    TowerConfig,
-)
+from vlp.core.registry import discover
+from vlp.models.towers.base import IMAGE_TOWERS, TEXT_TOWERS, ImageTower, TextTower, TowerConfig
 
 __all__ = ["IMAGE_TOWERS", "TEXT_TOWERS", "ImageTower", "TextTower", "TowerConfig"]
+
+discover(__name__)

@@ -81,7 +81,7 @@ class OpenClipVitConfig(PretrainedFields, ImageLockFields, TowerConfig):
         )
 
 
-@IMAGE_TOWERS.register("open_clip_vit")
+@IMAGE_TOWERS.register_by_type
 class OpenClipVit(ImageTower):
     config_class = OpenClipVitConfig
 
@@ -174,7 +174,7 @@ def create_timm_trunk(config: TimmConfig) -> tuple[nn.Module, dict]:
         raise
 
 
-@IMAGE_TOWERS.register("timm")
+@IMAGE_TOWERS.register_by_type
 class TimmTower(ImageTower):
     """Any timm model without its classifier, plus a linear projection to `embed_dim`.
 
@@ -238,7 +238,7 @@ class OpenClipModelImageConfig(ImageLockFields, TowerConfig):
     embed_dim: Optional[int] = None
 
 
-@IMAGE_TOWERS.register("open_clip")
+@IMAGE_TOWERS.register_by_type
 class OpenClipModelImage(ImageTower):
     """`open_clip.create_model_and_transforms(name, ...)`'s `.visual`, under `self.model` (so our
     names are `image.model.<open_clip's visual name>`), with open_clip's own preprocessing.

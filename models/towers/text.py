@@ -122,7 +122,7 @@ class OpenClipTokenizer(MemoTokenizer):
         return self._tok(texts)
 
 
-@TEXT_TOWERS.register("open_clip_text")
+@TEXT_TOWERS.register_by_type
 class OpenClipText(TextTower):
     config_class = OpenClipTextConfig
 
@@ -190,7 +190,7 @@ class OpenClipModelTextConfig(TextLockFields, TowerConfig):
     embed_dim: Optional[int] = None
 
 
-@TEXT_TOWERS.register("open_clip")
+@TEXT_TOWERS.register_by_type
 class OpenClipModelText(TextTower):
     """`open_clip.create_model_and_transforms(name, ...)`'s text tower in open_clip's
     CustomTextCLIP layout (`.text`: a TextTransformer, or an HFTextEncoder), under `self.model`:
@@ -320,7 +320,7 @@ class HFTokenizer(MemoTokenizer):
         return out["input_ids"]
 
 
-@TEXT_TOWERS.register("hf_text")
+@TEXT_TOWERS.register_by_type
 class HFText(TextTower):
     """A Hugging Face encoder loaded from a local folder (never from a hub), plus a projection.
 

@@ -91,7 +91,7 @@ class MonaiViT3DConfig(TowerConfig):
         return tuple(size // patch for size, patch in zip(self.roi, self.patch_size))
 
 
-@IMAGE_TOWERS.register("monai_vit3d")
+@IMAGE_TOWERS.register_by_type
 class MonaiViT3D(ImageTower):
     """volumes (B, 1, H, W, D) -> {"image_embed": (B, E), "image_tokens": (B, P, E)}."""
 
