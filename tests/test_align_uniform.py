@@ -148,13 +148,25 @@ def test_evaluator_on_the_digits_shards_and_its_plot(tmp_path, digits_dir):
     from test_export import model_from_tree, tiny_tree
 
     from vlp.train.evals import EVALUATORS, EvalContext
-    from vlp.train.evals.alignment import AlignmentConfig, blockwise_uniformity, embeddings
+    from vlp.data_pipelines.loader import build_eval_loader
+    from vlp.train.evals.alignment import AlignmentConfig, blockwise_uniformity
+    from vlp.train.evals.common import encode_texts
 
     model, _ = model_from_tree(tiny_tree(tmp_path, digits_dir))
-    config = AlignmentConfig(data=str(digits_dir / "digits-test-000000.tar"), batch_size=128, chunk_size=50)
+    model.eval()
+    shard = str(digits_dir / "digits-test-000000.tar")
+    config = AlignmentConfig(data=shard, batch_size=128, chunk_size=50)
     evaluator = EVALUATORS.get("alignment")(config)
     with torch.no_grad():
-        image, text = embeddings(model, config, EvalContext())
+        # The reference: every sample's normalised embeddings in key order, read without the harness.
+        images, captions, keys = [], [], []
+        for batch in build_eval_loader(shard, preprocess=model.image.preprocess(train=False),
+                                       tokenizer=model.text.tokenizer(), batch_size=100):
+            images.append(model.encode_image(batch["image"])["image_embed"])
+            captions, keys = captions + batch["caption"], keys + batch["key"]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        image = torch.nn.functional.normalize(torch.cat(images), dim=-1)[order]
+        text = torch.nn.functional.normalize(encode_texts(model, captions, torch.device("cpu")), dim=-1)[order]
         first = evaluator.run(model, EvalContext(out_dir=tmp_path / "plots", step=10))
         second = evaluator.run(model, EvalContext(out_dir=tmp_path / "plots", step=20))
     assert image.shape == text.shape == (359, 32)

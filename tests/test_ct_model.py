@@ -509,7 +509,7 @@ def test_ct_evaluator_runs_on_a_tiny_semi_synthetic_split(tmp_path):
 
     from vlp.data_pipelines.sources import build
     from vlp.train.evals.base import EvalContext
-    from vlp.train.evals.ct import CtEvalConfig, evaluate_ct
+    from vlp.train.evals.ct import CtEvalConfig, CtEvaluator
 
     build("ct-lesions", tmp_path, train_size=1, test_size=8, size=16, spacing=8.0, seed=1)
     tower = small_tower(roi=(16, 16, 16), patch_size=(8, 8, 8), spacing=None, hu_window=(-200.0, 400.0))
@@ -520,14 +520,15 @@ def test_ct_evaluator_runs_on_a_tiny_semi_synthetic_split(tmp_path):
 
     embed = torch.nn.Embedding(997, 24)
     model = SimpleNamespace(
-        image=tower, text=Text(), training=False, eval=lambda: None, train=lambda: None,
+        image=tower, text=Text(), training=False, eval=lambda: None, train=lambda mode=True: None,
+        parameters=lambda: iter(()),
         encode_image=tower, encode_text=lambda ids: {"text_embed": embed(ids[:, 0])},
         objective=SimpleNamespace(heads={"ct_contrastive": CtContrastiveHead(CtContrastiveConfig(), 24)}),
     )
     config = CtEvalConfig(data=str(tmp_path / "ct-lesions-test-000000.tar"), batch_size=3,
                           classes={"nodule": "nodule", "cyst": "cyst", "calcification": "calcification",
                                    "mass": "mass", "fat": "fat-containing lesion"})
-    results = evaluate_ct(model, config, EvalContext())
+    results = CtEvaluator(config).run(model, EvalContext())
     assert results["ct_samples"] == 8
     assert 0.0 <= results["ct_pointing_chance"] <= 1.0 and results["ct_pointing_sentences"] > 0
     assert 0.0 <= results["ct_pointing_acc"] <= 1.0

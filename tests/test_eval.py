@@ -13,7 +13,13 @@ from PIL import Image
 
 from vlp.models.heads.base import Head, HeadConfig
 from vlp.train.evals import EVALUATORS, EvalContext
-from vlp.train.evals.retrieval import RetrievalConfig, retrieval_ranks, sample_captions
+from vlp.train.evals.retrieval import (
+    RetrievalConfig,
+    positive_ranks,
+    reranked_ranks,
+    retrieval_ranks,
+    sample_captions,
+)
 from vlp.train.evals.zeroshot import ZeroShotConfig, resolve_names
 
 
@@ -23,6 +29,34 @@ def dense_ranks(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     order = scores.argsort(dim=1, descending=True)  # (Q, K)
     sorted_positive = positive.gather(1, order)
     return sorted_positive.float().argmax(dim=1)  # first positive position
+
+
+def token_retrieval_ranks(head, image, text, owner, image_queries, text_queries, depth, chunk, image_tokens,
+                          rerank_topk=None):
+    """The one-process reference for heads that score with tokens (the evaluator's
+    `sharded_*_ranks` keep each rank's tokens on it): every input whole; text-conditioned scores
+    for every pair, or (rerank_topk) each query's top-K by the global score re-scored."""
+    def block(images, texts):  # (ni, nt)
+        if rerank_topk is None:
+            return head.pairwise_scores(image[images], text[texts], image_tokens=image_tokens[images])
+        return head.pairwise_scores(image[images], text[texts])  # the head's scores without tokens
+
+    def i2t_positive(images, texts):
+        return owner[texts] == images
+
+    def t2i_positive(texts, images):
+        return owner[texts] == images
+
+    if rerank_topk is None:
+        return (positive_ranks(block, i2t_positive, image_queries, text.shape[0], depth, chunk),
+                positive_ranks(lambda t, i: block(i, t).T, t2i_positive, text_queries, image.shape[0], depth, chunk))
+
+    def rescore(images, texts):
+        return head.pair_scores(image_tokens, text, images, texts, image_embed=image)
+
+    return (reranked_ranks(block, rescore, i2t_positive, image_queries, text.shape[0], rerank_topk, chunk),
+            reranked_ranks(lambda t, i: block(i, t).T, lambda t, i: rescore(i, t), t2i_positive, text_queries,
+                           image.shape[0], rerank_topk, chunk))
 
 
 def random_retrieval_set(num_images=37, num_texts=90, dim=16, seed=0):
@@ -76,18 +110,18 @@ def test_flair_rerank_matches_flair_dense_topk():
     # FLAIR's own dense re-ranking (text queries): its top-k by global cosine, re-scored.
     dense = head.pairwise_scores(image, text, image_tokens=tokens, topk=k)  # (N, M)
     want_t2i = dense_ranks(dense.T, positive.T).clamp(max=k)
-    i2t, t2i = retrieval_ranks(head, image, text, owner, torch.arange(12), torch.arange(30), depth=5, chunk=4,
-                               image_tokens=tokens, rerank_topk=k)
+    i2t, t2i = token_retrieval_ranks(head, image, text, owner, torch.arange(12), torch.arange(30), depth=5, chunk=4,
+                                     image_tokens=tokens, rerank_topk=k)
     torch.testing.assert_close(t2i, want_t2i, rtol=0, atol=0)
     # Re-ranking everything = text-conditioned scores for every pair.
     full = head.text_conditioned_scores(tokens, text)
-    i2t_all, t2i_all = retrieval_ranks(head, image, text, owner, torch.arange(12), torch.arange(30), depth=30,
-                                       chunk=5, image_tokens=tokens, rerank_topk=30)
+    i2t_all, t2i_all = token_retrieval_ranks(head, image, text, owner, torch.arange(12), torch.arange(30), depth=30,
+                                             chunk=5, image_tokens=tokens, rerank_topk=30)
     torch.testing.assert_close(i2t_all, dense_ranks(full, positive), rtol=0, atol=0)
     torch.testing.assert_close(t2i_all, dense_ranks(full.T, positive.T), rtol=0, atol=0)
     # Without re-ranking a token-scoring head gets the tokens in every block.
-    i2t_tc, _ = retrieval_ranks(head, image, text, owner, torch.arange(12), torch.arange(30), depth=30, chunk=5,
-                                image_tokens=tokens)
+    i2t_tc, _ = token_retrieval_ranks(head, image, text, owner, torch.arange(12), torch.arange(30), depth=30,
+                                      chunk=5, image_tokens=tokens)
     torch.testing.assert_close(i2t_tc, dense_ranks(full, positive), rtol=0, atol=0)
 
 

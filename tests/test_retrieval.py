@@ -1,5 +1,5 @@
 """Retrieval with the image tokens left on their rank (token heads) and per-prefix metrics
-(Matryoshka): both against the all-in-one-process ranking (`retrieval_ranks` on whole tensors,
+(Matryoshka): both against the all-in-one-process ranking (`token_retrieval_ranks` on whole tensors,
 what the evaluator computed before it stopped gathering image tokens), on 1 and 2 gloo ranks."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import yaml
 from conftest import tiny_config
 from dist_utils import run_ranks
-from test_eval import dense_ranks, encoded_shards, random_retrieval_set, write_caption_shards
+from test_eval import dense_ranks, encoded_shards, random_retrieval_set, token_retrieval_ranks, write_caption_shards
 
 from vlp.train.evals import EVALUATORS, EvalContext
 from vlp.train.evals.retrieval import (
@@ -60,9 +60,9 @@ def test_sharded_token_ranks_equal_all_gathered_ranks():
     want = {}
     for depth, chunk in SETTINGS:
         everything = (head, image, text, owner, torch.arange(NUM_IMAGES), torch.arange(NUM_TEXTS))
-        want["tokens", depth, chunk] = retrieval_ranks(*everything, depth=depth, chunk=chunk, image_tokens=tokens)
-        want["rerank", depth, chunk] = retrieval_ranks(*everything, depth=depth, chunk=chunk, image_tokens=tokens,
-                                                       rerank_topk=depth)
+        want["tokens", depth, chunk] = token_retrieval_ranks(*everything, depth=depth, chunk=chunk, image_tokens=tokens)
+        want["rerank", depth, chunk] = token_retrieval_ranks(*everything, depth=depth, chunk=chunk, image_tokens=tokens,
+                                                             rerank_topk=depth)
     # The reference itself can fail: text-conditioned scores for every pair, ranked densely.
     full = head.text_conditioned_scores(tokens, text, image_embed=image)
     positive = owner[None, :] == torch.arange(NUM_IMAGES)[:, None]
@@ -128,8 +128,9 @@ def test_token_and_matryoshka_evaluator_on_one_and_two_ranks(tmp_path, digits_di
     # References: everything in one process, scored as the evaluator did with gathered image tokens.
     image, tokens, text, owner = encoded_shards(flair, tmp_path / "ret")
     everything = (flair.objective.heads.flair, image, text, owner, torch.arange(len(image)), torch.arange(len(text)))
-    want = {"tokens": recalls(*retrieval_ranks(*everything, depth=10, chunk=5, image_tokens=tokens)),
-            "rerank": recalls(*retrieval_ranks(*everything, depth=10, chunk=5, image_tokens=tokens, rerank_topk=10))}
+    want = {"tokens": recalls(*token_retrieval_ranks(*everything, depth=10, chunk=5, image_tokens=tokens)),
+            "rerank": recalls(*token_retrieval_ranks(*everything, depth=10, chunk=5, image_tokens=tokens,
+                                                      rerank_topk=10))}
     image, _, text, owner = encoded_shards(mrl, tmp_path / "ret")
     want["matryoshka"] = {}
     for suffix, width in (("", 32), ("@8", 8), ("@16", 16), ("@32", 32)):

@@ -26,17 +26,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from vlp.core.collectives import all_gather_rows, gather_objects
 from vlp.models.heads.align_uniform import alignment, gaussian_potential_sum
-from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
-from vlp.train.evals.common import (
-    encode_texts_lockstep,
-    eval_batches,
-    idle_image_forward,
-    lockstep,
-    resolve_eval_source,
-    zero3_partitioned,
-)
+from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
+from vlp.train.evals.harness import encode_texts_lockstep, gather_rows, zero3_partitioned
 
 PLOT_NAME = "alignment_uniformity.png"
 
@@ -55,26 +47,6 @@ def blockwise_uniformity(features: torch.Tensor, t: float, chunk: int) -> float:
     total = sum(float(gaussian_potential_sum(features[start : start + chunk], features, t, start))
                 for start in range(0, len(features), chunk))
     return math.log(total / (len(features) * (len(features) - 1)))
-
-
-def embeddings(model: Any, config: AlignmentConfig, context: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every eval sample's normalised (image, caption) embeddings, (N, E) each, key-sorted, CPU."""
-    device = context.device
-    source = resolve_eval_source(config.data)
-    images, captions, keys = [], [], []
-    idle = idle_image_forward(model, device, context.dtype)
-    loader = eval_batches(source, model, batch_size=config.batch_size, rank=context.rank,
-                          world_size=context.world_size, workers=config.workers)
-    for batch in lockstep(loader, zero3_partitioned(model), idle, device):
-        images.append(model.encode_image(batch["image"].to(device, context.dtype))["image_embed"].float())
-        captions.extend(batch["caption"])
-        keys.extend(batch["key"])
-    image = torch.cat(images) if images else torch.zeros(0, model.config.embed_dim, device=device)
-    text = encode_texts_lockstep(model, captions, device, zero3_partitioned(model))
-    image, text = all_gather_rows(F.normalize(image, dim=-1)).cpu(), all_gather_rows(F.normalize(text, dim=-1)).cpu()
-    keys = gather_objects(keys)
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    return image[order], text[order]
 
 
 def plot_history(history: dict[int, dict[str, float]], prefix: str, out_png: Path) -> None:
@@ -104,25 +76,45 @@ def plot_history(history: dict[int, dict[str, float]], prefix: str, out_png: Pat
 class Alignment(Evaluator):
     config_class = AlignmentConfig
     config: AlignmentConfig
+    example = EvalExample(source="digits", build=(("shard_size", 200),), options=(("batch_size", 64),))
 
     def __init__(self, config: AlignmentConfig) -> None:
         super().__init__(config)
         self.history: dict[int, dict[str, float]] = {}
 
-    def run(self, model: Any, context: EvalContext) -> dict[str, float]:
+    def prepare(self, model: Any, context: EvalContext) -> None:
         heads = model.objective.heads
         if all(head.hyperbolic for head in heads.values()):
             raise ValueError(f"alignment: needs a Euclidean head (heads: {', '.join(heads)}: all hyperbolic)")
-        image, text = embeddings(model, self.config, context)
-        if len(image) < 2:
-            raise ValueError(f"alignment: {self.config.data}: needs at least 2 samples, got {len(image)}")
+
+    def per_batch(self, model: Any, batch: dict) -> dict:
+        return {"image": model.encode_image(batch["image"])["image_embed"].float(),
+                "caption": batch["caption"], "key": batch["key"]}
+
+    def reduce(self, rows: dict, model: Any, context: EvalContext) -> dict[str, float]:
+        """Every eval sample's normalised (image, caption) embeddings, key-sorted -> the values."""
+        device = context.device
+        # Each rank's own captions, a count that may differ between ranks: in lockstep.
+        text = encode_texts_lockstep(model, rows.get("caption", []), device, zero3_partitioned(model))
+        rows = gather_rows({**rows, "text": F.normalize(text, dim=-1),
+                            **({"image": F.normalize(rows["image"], dim=-1)} if "image" in rows else {})},
+                           ("image", "text", "key"))
+        keys = rows.get("key", [])
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        if len(order) < 2:
+            raise ValueError(f"alignment: {self.config.data}: needs at least 2 samples, got {len(order)}")
+        image, text = rows["image"][order], rows["text"][order]
         stride = max(1, math.ceil(len(image) / self.config.max_samples))
         prefix, t, chunk = self.config.prefix, self.config.t, self.config.chunk_size
-        results = {
+        return {
             f"{prefix}alignment": float(alignment(image, text, self.config.alpha)),
             f"{prefix}uniformity_image": blockwise_uniformity(image[::stride], t, chunk),
             f"{prefix}uniformity_text": blockwise_uniformity(text[::stride], t, chunk),
         }
+
+    def run(self, model: Any, context: EvalContext) -> dict[str, float]:
+        results = super().run(model, context)
+        prefix = self.config.prefix
         if context.out_dir is not None:
             if not self.history:
                 self.history.update(self._logged(Path(context.out_dir).parent / "metrics.jsonl"))

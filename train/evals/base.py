@@ -1,4 +1,6 @@
-"""Evaluator contract: a config class with `type` and `every`, and a `run` that returns metrics.
+"""Evaluator contract: a config class with `type` and `every`; what is computed per batch
+(`per_batch`) and how it reduces (`reduce`). The harness (`train/evals/harness.py`) owns reading,
+device, dtype, eval mode, the ZeRO-3 lockstep and gathering.
 
 Evaluators run on every rank over that rank's share of the eval shards and reduce their counts
 with collectives, so no rank idles in a barrier while rank 0 works alone.
@@ -8,13 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 from pydantic import Field, field_validator
 
 from vlp.core.config import Strict
 from vlp.core.registry import Registry
+
+if TYPE_CHECKING:
+    from vlp.train.evals.common import EvalSource
+    from vlp.train.evals.harness import Rows
 
 
 class EvalConfig(Strict):
@@ -47,13 +53,62 @@ class EvalContext:
 
 
 class Evaluator:
+    """What one evaluation computes. `run` is the harness (`harness.evaluate`): `prepare`, then
+    `per_batch` over this rank's batches of `source()`, then `reduce` of this rank's rows.
+
+    towers: the forwards each `per_batch` call runs, in order (the throwaway forwards of a rank
+    whose share ran out under ZeRO-3). example: how `tests/test_eval_harness.py` runs it
+    (`EvalExample`)."""
+
     config_class: ClassVar[type[EvalConfig]] = EvalConfig
+    towers: ClassVar[tuple[str, ...]] = ("image",)
+    example: ClassVar[Optional["EvalExample"]] = None
 
     def __init__(self, config: EvalConfig) -> None:
         self.config = config
 
-    def run(self, model: Any, context: EvalContext) -> dict[str, float]:  # pragma: no cover
+    def source(self) -> Optional["EvalSource"]:
+        """Where the samples come from (None: no data, `per_batch` is never called)."""
+        from vlp.train.evals.common import resolve_eval_source
+
+        return resolve_eval_source(self.config.data) if self.config.data else None
+
+    def preprocess(self, model: Any) -> Callable:
+        """The per-sample preprocess of the eval data (default: the image tower's eval one)."""
+        return model.image.preprocess(train=False)
+
+    def prepare(self, model: Any, context: EvalContext) -> None:
+        """State every batch shares (e.g. class embeddings); the same forwards on every rank."""
+
+    def per_batch(self, model: Any, batch: dict) -> "Rows":  # pragma: no cover
+        """One batch (its "image" on the device in the eval dtype) -> rows: tensors or lists
+        whose first dimension is the batch's samples (or pairs). Runs exactly the forwards of
+        `towers`."""
         raise NotImplementedError
+
+    def reduce(self, rows: "Rows", model: Any, context: EvalContext) -> dict[str, float]:  # pragma: no cover
+        """This rank's rows (empty on a rank with no batches) -> metrics, equal on every rank
+        (`harness.gather_rows`, `all_reduce_sum`)."""
+        raise NotImplementedError
+
+    def run(self, model: Any, context: EvalContext) -> dict[str, float]:
+        from vlp.train.evals.harness import evaluate
+
+        return evaluate(self, model, context)
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    """A tiny run of an evaluator for the registry-driven test: the data source (`SOURCES`
+    name and build options; `split` picks the shards `<source>-<split>-*.tar`, None: no data),
+    the evaluator's options, and the model's heads and image tower (None: the test's 2-D ViT)."""
+
+    source: Optional[str] = None
+    build: tuple[tuple[str, Any], ...] = ()
+    split: Optional[str] = "test"
+    options: tuple[tuple[str, Any], ...] = ()
+    heads: tuple[str, ...] = ("clip",)
+    image: Optional[tuple[tuple[str, Any], ...]] = None
 
 
 EVALUATORS: Registry[type[Evaluator]] = Registry("evaluator")

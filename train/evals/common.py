@@ -1,16 +1,15 @@
-"""Helpers shared by evaluators: the scoring head, batched class embeddings, rank reductions,
-where the evaluation samples come from (shards or an image-folder tree) and named template sets."""
+"""Helpers shared by evaluators: the scoring head, batched class embeddings, frozen image
+features, where the evaluation samples come from (shards or an image-folder tree) and named template sets."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
-from vlp.core.collectives import all_reduce_max
 from vlp.data_pipelines.image_folder import ImageFolder, split_root
 
 
@@ -22,14 +21,6 @@ def scoring_head(model: Any) -> Any:
         if head.scores_embeddings:
             return head
     return next(iter(model.objective.heads.values()))
-
-
-def patch_cosine(patch_tokens: torch.Tensor, sentences: torch.Tensor) -> torch.Tensor:
-    """Cosine of each sentence (Q, E) with every patch token (Q, P, E) of its own image -> (Q, P), fp32.
-
-    The head-free pointing baseline: grounding's `patch` method and the CT evaluator's pointing."""
-    patches = torch.nn.functional.normalize(patch_tokens.float(), dim=-1)
-    return torch.einsum("qpe,qe->qp", patches, torch.nn.functional.normalize(sentences.float(), dim=-1))
 
 
 def encode_texts(model: Any, texts: list[str], device: torch.device, batch_size: int = 256) -> torch.Tensor:
@@ -51,49 +42,6 @@ def class_embeddings(
     embeds = encode_texts(model, prompts, device, batch_size)  # (C*T, E)
     embeds = embeds.reshape(len(classnames), len(templates), -1)  # (C, T, E)
     return scoring_head(model).prompt_ensemble(embeds)
-
-
-def zero3_partitioned(model: Any) -> bool:
-    """True when DeepSpeed ZeRO-3 partitions the weights: then every forward is a collective
-    (it all-gathers the layer's weights), so every rank must run the same number of them."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
-def lockstep(items: Iterable[Any], in_lockstep: bool, idle: Callable[[], Any],
-             device: torch.device = torch.device("cpu")) -> Iterator[Any]:
-    """`items`, but under ZeRO-3 keep going until every rank is done, calling `idle()` (one
-    throwaway forward) on a rank whose own items ran out, so the ranks' collectives pair up.
-    `device`: where the collective's flag lives (the rank's GPU under NCCL)."""
-    iterator = iter(items)
-    while True:
-        item = next(iterator, None)
-        if in_lockstep:
-            busy = all_reduce_max(torch.tensor([item is not None], dtype=torch.long, device=device))
-            if not busy.item():
-                return
-            if item is None:
-                idle()
-                continue
-        elif item is None:
-            return
-        yield item
-
-
-def idle_image_forward(model: Any, device: torch.device, dtype: torch.dtype) -> Callable[[], Any]:
-    """A one-sample image forward of the tower's input shape (for `lockstep`)."""
-    shape = (1, *model.image.input_shape())
-    return lambda: model.encode_image(torch.zeros(shape, device=device, dtype=dtype))
-
-
-def encode_texts_lockstep(model: Any, texts: list[str], device: torch.device, in_lockstep: bool,
-                          batch_size: int = 256) -> torch.Tensor:
-    """`encode_texts` whose batch count may differ between ranks (each rank's own captions)."""
-    tokenizer = model.text.tokenizer()
-    chunks = (texts[start : start + batch_size] for start in range(0, len(texts), batch_size))
-    idle = lambda: model.encode_text(tokenizer([""]).to(device))  # noqa: E731
-    out = [model.encode_text(tokenizer(chunk).to(device))["text_embed"].float()
-           for chunk in lockstep(chunks, in_lockstep, idle, device)]
-    return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim, device=device)
 
 
 def resolve_shard_spec(spec: str, split: str = "test") -> str:
@@ -149,46 +97,32 @@ def resolve_eval_source(spec: str, split: str = "test") -> EvalSource:
     return EvalSource(spec=shards, folders=(shard_folder, shard_folder.parent))
 
 
-def eval_batches(source: EvalSource, model: Any, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 workers: int = 0) -> Iterable[dict]:
-    """This rank's eval batches of `source`, preprocessed for `model`'s image tower."""
-    preprocess, tokenizer = model.image.preprocess(train=False), model.text.tokenizer()
-    if source.image_folder is not None:
-        return source.image_folder.batches(preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size,
-                                           rank=rank, world_size=world_size)
-    from vlp.data_pipelines.loader import build_eval_loader
-
-    return build_eval_loader(source.spec, preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size,
-                             rank=rank, world_size=world_size, workers=workers)
-
-
 def image_features(model: Any, source: EvalSource, context: Any, *, batch_size: int, workers: int = 0,
                    normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Frozen image features (N, E) fp32 (L2-normalised unless `normalize=False`), labels (N,)
     and sample keys of every sample of `source`, sorted by key (so the order, and whatever is
-    drawn from it, does not depend on the world size), on the CPU."""
-    from vlp.core.collectives import all_gather_rows, gather_objects
+    drawn from it, does not depend on the world size), on the CPU. Through the harness: every
+    rank reads its share, the rows are gathered."""
     from vlp.data_pipelines.errors import DataError
+    from vlp.train.evals.harness import eval_batches, evaluating, gather_rows, run_batches
 
-    device = context.device
-    features, labels, keys = [], [], []
-    idle = idle_image_forward(model, device, context.dtype)
-    loader = eval_batches(source, model, batch_size=batch_size, rank=context.rank, world_size=context.world_size,
-                          workers=workers)
-    for batch in lockstep(loader, zero3_partitioned(model), idle, device):
+    def per_batch(model: Any, batch: dict) -> dict:
         if (batch["label"] < 0).any():
             raise DataError(f"{source.spec}: sample {batch['key'][int((batch['label'] < 0).nonzero()[0])]} has no .cls label")
-        embed = model.encode_image(batch["image"].to(device, context.dtype))["image_embed"].float()
-        features.append(torch.nn.functional.normalize(embed, dim=-1) if normalize else embed)
-        labels.append(batch["label"].to(device))
-        keys.extend(batch["key"])
-    dim = model.config.embed_dim
-    features_t = torch.cat(features) if features else torch.zeros(0, dim, device=device)
-    labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
-    # Gathered on the rank's device (NCCL gathers only GPU tensors).
-    features_t, labels_t, keys = all_gather_rows(features_t).cpu(), all_gather_rows(labels_t).cpu(), gather_objects(keys)
+        embed = model.encode_image(batch["image"])["image_embed"].float()
+        return {"feature": torch.nn.functional.normalize(embed, dim=-1) if normalize else embed,
+                "label": batch["label"], "key": batch["key"]}
+
+    model = getattr(model, "module", model)
+    with evaluating(model):
+        batches = eval_batches(source, model, batch_size=batch_size, rank=context.rank,
+                               world_size=context.world_size, workers=workers)
+        rows = gather_rows(run_batches(per_batch, ("image",), model, batches, context))
+    keys = rows.get("key", [])
+    features = rows.get("feature", torch.zeros(0, model.config.embed_dim))
+    labels = rows.get("label", torch.zeros(0, dtype=torch.long))
     order = sorted(range(len(keys)), key=keys.__getitem__)
-    return features_t[order], labels_t[order], [keys[i] for i in order]
+    return features[order], labels[order], [keys[i] for i in order]
 
 
 def load_template_sets(value: Union[str, dict[str, Union[list[str], str]], None]) -> dict[str, list[str]]:

@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from vlp.core.collectives import all_reduce_sum, gather_objects
-from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
-from vlp.train.evals.common import patch_cosine
+from vlp.core.collectives import all_reduce_sum
+from vlp.models.heads.ct_align import patch_scores
+from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
+from vlp.train.evals.harness import gather_rows
 
 
 class GroundingConfig(EvalConfig):
@@ -130,93 +131,13 @@ class _Maps:
         paired = {"image_embed": image["image_embed"][owner], "image_tokens": image["image_tokens"][owner]}  # (Q, ...)
         if self.head is not None:
             return self.head.patch_map(paired, text)
-        return patch_cosine(paired["image_tokens"], text["text_embed"])
+        return patch_scores(paired["image_tokens"], text["text_embed"][:, None])[:, 0]  # (Q, P)
 
     def retrieval(self, images: dict, texts: dict, topk: Optional[int]) -> torch.Tensor:
         """(N images, M sentences) scores."""
         if self.head is not None:
             return self.head.grounding_scores(images, texts, topk)
         return F.normalize(images["image_embed"].float(), dim=-1) @ F.normalize(texts["text_embed"].float(), dim=-1).T
-
-
-def grounding(model: Any, config: GroundingConfig, context: EvalContext) -> dict[str, float]:
-    from vlp.data_pipelines.loader import build_eval_loader
-    from vlp.data_pipelines.sources.shapes import decode_mask
-
-    model = getattr(model, "module", model)
-    if not config.data:
-        raise ValueError("grounding: `data` (the held-out shard spec) is required")
-    method = resolve_method(model, config.method)
-    scorer = _Maps(model, method)
-    device = context.device
-    tokenizer = model.text.tokenizer()
-    loader = build_eval_loader(
-        config.data, preprocess=model.image.preprocess(train=False), tokenizer=tokenizer,
-        batch_size=config.batch_size, rank=context.rank, world_size=context.world_size, workers=config.workers,
-    )
-    hits = torch.zeros(2, dtype=torch.float64)  # pointing hits, IoU sum
-    pairs = torch.zeros(1, dtype=torch.float64)
-    keep_tokens = scorer.head is not None
-    local_images: dict[str, list] = {"image_embed": [], "image_tokens": []}
-    local_texts: dict[str, list] = {"text_embed": [], "text_tokens": [], "text_mask": []}
-    captions: list[str] = []
-    sentences: list[str] = []
-    grid: list[dict] = []
-    for batch in loader:
-        images = batch["image"].to(device, context.dtype)
-        encoded = model.encode_image(images)
-        grid_size = int(round(encoded["image_tokens"].shape[1] ** 0.5))
-        if grid_size * grid_size != encoded["image_tokens"].shape[1]:
-            raise ValueError(f"grounding: {encoded['image_tokens'].shape[1]} image tokens do not form a square grid")
-        owner, batch_sentences, targets = [], [], []
-        for index, (key, meta) in enumerate(zip(batch["key"], batch["meta"])):
-            objects = meta.get("objects") if isinstance(meta, dict) else None
-            if not objects:
-                raise ValueError(f"grounding: sample {key} has no `objects` (sentence + mask) in its .json")
-            for obj in objects:
-                owner.append(index)
-                batch_sentences.append(obj["sentence"])
-                coverage = mask_to_patches(decode_mask(obj["mask"]), images.shape[-1], grid_size)
-                targets.append(object_patches(coverage))
-        owner_t = torch.tensor(owner, device=device)
-        text = model.encode_text(tokenizer(batch_sentences).to(device))
-        maps = scorer.maps(encoded, text, owner_t).cpu()
-        targets_t = torch.stack(targets)
-        hit, iou = pointing_and_iou(maps, targets_t, config.threshold)
-        hits += torch.tensor([hit.sum().item(), iou.sum().item()], dtype=torch.float64)
-        pairs += len(owner)
-
-        local_images["image_embed"].append(encoded["image_embed"].float().cpu())
-        local_texts["text_embed"].append(text["text_embed"].float().cpu())
-        if keep_tokens:
-            local_images["image_tokens"].append(encoded["image_tokens"].float().cpu())
-            local_texts["text_tokens"].append(text["text_tokens"].float().cpu())
-            local_texts["text_mask"].append(text["text_mask"].cpu())
-        captions.extend(batch["caption"])
-        sentences.extend(batch_sentences)
-        if context.out_dir is not None and len(grid) < config.grid_pairs:
-            for q in range(min(len(owner), config.grid_pairs - len(grid))):
-                grid.append({"image": batch["image"][owner[q]], "map": maps[q], "target": targets_t[q],
-                             "sentence": batch_sentences[q], "grid": grid_size})
-
-    hits, pairs = all_reduce_sum(hits), all_reduce_sum(pairs)
-    total = max(1.0, float(pairs.item()))
-    results = {"pointing_acc": float(hits[0]) / total, "miou": float(hits[1]) / total}
-
-    # Retrieval over the whole held-out set: every rank gathers the (small) set and scores it.
-    gathered_images = {k: torch.cat(gather_objects(v)) for k, v in local_images.items() if v}
-    gathered_texts = {k: torch.cat(gather_objects(v)) for k, v in local_texts.items() if v}
-    captions, sentences = gather_objects(captions), gather_objects(sentences)
-    scores = scorer.retrieval({k: v.to(device) for k, v in gathered_images.items()},
-                              {k: v.to(device) for k, v in gathered_texts.items()}, config.retrieval_topk).cpu()
-    positives = torch.tensor([[sentence in caption for sentence in sentences] for caption in captions], dtype=torch.bool)
-    recall = recall_at(scores, positives, (1, 5))
-    results.update(retrieval_r1=recall[1], retrieval_r5=recall[5])
-    if context.out_dir is not None and grid:
-        _write_grid(grid, model, context, method)
-    results = {f"{config.prefix}{name}": value for name, value in results.items()}
-    results[f"{config.prefix}pairs"] = int(total)
-    return results
 
 
 def _write_grid(grid: list[dict], model: Any, context: EvalContext, method: str) -> None:
@@ -255,6 +176,75 @@ def _write_grid(grid: list[dict], model: Any, context: EvalContext, method: str)
 @EVALUATORS.register("grounding")
 class Grounding(Evaluator):
     config_class = GroundingConfig
+    config: GroundingConfig
+    towers = ("image", "text")  # each batch encodes its images, then its object sentences
+    example = EvalExample(source="shapes", build=(("train_size", 1), ("test_size", 41), ("shard_size", 50),
+                                                   ("image_size", 64)),
+                          options=(("batch_size", 20),), heads=("flair",))
 
-    def run(self, model: Any, context: EvalContext) -> dict[str, float]:
-        return grounding(model, self.config, context)
+    def source(self):
+        if not self.config.data:
+            raise ValueError("grounding: `data` (the held-out shard spec) is required")
+        return super().source()
+
+    def prepare(self, model: Any, context: EvalContext) -> None:
+        self.method = resolve_method(model, self.config.method)
+        self.scorer = _Maps(model, self.method)
+        self.tokenizer = model.text.tokenizer()
+        self.grid: list[dict] = [] if context.out_dir is not None else None
+
+    def per_batch(self, model: Any, batch: dict) -> dict:
+        """Per object sentence: pointing hit and IoU of its map; per image and sentence: the
+        embeddings (and tokens, for a grounding head) that retrieval scores."""
+        from vlp.data_pipelines.sources.shapes import decode_mask
+
+        images = batch["image"]
+        encoded = model.encode_image(images)
+        grid_size = int(round(encoded["image_tokens"].shape[1] ** 0.5))
+        if grid_size * grid_size != encoded["image_tokens"].shape[1]:
+            raise ValueError(f"grounding: {encoded['image_tokens'].shape[1]} image tokens do not form a square grid")
+        owner, sentences, targets = [], [], []
+        for index, (key, meta) in enumerate(zip(batch["key"], batch["meta"])):
+            objects = meta.get("objects") if isinstance(meta, dict) else None
+            if not objects:
+                raise ValueError(f"grounding: sample {key} has no `objects` (sentence + mask) in its .json")
+            for obj in objects:
+                owner.append(index)
+                sentences.append(obj["sentence"])
+                targets.append(object_patches(mask_to_patches(decode_mask(obj["mask"]), images.shape[-1], grid_size)))
+        text = model.encode_text(self.tokenizer(sentences).to(images.device))
+        maps = self.scorer.maps(encoded, text, torch.tensor(owner, device=images.device)).cpu()  # (Q, P)
+        targets_t = torch.stack(targets)
+        hit, iou = pointing_and_iou(maps, targets_t, self.config.threshold)
+        if self.grid is not None and len(self.grid) < self.config.grid_pairs:
+            for q in range(min(len(owner), self.config.grid_pairs - len(self.grid))):
+                self.grid.append({"image": images[owner[q]].cpu(), "map": maps[q], "target": targets_t[q],
+                                  "sentence": sentences[q], "grid": grid_size})
+        rows = {"hit": hit.double(), "iou": iou.double(), "caption": batch["caption"], "sentence": sentences,
+                "image_embed": encoded["image_embed"].float(), "text_embed": text["text_embed"].float()}
+        if self.scorer.head is not None:
+            rows.update(image_tokens=encoded["image_tokens"].float(), text_tokens=text["text_tokens"].float(),
+                        text_mask=text["text_mask"])
+        return rows
+
+    def reduce(self, rows: dict, model: Any, context: EvalContext) -> dict[str, float]:
+        local = torch.tensor([float(rows["hit"].sum()), float(rows["iou"].sum()), len(rows["hit"])]
+                             if rows else [0.0, 0.0, 0.0], dtype=torch.float64)
+        hits, iou_sum, pairs = all_reduce_sum(local.to(context.device)).cpu().tolist()  # pointing hits, IoU sum, pairs
+        total = max(1.0, pairs)
+        results = {"pointing_acc": hits / total, "miou": iou_sum / total}
+        # Retrieval over the whole held-out set: every rank gathers the (small) set and scores it.
+        every = gather_rows(rows, ("image_embed", "image_tokens", "text_embed", "text_tokens", "text_mask",
+                                   "caption", "sentence"))
+        images = {k: every[k].to(context.device) for k in ("image_embed", "image_tokens") if k in every}
+        texts = {k: every[k].to(context.device) for k in ("text_embed", "text_tokens", "text_mask") if k in every}
+        scores = self.scorer.retrieval(images, texts, self.config.retrieval_topk).cpu()
+        positives = torch.tensor([[sentence in caption for sentence in every["sentence"]] for caption in every["caption"]],
+                                 dtype=torch.bool)
+        recall = recall_at(scores, positives, (1, 5))
+        results.update(retrieval_r1=recall[1], retrieval_r5=recall[5])
+        if context.out_dir is not None and self.grid:
+            _write_grid(self.grid, model, context, self.method)
+        results = {f"{self.config.prefix}{name}": value for name, value in results.items()}
+        results[f"{self.config.prefix}pairs"] = int(total)
+        return results

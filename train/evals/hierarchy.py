@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, field_validator
 
 from vlp.models import lorentz as L
-from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
+from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
 from vlp.train.evals.common import encode_texts
 
 # Defaults for the digits demo: the generic captions are those the digits source mixes into
@@ -116,8 +116,12 @@ def _plot(tangent: torch.Tensor, radius: torch.Tensor, num_generic: int, caption
 @EVALUATORS.register("hierarchy")
 class HierarchyEval(Evaluator):
     config_class = HierarchyEvalConfig
+    example = EvalExample(split=None, heads=("meru",))
 
-    def run(self, model: Any, context: EvalContext) -> dict[str, float]:
+    def source(self) -> None:
+        return None  # the captions are in the config
+
+    def reduce(self, rows: dict, model: Any, context: EvalContext) -> dict[str, float]:
         # Tiny (a few dozen captions): every rank computes the same numbers, rank 0 draws.
         out_png = context.out_dir / f"hierarchy_step{context.step:06d}.png" if context.out_dir is not None else None
         return evaluate_hierarchy(

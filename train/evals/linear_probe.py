@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from vlp.data_pipelines.errors import DataError
-from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
+from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
 from vlp.train.evals.common import EvalSource, image_features, resolve_eval_source
 
 # clip_benchmark's sweep: 97 log-spaced values, 7 of them (every 16th) for the coarse pass.
@@ -167,8 +167,12 @@ def probe_sources(config: LinearProbeConfig) -> tuple[EvalSource, EvalSource]:
 class LinearProbe(Evaluator):
     config_class = LinearProbeConfig
     config: LinearProbeConfig
+    example = EvalExample(source="digits", build=(("shard_size", 200),), split="test",
+                          options=(("batch_size", 64), ("train_data", "{dir}/digits-train-000000.tar")))
 
     def run(self, model: Any, context: EvalContext) -> dict[str, float]:
+        """Two reads through the harness (`image_features`: train, then test), then the probe,
+        the same on every rank."""
         train_source, test_source = probe_sources(self.config)
         if train_source.spec == test_source.spec:
             raise ValueError(f"linear_probe: train and test are both {test_source.spec}; set `train_data`")

@@ -45,15 +45,9 @@ from torch import Tensor
 
 from vlp.core.collectives import all_gather_rows, all_reduce_max, all_reduce_sum
 from vlp.data_pipelines.errors import DataError
-from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
-from vlp.train.evals.common import (
-    encode_texts_lockstep,
-    idle_image_forward,
-    lockstep,
-    resolve_shard_spec,
-    scoring_head,
-    zero3_partitioned,
-)
+from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
+from vlp.train.evals.common import scoring_head
+from vlp.train.evals.harness import encode_texts_lockstep, zero3_partitioned
 
 # (queries (q,), keys (k,)) index tensors -> (q, k) scores; positive masks take broadcasting
 # (q, 1), (1, k) or (q, d) index tensors.
@@ -278,131 +272,99 @@ def recall_counts(ranks: Tensor, ks: list[int]) -> Tensor:
 
 def retrieval_ranks(
     head: Any, image: Tensor, text: Tensor, owner: Tensor, image_queries: Tensor, text_queries: Tensor,
-    depth: int, chunk: int, image_tokens: Optional[Tensor] = None, rerank_topk: Optional[int] = None,
+    depth: int, chunk: int,
 ) -> tuple[Tensor, Tensor]:
-    """(image->text ranks of `image_queries`, text->image ranks of `text_queries`).
+    """(image->text ranks of `image_queries`, text->image ranks of `text_queries`) by an embedding
+    head's `pairwise_scores` (heads that score with tokens go through `sharded_*_ranks`, whose
+    image tokens stay on their rank).
 
-    image: (N, E) raw image embeddings; text: (M, E) raw caption embeddings; owner: (M,) the
-    image index of each caption; image_tokens: (N, P, E) for heads that score with tokens.
-    Every input is whole here; the evaluator calls this for embedding heads (gathered
-    embeddings) and `sharded_*_ranks` for token heads, whose image tokens stay on their rank."""
-    with_tokens = image_tokens is not None and rerank_topk is None
-
-    def pair_block(images: Tensor, texts: Tensor) -> Tensor:  # (ni, nt)
-        if with_tokens:
-            return head.pairwise_scores(image[images], text[texts], image_tokens=image_tokens[images])
-        # Plain heads; for re-ranking, the token-scoring head's scores without tokens.
+    image: (N, E) raw image embeddings, every rank's; text: (M, E) raw caption embeddings;
+    owner: (M,) the image index of each caption."""
+    def i2t_scores(images: Tensor, texts: Tensor) -> Tensor:  # (ni, nt)
         return head.pairwise_scores(image[images], text[texts])
 
-    def i2t_scores(images: Tensor, texts: Tensor) -> Tensor:
-        return pair_block(images, texts)
+    def t2i_scores(texts: Tensor, images: Tensor) -> Tensor:  # (nt, ni)
+        return head.pairwise_scores(image[images], text[texts]).T
 
-    def t2i_scores(texts: Tensor, images: Tensor) -> Tensor:
-        return pair_block(images, texts).T
-
-    # Broadcasting (queries, keys) -> bool: is the caption the image's own?
-    def i2t_positive(images: Tensor, texts: Tensor) -> Tensor:
-        return owner[texts] == images
-
-    def t2i_positive(texts: Tensor, images: Tensor) -> Tensor:
-        return owner[texts] == images
-
-    if rerank_topk is None:
-        i2t = positive_ranks(i2t_scores, i2t_positive, image_queries, text.shape[0], depth, chunk)
-        t2i = positive_ranks(t2i_scores, t2i_positive, text_queries, image.shape[0], depth, chunk)
-        return i2t, t2i
-    if image_tokens is None or not head.scores_with_tokens:
-        raise ValueError(f"retrieval: rerank_topk needs a head that scores with tokens (pair_scores) and image "
-                         f"tokens; the scoring head is {type(head).__name__}")
-
-    def rescore(images: Tensor, texts: Tensor) -> Tensor:
-        return head.pair_scores(image_tokens, text, images, texts, image_embed=image)
-
-    i2t = reranked_ranks(i2t_scores, rescore, i2t_positive, image_queries, text.shape[0], rerank_topk, chunk)
-    t2i = reranked_ranks(t2i_scores, lambda t, i: rescore(i, t), t2i_positive, text_queries, image.shape[0],
-                         rerank_topk, chunk)
+    i2t = positive_ranks(i2t_scores, lambda images, texts: owner[texts] == images, image_queries, text.shape[0],
+                         depth, chunk)
+    t2i = positive_ranks(t2i_scores, lambda texts, images: owner[texts] == images, text_queries, image.shape[0],
+                         depth, chunk)
     return i2t, t2i
-
-
-@torch.no_grad()
-def evaluate_retrieval(model: Any, config: RetrievalConfig, context: EvalContext) -> dict[str, float]:
-    from vlp.data_pipelines.loader import build_eval_loader
-
-    if not config.data:
-        raise DataError("evals.retrieval: `data` (a shard spec of held-out image-caption shards) is required")
-    device = context.device
-    head = scoring_head(model)
-    keep_tokens = head.scores_with_tokens
-    if config.rerank_topk is not None and not keep_tokens:
-        raise DataError(f"retrieval: rerank_topk needs a head that scores with image tokens (Head.scores_with_tokens); "
-                         f"the scoring head is {type(head).__name__}")
-    in_lockstep = zero3_partitioned(model)
-    loader = build_eval_loader(
-        resolve_shard_spec(config.data), preprocess=model.image.preprocess(train=False), tokenizer=model.text.tokenizer(),
-        batch_size=config.batch_size, rank=context.rank, world_size=context.world_size, workers=config.workers,
-    )
-    images, tokens, captions, owners = [], [], [], []
-    for batch in lockstep(loader, in_lockstep, idle_image_forward(model, device, context.dtype), device):
-        encoded = model.encode_image(batch["image"].to(device, context.dtype))
-        offset = sum(len(x) for x in images)
-        images.append(encoded["image_embed"].float())
-        if keep_tokens:
-            tokens.append(encoded["image_tokens"].float())
-        for i, (caption, meta, key) in enumerate(zip(batch["caption"], batch["meta"], batch["key"])):
-            own = sample_captions(caption, meta, config.captions, key)
-            captions.extend(own)
-            owners.extend([offset + i] * len(own))
-    embed_dim = model.config.embed_dim
-    local_image = torch.cat(images) if images else torch.zeros(0, embed_dim, device=device)
-    local_text = encode_texts_lockstep(model, captions, device, in_lockstep, config.text_batch_size)
-    local_owner = torch.tensor(owners, dtype=torch.long, device=device)
-
-    # Global indices: ranks in order; this rank's images start at image_offset.
-    counts = all_gather_rows(torch.tensor([[len(local_image), len(local_text)]], device=device)).cpu()
-    image_offset = int(counts[: context.rank, 0].sum())
-    text_offset = int(counts[: context.rank, 1].sum())
-    text = all_gather_rows(local_text)
-    owner = all_gather_rows(local_owner + image_offset).cpu()
-
-    ks = sorted(set(config.recall_at))
-    image_queries = torch.arange(image_offset, image_offset + len(local_image))
-    text_queries = torch.arange(text_offset, text_offset + len(local_text))
-    # {metric suffix: (image->text ranks of this rank's images, text->image ranks of its captions)}
-    ranks: dict[str, tuple[Tensor, Tensor]] = {}
-    if keep_tokens:  # the image tokens (N x P x E) stay on their rank
-        local_tokens = torch.cat(tokens) if tokens else torch.zeros(0, 1, embed_dim, device=device)
-        sharded = sharded_token_ranks if config.rerank_topk is None else sharded_reranked_ranks
-        ranks[""] = sharded(head, local_image, local_tokens, text, owner, image_offset, text_queries,
-                            depth=config.rerank_topk or max(ks), chunk=config.chunk_size, device=device)
-    else:
-        image = all_gather_rows(local_image)
-        # Matryoshka prefixes: the head's geometry re-normalises (or re-lifts) the width it is given.
-        widths = {"": embed_dim, **{f"@{dim}": dim for dim in head.matryoshka_dims()}}
-        for suffix, width in widths.items():
-            ranks[suffix] = retrieval_ranks(head, image[:, :width], text[:, :width], owner, image_queries, text_queries,
-                                            depth=max(ks), chunk=config.chunk_size)
-    hits = torch.cat([torch.cat([recall_counts(i2t, ks), recall_counts(t2i, ks)]) for i2t, t2i in ranks.values()])
-    hits = all_reduce_sum(hits.to(device)).cpu().reshape(len(ranks), 2, len(ks))  # (widths, direction, k)
-    num_images, num_texts = int(counts[:, 0].sum()), int(counts[:, 1].sum())
-    results: dict[str, float] = {}
-    for suffix, (i2t_hits, t2i_hits) in zip(ranks, hits):
-        recalls = {f"i2t_r{k}": float(i2t_hits[i]) / max(1, num_images) for i, k in enumerate(ks)}
-        recalls.update({f"t2i_r{k}": float(t2i_hits[i]) / max(1, num_texts) for i, k in enumerate(ks)})
-        recalls["mean_recall"] = sum(recalls.values()) / (2 * len(ks))
-        results.update({f"{config.prefix}{name}{suffix}": value for name, value in recalls.items()})
-    results[f"{config.prefix}images"] = num_images
-    results[f"{config.prefix}texts"] = num_texts
-    return results
 
 
 @EVALUATORS.register("retrieval")
 class Retrieval(Evaluator):
     config_class = RetrievalConfig
+    config: RetrievalConfig
+    example = EvalExample(source="digits", build=(("shard_size", 200),), options=(("batch_size", 64),))
 
-    def run(self, model: Any, context: EvalContext) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        try:
-            return evaluate_retrieval(model, self.config, context)
-        finally:
-            model.train(was_training)
+    def source(self):
+        if not self.config.data:
+            raise DataError("evals.retrieval: `data` (a shard spec of held-out image-caption shards) is required")
+        return super().source()
+
+    def prepare(self, model: Any, context: EvalContext) -> None:
+        self.head = scoring_head(model)
+        if self.config.rerank_topk is not None and not self.head.scores_with_tokens:
+            raise DataError(f"retrieval: rerank_topk needs a head that scores with image tokens "
+                            f"(Head.scores_with_tokens); the scoring head is {type(self.head).__name__}")
+
+    def per_batch(self, model: Any, batch: dict) -> dict:
+        """Per image: its raw embedding (and tokens, for a head that scores with them), its
+        captions and their count."""
+        encoded = model.encode_image(batch["image"])
+        captions = [sample_captions(caption, meta, self.config.captions, key)
+                    for caption, meta, key in zip(batch["caption"], batch["meta"], batch["key"])]
+        rows = {"image": encoded["image_embed"].float(), "captions": [c for own in captions for c in own],
+                "caption_count": torch.tensor([len(own) for own in captions])}
+        if self.head.scores_with_tokens:
+            rows["tokens"] = encoded["image_tokens"].float()
+        return rows
+
+    def reduce(self, rows: dict, model: Any, context: EvalContext) -> dict[str, float]:
+        config, head, device = self.config, self.head, context.device
+        embed_dim = model.config.embed_dim
+        local_image = rows.get("image", torch.zeros(0, embed_dim, device=device))
+        counts_per_image = rows.get("caption_count", torch.zeros(0, dtype=torch.long))
+        # Each rank's own captions, a count that may differ between ranks: in lockstep.
+        local_text = encode_texts_lockstep(model, rows.get("captions", []), device, zero3_partitioned(model),
+                                           config.text_batch_size)
+        local_owner = torch.repeat_interleave(torch.arange(len(counts_per_image)), counts_per_image).to(device)
+
+        # Global indices: ranks in order; this rank's images start at image_offset.
+        counts = all_gather_rows(torch.tensor([[len(local_image), len(local_text)]], device=device)).cpu()
+        image_offset = int(counts[: context.rank, 0].sum())
+        text_offset = int(counts[: context.rank, 1].sum())
+        text = all_gather_rows(local_text)
+        owner = all_gather_rows(local_owner + image_offset).cpu()
+
+        ks = sorted(set(config.recall_at))
+        image_queries = torch.arange(image_offset, image_offset + len(local_image))
+        text_queries = torch.arange(text_offset, text_offset + len(local_text))
+        # {metric suffix: (image->text ranks of this rank's images, text->image ranks of its captions)}
+        ranks: dict[str, tuple[Tensor, Tensor]] = {}
+        if head.scores_with_tokens:  # the image tokens (N x P x E) stay on their rank
+            local_tokens = rows.get("tokens", torch.zeros(0, 1, embed_dim, device=device))
+            sharded = sharded_token_ranks if config.rerank_topk is None else sharded_reranked_ranks
+            ranks[""] = sharded(head, local_image, local_tokens, text, owner, image_offset, text_queries,
+                                depth=config.rerank_topk or max(ks), chunk=config.chunk_size, device=device)
+        else:
+            image = all_gather_rows(local_image)
+            # Matryoshka prefixes: the head's geometry re-normalises (or re-lifts) the width it is given.
+            widths = {"": embed_dim, **{f"@{dim}": dim for dim in head.matryoshka_dims()}}
+            for suffix, width in widths.items():
+                ranks[suffix] = retrieval_ranks(head, image[:, :width], text[:, :width], owner, image_queries,
+                                                text_queries, depth=max(ks), chunk=config.chunk_size)
+        hits = torch.cat([torch.cat([recall_counts(i2t, ks), recall_counts(t2i, ks)]) for i2t, t2i in ranks.values()])
+        hits = all_reduce_sum(hits.to(device)).cpu().reshape(len(ranks), 2, len(ks))  # (widths, direction, k)
+        num_images, num_texts = int(counts[:, 0].sum()), int(counts[:, 1].sum())
+        results: dict[str, float] = {}
+        for suffix, (i2t_hits, t2i_hits) in zip(ranks, hits):
+            recalls = {f"i2t_r{k}": float(i2t_hits[i]) / max(1, num_images) for i, k in enumerate(ks)}
+            recalls.update({f"t2i_r{k}": float(t2i_hits[i]) / max(1, num_texts) for i, k in enumerate(ks)})
+            recalls["mean_recall"] = sum(recalls.values()) / (2 * len(ks))
+            results.update({f"{config.prefix}{name}{suffix}": value for name, value in recalls.items()})
+        results[f"{config.prefix}images"] = num_images
+        results[f"{config.prefix}texts"] = num_texts
+        return results

@@ -27,17 +27,13 @@ from pydantic import Field
 
 from vlp.core.collectives import all_reduce_sum
 from vlp.data_pipelines.errors import DataError
-from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, Evaluator
+from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
 from vlp.train.evals.common import (
     class_embeddings,
     encode_texts,
-    eval_batches,
-    idle_image_forward,
     load_template_sets,
-    lockstep,
     resolve_eval_source,
     scoring_head,
-    zero3_partitioned,
 )
 
 DEFAULT_TEMPLATES = ["a photo of a {c}."]
@@ -97,57 +93,6 @@ def resolve_names(config: ZeroShotConfig) -> tuple[list[str], list[str]]:
     return classnames, templates or DEFAULT_TEMPLATES
 
 
-def zeroshot_classify(model, config: ZeroShotConfig, context: EvalContext) -> dict[str, float]:
-    classnames, templates = resolve_names(config)
-    device = context.device
-    classifier = class_embeddings(model, classnames, templates, device)  # (C, E)
-    head = scoring_head(model)
-    prefixes = prefix_classifiers(model, head, classnames, templates, device)  # {dim: (C, dim)}
-    prefix_correct = torch.zeros(len(prefixes), dtype=torch.float64)
-    num_classes = len(classnames)
-    ks = sorted(k for k in config.top_k if k <= num_classes)
-    correct = torch.zeros(len(ks), dtype=torch.float64)
-    per_class_hits = torch.zeros(num_classes, dtype=torch.float64)
-    per_class_total = torch.zeros(num_classes, dtype=torch.float64)
-    loader = eval_batches(resolve_eval_source(config.data), model, batch_size=config.batch_size, rank=context.rank,
-                          world_size=context.world_size, workers=config.workers)
-    # A head that scores with tokens (text-conditioned pooling per class) gets the image tokens.
-    with_tokens = head.scores_with_tokens
-    idle = idle_image_forward(model, device, context.dtype)
-    for batch in lockstep(loader, zero3_partitioned(model), idle, device):
-        labels = batch["label"]
-        if (labels < 0).any():
-            raise DataError(f"zeroshot: sample {batch['key'][int((labels < 0).nonzero()[0])]} has no .cls label")
-        images = batch["image"].to(device, context.dtype)
-        encoded = model.encode_image(images)
-        if with_tokens:
-            scores = head.pairwise_scores(encoded["image_embed"], classifier, image_tokens=encoded["image_tokens"])
-        else:
-            scores = head.pairwise_scores(encoded["image_embed"], classifier)
-        scores = scores.cpu()  # (B, C)
-        ranked = scores.topk(max(ks), dim=1).indices  # (B, kmax)
-        hits = ranked == labels[:, None]
-        for i, k in enumerate(ks):
-            correct[i] += hits[:, :k].any(dim=1).sum()
-        per_class_total += torch.bincount(labels, minlength=num_classes).double()
-        per_class_hits += torch.bincount(labels[hits[:, 0]], minlength=num_classes).double()
-        for i, (dim, prefix_classifier) in enumerate(prefixes.items()):
-            prefix_scores = head.pairwise_scores(encoded["image_embed"][:, :dim], prefix_classifier).cpu()
-            prefix_correct[i] += (prefix_scores.argmax(dim=1) == labels).sum()
-    # Reduced on the rank's device (NCCL reduces only GPU tensors).
-    stats = all_reduce_sum(torch.cat([correct, per_class_hits, per_class_total, prefix_correct]).to(device)).cpu()
-    prefix_correct = stats[len(stats) - len(prefixes):]
-    correct, per_class_hits, per_class_total = stats[: len(ks)], stats[len(ks) : len(ks) + num_classes], stats[len(ks) + num_classes : len(ks) + 2 * num_classes]
-    total = per_class_total.sum().clamp(min=1)
-    present = per_class_total > 0
-    results = {f"{config.prefix}top{k}": float(correct[i] / total) for i, k in enumerate(ks)}
-    results[f"{config.prefix}mean_per_class_recall"] = float((per_class_hits[present] / per_class_total[present]).mean())
-    results[f"{config.prefix}samples"] = int(total.item())
-    for i, dim in enumerate(prefixes):
-        results[f"{config.prefix}top1@{dim}"] = float(prefix_correct[i] / total)
-    return results
-
-
 def prefix_classifiers(model, head, classnames: list[str], templates: list[str],
                        device: torch.device) -> dict[int, torch.Tensor]:
     """{dim: (C, dim) class embeddings} for every Matryoshka prefix the scoring head trained
@@ -193,16 +138,64 @@ def plot_prefix_accuracy(results: dict[str, float], metric: str, out_png: Path, 
 @EVALUATORS.register("zeroshot")
 class ZeroShot(Evaluator):
     config_class = ZeroShotConfig
+    config: ZeroShotConfig
+    example = EvalExample(source="digits", build=(("shard_size", 200),), options=(("batch_size", 64),))
+
+    def prepare(self, model, context: EvalContext) -> None:
+        self.classnames, templates = resolve_names(self.config)
+        self.head = scoring_head(model)
+        self.classifier = class_embeddings(model, self.classnames, templates, context.device)  # (C, E)
+        self.prefixes = prefix_classifiers(model, self.head, self.classnames, templates, context.device)  # {dim: (C, dim)}
+        self.ks = sorted(k for k in self.config.top_k if k <= len(self.classnames))
+
+    def per_batch(self, model, batch: dict) -> dict:
+        """Per image: the label, whether it is ranked first, whether it is in the top k for each k (B, len(ks)), and whether
+        each Matryoshka prefix's classifier puts it first (B, prefixes)."""
+        labels = batch["label"]
+        if (labels < 0).any():
+            raise DataError(f"zeroshot: sample {batch['key'][int((labels < 0).nonzero()[0])]} has no .cls label")
+        encoded = model.encode_image(batch["image"])
+        # A head that scores with tokens (text-conditioned pooling per class) gets the image tokens.
+        tokens = {"image_tokens": encoded["image_tokens"]} if self.head.scores_with_tokens else {}
+        scores = self.head.pairwise_scores(encoded["image_embed"], self.classifier, **tokens).cpu()  # (B, C)
+        hits = scores.topk(max(self.ks), dim=1).indices == labels[:, None]  # (B, kmax)
+        prefix_hits = [self.head.pairwise_scores(encoded["image_embed"][:, :dim], classifier).cpu().argmax(dim=1) == labels
+                       for dim, classifier in self.prefixes.items()]
+        return {"label": labels, "first": hits[:, 0], "top": torch.stack([hits[:, :k].any(dim=1) for k in self.ks], dim=1),
+                "prefix": torch.stack(prefix_hits, dim=1) if prefix_hits else torch.zeros(len(labels), 0, dtype=torch.bool)}
+
+    def reduce(self, rows: dict, model, context: EvalContext) -> dict[str, float]:
+        num_classes, prefix = len(self.classnames), self.config.prefix
+        labels = rows.get("label", torch.zeros(0, dtype=torch.long))
+        top = rows.get("top", torch.zeros(0, len(self.ks), dtype=torch.bool)).double()
+        prefix_top = rows.get("prefix", torch.zeros(0, len(self.prefixes), dtype=torch.bool)).double()
+        per_class_total = torch.bincount(labels, minlength=num_classes).double()
+        first = rows.get("first", torch.zeros(0, dtype=torch.bool))
+        per_class_hits = torch.bincount(labels[first], minlength=num_classes).double()
+        # Reduced on the rank's device (NCCL reduces only GPU tensors).
+        stats = torch.cat([top.sum(0), per_class_hits, per_class_total, prefix_top.sum(0)])
+        stats = all_reduce_sum(stats.to(context.device)).cpu()
+        ks = len(self.ks)
+        correct, per_class_hits = stats[:ks], stats[ks : ks + num_classes]
+        per_class_total, prefix_correct = stats[ks + num_classes : ks + 2 * num_classes], stats[ks + 2 * num_classes :]
+        total = per_class_total.sum().clamp(min=1)
+        present = per_class_total > 0
+        results = {f"{prefix}top{k}": float(correct[i] / total) for i, k in enumerate(self.ks)}
+        results[f"{prefix}mean_per_class_recall"] = float((per_class_hits[present] / per_class_total[present]).mean())
+        results[f"{prefix}samples"] = int(total.item())
+        for i, dim in enumerate(self.prefixes):
+            results[f"{prefix}top1@{dim}"] = float(prefix_correct[i] / total)
+        return results
 
     def run(self, model, context: EvalContext) -> dict[str, float]:
-        results = zeroshot_classify(model, self.config, context)
+        results = super().run(model, context)
         if context.out_dir is not None:  # beside the loss curve (plots/), rank 0 only
             plot_prefix_accuracy(results, f"{self.config.prefix}top1", Path(context.out_dir) / f"{self.config.prefix}matryoshka.png",
                                  title=f"step {context.step}")
         # Each extra template set is one more full pass with its own classifier: the images are
         # re-encoded per set (the scoring loop stays as it is), so the cost grows with the sets.
         for name, templates in load_template_sets(self.config.template_sets).items():
-            scored = zeroshot_classify(model, self.config.model_copy(update={"templates": templates}), context)
+            scored = ZeroShot(self.config.model_copy(update={"templates": templates})).run(model, context)
             results.update({f"{key}@templates={name}": value for key, value in scored.items()
                             if not key.endswith("samples")})
         return results
