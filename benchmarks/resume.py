@@ -108,7 +108,7 @@ def worktree_pythonpath(work: Path, ref: str, name: str) -> tuple[Path, str]:
 
 
 def vlp(config: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "vlp.train.cli", "train", str(config), *args], env=env,
+    proc = subprocess.run([sys.executable, "-m", "vlp.cli", "train", str(config), *args], env=env,
                           capture_output=True, text=True, cwd=env.get("VLP_CWD", ROOT))
     if proc.returncode != 0:
         raise RuntimeError(f"vlp train {config} {args} failed:\n{proc.stderr[-3000:]}")
@@ -149,7 +149,7 @@ def time_resume(config: Path, run: Path, env: dict, step: int, limit: float) -> 
     """Seconds from launching `--resume latest` to the metrics line of step `step` (None: over `limit`)."""
     metrics = run / "metrics.jsonl"
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "vlp.train.cli", "train", str(config), "train.steps=50",
+    proc = subprocess.Popen([sys.executable, "-m", "vlp.cli", "train", str(config), "train.steps=50",
                              "train.checkpoint_every=1000", "--resume", "latest"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:

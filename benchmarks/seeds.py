@@ -32,7 +32,7 @@ def result(config: Path, seed: int, metric: str, reuse: bool, output_dir: str) -
     path = ROOT / output_dir / name / "results.json"
     if not (reuse and path.is_file()):
         print(f"[seeds] training {config} seed {seed} -> {path.parent}", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "vlp.train.cli", "train", str(config), f"seed={seed}", f"name={name}",
+        subprocess.run([sys.executable, "-m", "vlp.cli", "train", str(config), f"seed={seed}", f"name={name}",
                         f"output_dir={output_dir}", "--overwrite"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     results = json.loads(path.read_text())
     if metric not in results:

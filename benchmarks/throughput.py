@@ -45,7 +45,7 @@ def run_vlp(tree: dict, steps: int, log_every: int, env: dict, workdir: Path) ->
     tree["train"] = dict(tree["train"], steps=steps, log_every=log_every, checkpoint_every=0, warmup_steps=5)
     config = workdir / "vlp.yaml"
     config.write_text(yaml.safe_dump(tree))
-    subprocess.run([sys.executable, "-m", "vlp.train.cli", "train", str(config)], cwd=ROOT, env=env, check=True,
+    subprocess.run([sys.executable, "-m", "vlp.cli", "train", str(config)], cwd=ROOT, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = [json.loads(l) for l in (workdir / "runs" / "throughput" / "metrics.jsonl").read_text().splitlines()]
     # Skip the last window too: it can be shorter than log_every.

@@ -7,9 +7,10 @@ type hints in `vlp.models` and for readers.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Annotated, Any, Optional, Union
 
-from pydantic import Field, PrivateAttr, field_serializer, model_validator
+from pydantic import Field, PrivateAttr, create_model, field_serializer, model_validator
 
 from vlp.core.config import Strict
 
@@ -110,3 +111,31 @@ class ModelConfig(Strict):
                     f"model.{tower}.embed_dim={own} contradicts model.embed_dim={self.embed_dim}"
                 )
         return self
+
+
+def tagged_union(registry: Any, attr: str = "config_class") -> Any:
+    """A discriminated union (on `type`) of every registered component's config."""
+    classes = tuple(getattr(cls, attr) for _, cls in registry.items())
+    if len(classes) == 1:
+        return classes[0]
+    return Annotated[Union[classes], Field(discriminator="type")]
+
+
+@functools.lru_cache(maxsize=1)
+def registered_model_config() -> type[ModelConfig]:
+    """`ModelConfig` with its towers and heads typed from the registries (imported here so every
+    component registers)."""
+    from vlp.models.heads import HEADS
+    from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
+
+    heads_fields = {name: (Optional[cls.config_class], None) for name, cls in HEADS.items()}
+    heads_config = create_model("HeadsConfig", __base__=Strict, **heads_fields)
+    return create_model(
+        "ModelConfig", __base__=ModelConfig, image=(tagged_union(IMAGE_TOWERS), ...),
+        text=(tagged_union(TEXT_TOWERS), ...), heads=(heads_config, ...),
+    )
+
+
+def validate_model_config(tree: dict) -> ModelConfig:
+    """A `model:` tree (as an experiment config or a model card holds it) -> its typed config."""
+    return registered_model_config().model_validate(tree)

@@ -138,3 +138,13 @@ class VLPModel(nn.Module):
                 group["lr"] = lr * scale
             out.append(group)
         return out
+
+
+def scoring_head(model: VLPModel) -> Any:
+    """The head whose geometry scores zero-shot and retrieval: the first (in config order) that
+    declares `scores_embeddings` (cosine by default, a head's own geometry where it overrides
+    `pairwise_scores`). A model question: evaluators and exporters both ask it."""
+    for head in model.objective.heads.values():
+        if head.scores_embeddings:
+            return head
+    return next(iter(model.objective.heads.values()))

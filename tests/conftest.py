@@ -72,7 +72,7 @@ def run_vlp(*args, timeout=600, env=None, check=True) -> subprocess.CompletedPro
 
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run(
-        [sys.executable, "-m", "vlp.train.cli", *map(str, args)],
+        [sys.executable, "-m", "vlp.cli", *map(str, args)],
         cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
     if check and proc.returncode != 0:

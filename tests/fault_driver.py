@@ -34,6 +34,6 @@ def faulty_forward(self, inputs):
 ClipHead.forward = faulty_forward
 
 if __name__ == "__main__":
-    from vlp.train.cli import main
+    from vlp.cli import main
 
     sys.exit(main(sys.argv[1:]))

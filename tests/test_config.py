@@ -111,7 +111,7 @@ def test_missing_required_section(tmp_path):
 ])
 def test_overrides_anywhere_among_the_flags(argv, overrides):
     """People type `vlp train CONFIG --overwrite train.steps=5`; argparse alone refuses it."""
-    from vlp.train import cli
+    from vlp import cli
 
     args = cli.parse_command_line(cli.build_parser(), argv)
     assert args.overrides == overrides
@@ -123,7 +123,7 @@ def test_overrides_anywhere_among_the_flags(argv, overrides):
     ["export", "ckpt", "--out", "x", "--format", "timm", "train.steps=5"],  # export takes no overrides
 ])
 def test_unknown_words_among_the_flags_still_exit_2(argv, capsys):
-    from vlp.train import cli
+    from vlp import cli
 
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)

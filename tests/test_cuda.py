@@ -63,7 +63,7 @@ def test_one_nccl_rank_with_collectives_forced_on(tmp_path, digits):
 
 
 def test_bf16_zero1_run_evaluates_checkpoints_resumes_and_exports_the_master_weights(tmp_path, digits):
-    from vlp.train.export import consolidate, read_state_dict
+    from vlp.train.weights import consolidate, read_state_dict
 
     config = tiny_config(tmp_path, digits, train={"device": "cuda", "steps": 6, "checkpoint_every": 3,
                                                       "keep_checkpoints": 3},

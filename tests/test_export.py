@@ -13,16 +13,9 @@ import yaml
 from conftest import fit_image_projection, run_vlp, tiny_config
 
 from vlp.train.checkpoint_io import CheckpointReadError
-from vlp.train.export import (
-    EXPORTERS,
-    ExportError,
-    consolidate,
-    export_checkpoint,
-    export_model,
-    load_model,
-    read_state_dict,
-    sha256,
-)
+from vlp.export import EXPORTERS, ExportError, export_model
+from vlp.export.base import sha256
+from vlp.train.weights import consolidate, export_checkpoint, load_model, read_state_dict
 
 
 # ----------------------------------------------------------------------------- fixtures

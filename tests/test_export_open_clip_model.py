@@ -9,7 +9,8 @@ import torch
 import yaml
 from conftest import tiny_config
 
-from vlp.train.export import ExportError, export_model, load_model
+from vlp.export import ExportError, export_model
+from vlp.train.weights import load_model
 
 # The smallest open_clip config with a plain CLIP text tower (ViT-S/32, 384 wide); random weights,
 # since pretrained tags need the Hugging Face cache.

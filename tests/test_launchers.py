@@ -59,7 +59,7 @@ def test_cuda_requested_without_cuda_is_one_line_exit_2(tmp_path, digits_dir):
 
 
 def test_nproc_more_ranks_than_gpus_is_refused_before_starting(tmp_path, digits_dir, monkeypatch, capsys):
-    from vlp.train.cli import main
+    from vlp.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -14,13 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Each layer and the vlp layers it may import (itself included); nothing may import upwards.
-ALLOWED = {
-    "core": {"core"},
-    "data_pipelines": {"core", "data_pipelines"},
-    "models": {"core", "data_pipelines", "models"},
-    "train": {"core", "data_pipelines", "models", "train"},
-}
+# The layers, bottom first; each may import itself and those below it, nothing above.
+ORDER = ("core", "data_pipelines", "models", "export", "train", "slurm", "cli")
+ALLOWED = {layer: set(ORDER[: i + 1]) for i, layer in enumerate(ORDER)}
 
 
 def vlp_imports(path: Path) -> set[str]:
@@ -48,6 +44,81 @@ def test_layers_import_only_downwards(layer):
     assert not bad, f"{layer}/ imports above its layer or by a generic name: {bad}"
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(("vlp", *(parts[:-1] if parts[-1] == "__init__" else parts)))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """vlp module -> the vlp modules it names in an import statement, anywhere in the file (lazy
+    and type-only imports included). `from pkg import name` names `pkg.name` where that is a
+    module, else `pkg`. The parent packages Python runs first are not counted: a package's
+    `__init__` re-exporting its `base` is not a cycle."""
+    files = {module_name(path): path for layer in ORDER for path in (ROOT / layer).rglob("*.py")}
+    packages = {name for name, path in files.items() if path.name == "__init__.py"}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: resolve against this module's package
+                    base = name.split(".") if name in packages else name.split(".")[:-1]
+                    base = base[: len(base) - (node.level - 1)]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                for alias in node.names:
+                    targets.add(f"{module}.{alias.name}" if f"{module}.{alias.name}" in files else module)
+        graph[name] = {target for target in targets if target in files and target != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert "vlp.train.trainer" in graph and graph["vlp.cli"], "the import graph is empty: module naming broke"
+    assert not cycles(graph), f"import cycles between vlp modules: {cycles(graph)}"
+
+
+def test_cycle_finder_sees_lazy_imports():
+    """The finder itself: a function-level import that closes a loop is a cycle."""
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
 def test_tests_and_benchmarks_import_vlp_by_its_namespace():
     bad = [str(path.relative_to(ROOT)) for folder in ("tests", "benchmarks") for path in (ROOT / folder).rglob("*.py")
            if any(name.startswith("bare:") for name in vlp_imports(path))]
@@ -72,14 +143,14 @@ def test_vlp_works_beside_another_projects_generic_packages(tmp_path):
     """Another project's `models`, `train`, `data_pipelines` and `core` first on PYTHONPATH, from
     a folder outside the checkout: every vlp module imports and a short `vlp demo` runs."""
     other = tmp_path / "other_project"
-    for name in ALLOWED:
+    for name in ("models", "train", "data_pipelines", "core", "export", "cli"):
         (other / name).mkdir(parents=True)
         (other / name / "__init__.py").write_text("OWNER = 'other project'\n")
     env = {**os.environ, "PYTHONPATH": str(other)}
     check_imports = (
         "import importlib, pkgutil, models, train\n"
         "assert models.OWNER == train.OWNER == 'other project'\n"
-        "for top in ('vlp.core', 'vlp.models', 'vlp.data_pipelines', 'vlp.train'):\n"
+        f"for top in {tuple('vlp.' + layer for layer in ORDER)}:\n"
         "    package = importlib.import_module(top)\n"
         "    for info in pkgutil.walk_packages(package.__path__, top + '.'):\n"
         "        importlib.import_module(info.name)\n"

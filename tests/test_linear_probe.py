@@ -21,7 +21,7 @@ from vlp.data_pipelines.image_folder import ImageFolder, is_image_folder
 from vlp.train.evals import EVALUATORS, EvalContext
 from vlp.train.evals.common import load_template_sets, resolve_eval_source
 from vlp.train.evals.linear_probe import LinearProbeConfig, choose_c, k_shot, linear_probe, split_train
-from vlp.train.export import export_model
+from vlp.export import export_model
 
 TRAIN = "digits-train-{000000..000003}.tar"  # shard_size=400 in the session's digits_dir
 TEST = "digits-test-000000.tar"

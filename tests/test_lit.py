@@ -167,7 +167,8 @@ def test_lit_run_keeps_locked_weights_bit_identical(tmp_path, digits_dir):
 
     from vlp.models.dual_encoder import VLPModel
     from vlp.train.config import load_config
-    from vlp.train.export import export_model, read_state_dict
+    from vlp.export import export_model
+    from vlp.train.weights import read_state_dict
 
     config_path = tiny_config(tmp_path, digits_dir, name="lit")
     config = load_config(config_path)

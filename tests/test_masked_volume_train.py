@@ -9,7 +9,7 @@ import torch
 import yaml
 from conftest import DEMO_CONFIG, rerun_from_checkpoint, run_vlp
 
-from vlp.train.export import consolidate
+from vlp.train.weights import consolidate
 
 pytestmark = pytest.mark.slow
 

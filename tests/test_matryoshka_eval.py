@@ -14,7 +14,8 @@ from conftest import fit_image_projection, tiny_config
 
 from vlp.train.evals import EVALUATORS, EvalContext
 from vlp.train.evals.zeroshot import ZeroShotConfig, resolve_names
-from vlp.train.export import export_model, load_model
+from vlp.export import export_model
+from vlp.train.weights import load_model
 
 DIMS = [8, 16, 32]  # 32: the full embedding (tiny_config's embed_dim)
 TEST = "digits-test-000000.tar"

@@ -270,7 +270,7 @@ def test_export_round_trip_then_init_from(tmp_path):
     import open_clip
     import yaml
 
-    from vlp.train.export import export_model
+    from vlp.export import export_model
     from vlp.train.init_from import init_from
 
     model = {"embed_dim": 32, "image": small_open_clip_vit(), "text": small_open_clip_text(), "heads": {"clip": {}}}

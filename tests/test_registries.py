@@ -24,7 +24,7 @@ from torch.testing import assert_close
 from vlp.data_pipelines.sources import SOURCES, build
 from vlp.models.heads import HEADS
 from vlp.models.objective import Objective
-from vlp.train.export import EXPORTERS, export_model
+from vlp.export import EXPORTERS, export_model
 
 EMBED_DIM = 8
 BATCH = 3  # per rank

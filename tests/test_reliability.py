@@ -14,7 +14,7 @@ from conftest import ROOT, run_vlp, tiny_config
 from dist_utils import free_port
 
 from vlp.train.checkpoint import COMPLETE, UnsafeCheckpoint, verify_safe
-from vlp.train.export import consolidate
+from vlp.train.weights import consolidate
 
 pytestmark = pytest.mark.slow
 DRIVER = ROOT / "tests" / "fault_driver.py"
@@ -44,7 +44,7 @@ def test_kill_9_at_random_moments_then_resume_matches_uninterrupted(tmp_path, di
 
     crash_runs = tmp_path / "crash"
     ckpts = crash_runs / "tiny" / "checkpoints"
-    argv = ["-m", "vlp.train.cli", "train", config, f"output_dir={crash_runs}", "--resume", "latest"]
+    argv = ["-m", "vlp.cli", "train", config, f"output_dir={crash_runs}", "--resume", "latest"]
     rng = random.Random(0)
 
     # 1) kill -9 while a checkpoint is being written (its folder exists, not yet COMPLETE).

@@ -85,7 +85,7 @@ def wait_final(job_id: str, run_dir: Path, timeout_s: float = 900) -> str:
 def write_profile(folder: Path, **extra) -> Path:
     profile = {
         # The same `vlp` entry point; `python -m train.cli` because the repo is not pip-installed here.
-        "command": [sys.executable, "-m", "vlp.train.cli"],
+        "command": [sys.executable, "-m", "vlp.cli"],
         "env": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra.pop("env", {})},
         **extra,
     }
@@ -116,7 +116,7 @@ def tiny_config(folder: Path, data_dir: Path) -> Path:
 
 def vlp_submit(args: list[str], cwd: Path = ROOT, entry: list[str] | None = None,
                env: dict | None = None) -> tuple[str, Path]:
-    entry = entry or [sys.executable, "-m", "vlp.train.cli"]
+    entry = entry or [sys.executable, "-m", "vlp.cli"]
     result = subprocess.run([*entry, "submit", *args], cwd=cwd, capture_output=True,
                             text=True, env=env or dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
     assert result.returncode == 0, result.stderr
@@ -166,7 +166,7 @@ def test_two_task_job_trains_to_completion(reference_run):
     assert last_step(run_dir) == STEPS
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
     assert f"job {job_id} start" in log and "restart 0" in log
-    status = subprocess.run([sys.executable, "-m", "vlp.train.cli", "status", str(run_dir)], capture_output=True,
+    status = subprocess.run([sys.executable, "-m", "vlp.cli", "status", str(run_dir)], capture_output=True,
                             text=True, cwd=ROOT)
     assert status.returncode == 0 and f"{job_id} COMPLETED" in status.stdout and f"last step  {STEPS}" in status.stdout
 

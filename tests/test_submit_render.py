@@ -16,8 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlp.train import preemption, slurm_profile, slurm_render, submit
-from vlp.train import status as status_cmd
+from vlp import cli
+from vlp.slurm import profile as slurm_profile
+from vlp.slurm import render as slurm_render
+from vlp.slurm import status as status_cmd
+from vlp.slurm import submit
+from vlp.train import preemption
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -91,7 +95,7 @@ def make_shims(bin_dir: Path, log: Path) -> None:
 
 
 def render(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = submit.main([*argv, "--dry-run"])
+    code = cli.main(["submit", *argv, "--dry-run"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -333,7 +337,7 @@ def test_deepspeed_launcher_with_a_multi_word_command(tmp_path, capsys, monkeypa
 @pytest.mark.parametrize("launcher", ["srun", "deepspeed"])
 def test_default_entry_point_is_the_submitting_interpreter(launcher, tmp_path, capsys, monkeypatch):
     """`/venv/bin/vlp submit` from a shell without the venv on PATH: the job runs that venv's
-    interpreter by its absolute path (`sys.executable -m vlp.train.cli`), never a `vlp` from PATH."""
+    interpreter by its absolute path (`sys.executable -m vlp.cli`), never a `vlp` from PATH."""
     monkeypatch.setattr(slurm_render, "default_command", REAL_DEFAULT_COMMAND)
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path / "cfg", tmp_path / "runs")
@@ -342,15 +346,15 @@ def test_default_entry_point_is_the_submitting_interpreter(launcher, tmp_path, c
     monkeypatch.setattr(sys, "executable", str(interpreter))
     code, script, _ = render([str(config), "train.steps=20", "--launcher", launcher], capsys)
     assert code == 0
-    assert f"VLP=({interpreter} -m vlp.train.cli)\n" in script
+    assert f"VLP=({interpreter} -m vlp.cli)\n" in script
     logged = run_script(script, tmp_path, without_venv=True)
     assert not vlp_calls(logged), "the job ran a `vlp` from PATH"
     calls = [call for call in logged if call["prog"] == "python"]
-    entry = ["-m", "vlp.train.cli", "train", str(config), "train.steps=20", "--resume", "latest"]
+    entry = ["-m", "vlp.cli", "train", str(config), "train.steps=20", "--resume", "latest"]
     assert calls[-1]["argv"] == entry
     if launcher == "deepspeed":  # the launcher too, and it starts each rank with the same interpreter
         launch = calls[0]["argv"]
-        assert launch[:3] == ["-m", "vlp.train.cli", "deepspeed"]
+        assert launch[:3] == ["-m", "vlp.cli", "deepspeed"]
         assert launch[launch.index("--no_local_rank") + 1:] == [str(interpreter), *entry]
 
 
@@ -404,7 +408,7 @@ def test_submit_writes_script_and_records_job_id(tmp_path, capsys, monkeypatch):
     write_shim(bin_dir, "squeue", "sys.exit(1)")
     write_shim(bin_dir, "sacct", "sys.exit(1)")
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    assert submit.main([str(config), "train.steps=5"]) == 0
+    assert cli.main(["submit", str(config), "train.steps=5"]) == 0
     out = capsys.readouterr().out
     run_dir = tmp_path / "runs" / "tiny"
     script = run_dir / "slurm" / "job.sbatch"
@@ -414,7 +418,7 @@ def test_submit_writes_script_and_records_job_id(tmp_path, capsys, monkeypatch):
     assert (run_dir / "slurm" / "job_id").read_text().strip() == "4242"
     # A second submission while Slurm says the first is running is refused.
     write_shim(bin_dir, "squeue", "print('RUNNING')")
-    assert submit.main([str(config)]) == 2
+    assert cli.main(["submit", str(config)]) == 2
     assert "job 4242 is RUNNING" in capsys.readouterr().err
 
 

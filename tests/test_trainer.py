@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import rerun_from_checkpoint, run_vlp, tiny_config
 
-from vlp.train.export import consolidate
+from vlp.train.weights import consolidate
 
 pytestmark = pytest.mark.slow
 

@@ -121,6 +121,33 @@ class UnsafeCheckpoint(ValueError):
     """A checkpoint file that holds objects outside the allowlist (exit code 2)."""
 
 
+def latest_tag(directory: Path) -> str | None:
+    """The tag `latest` in a checkpoints folder points to, when that checkpoint is complete."""
+    pointer = Path(directory) / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    return tag if (Path(directory) / tag / COMPLETE).is_file() else None
+
+
+def resolve_checkpoint(directory: Path, resume: str) -> tuple[Path, str] | None:
+    """`latest` -> the newest complete checkpoint in the checkpoints folder `directory` (None when
+    there is none yet); a path (run folder, checkpoints folder or tag) -> that tag.
+
+    Raises FileNotFoundError (exit 2 at the CLI) for a path that is not a complete checkpoint.
+    """
+    if resume == LATEST:
+        tag = latest_tag(directory)
+        return (Path(directory), tag) if tag else None
+    path = Path(resume)
+    for checkpoints in (path, path / "checkpoints"):  # a checkpoints folder, a run folder
+        if (checkpoints / LATEST).is_file() and (tag := latest_tag(checkpoints)):
+            return checkpoints, tag
+    if (path / COMPLETE).is_file():
+        return path.parent, path.name
+    raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} marker found)")
+
+
 class Checkpointer:
     def __init__(self, directory: Path, keep: int, rank: int, loader: Any = None) -> None:
         self.directory = Path(directory)
@@ -133,11 +160,7 @@ class Checkpointer:
         return f"step_{step:08d}"
 
     def latest_tag(self) -> str | None:
-        pointer = self.directory / LATEST
-        if not pointer.is_file():
-            return None
-        tag = pointer.read_text().strip()
-        return tag if (self.directory / tag / COMPLETE).is_file() else None
+        return latest_tag(self.directory)
 
     def complete_tags(self) -> list[str]:
         if not self.directory.is_dir():
@@ -173,27 +196,6 @@ class Checkpointer:
         for path in self.directory.iterdir():
             if path.is_dir() and not (path / COMPLETE).is_file() and path.name < keep_tag:
                 shutil.rmtree(path, ignore_errors=True)
-
-    def resolve(self, resume: str) -> tuple[Path, str] | None:
-        """`latest` -> newest complete checkpoint (None when there is none yet); a path -> that tag.
-
-        Raises FileNotFoundError (exit 2 at the CLI) for a path that is not a complete checkpoint.
-        """
-        if resume == LATEST:
-            tag = self.latest_tag()
-            return (self.directory, tag) if tag else None
-        path = Path(resume)
-        if (path / LATEST).is_file():  # a checkpoints folder
-            tag = Checkpointer(path, 1, self.rank).latest_tag()
-            if tag:
-                return path, tag
-        if (path / "checkpoints" / LATEST).is_file():  # a run folder
-            tag = Checkpointer(path / "checkpoints", 1, self.rank).latest_tag()
-            if tag:
-                return path / "checkpoints", tag
-        if (path / COMPLETE).is_file():
-            return path.parent, path.name
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} marker found)")
 
     def load(self, engine: Any, state: TrainState, where: tuple[Path, str], universal: Path | None = None) -> dict[str, Any]:
         """`universal`: the tag's universal layout (`checkpoint_io.Reshard`), which an engine built

@@ -28,7 +28,7 @@ from pydantic import (
 from vlp.core.config import Strict
 from vlp.core.registry import nearest
 from vlp.data_pipelines.config import DataConfig
-from vlp.models.config import ModelConfig
+from vlp.models.config import ModelConfig, registered_model_config, tagged_union
 
 
 class ConfigError(ValueError):
@@ -231,32 +231,15 @@ class ExperimentConfig(Strict):
         return Path(self.output_dir) / self.name
 
 
-def _tagged(registry, attr: str = "config_class"):
-    """A discriminated union (on `type`) of every registered component's config."""
-    classes = tuple(getattr(cls, attr) for _, cls in registry.items())
-    if len(classes) == 1:
-        return classes[0]
-    return Annotated[Union[classes], Field(discriminator="type")]
-
-
 @functools.lru_cache(maxsize=1)
 def experiment_class() -> type[ExperimentConfig]:
     """`ExperimentConfig` with its unions built from the registries (imported here so every
     component registers)."""
-    from vlp.models.heads import HEADS
-    from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
+    from vlp.export import EXPORTERS
     from vlp.train.evals import EVALUATORS
-    from vlp.train.export import EXPORTERS
 
-    heads_fields = {name: (Optional[cls.config_class], None) for name, cls in HEADS.items()}
-    HeadsConfig = create_model("HeadsConfig", __base__=Strict, **heads_fields)
-
-    RegisteredModelConfig = create_model(
-        "ModelConfig", __base__=ModelConfig, image=(_tagged(IMAGE_TOWERS), ...), text=(_tagged(TEXT_TOWERS), ...),
-        heads=(HeadsConfig, ...),
-    )
-
-    evals_union = _tagged(EVALUATORS)
+    RegisteredModelConfig = registered_model_config()
+    evals_union = tagged_union(EVALUATORS)
 
     class RegisteredExperimentConfig(ExperimentConfig):
         model: RegisteredModelConfig

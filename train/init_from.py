@@ -19,16 +19,16 @@ from vlp.models.pretrained import check_keys
 
 def will_resume(run_dir: Path, resume: str | None) -> bool:
     """True when `--resume` will restore a checkpoint (then init_from is not read)."""
-    from vlp.train.checkpoint import Checkpointer
+    from vlp.train.checkpoint import resolve_checkpoint
 
     if resume is None:
         return False
-    return Checkpointer(Path(run_dir) / "checkpoints", 1, 0).resolve(resume) is not None
+    return resolve_checkpoint(Path(run_dir) / "checkpoints", resume) is not None
 
 
 def init_from(model: torch.nn.Module, path: str, strict: bool = True) -> None:
     """Copy the weights of a run, checkpoint or export at `path` into `model` (our names)."""
-    from vlp.train.export import read_state_dict
+    from vlp.train.weights import read_state_dict
 
     state, _ = read_state_dict(Path(path))
     incompatible = model.load_state_dict(state, strict=False)

@@ -22,7 +22,7 @@ from vlp.core.devices import apply_tf32, current_compute_device
 from vlp.data_pipelines.device_stream import DeviceStream
 from vlp.data_pipelines.gpu_decode import GpuJpegDecode
 from vlp.train import preemption
-from vlp.train.checkpoint import Checkpointer, TrainState
+from vlp.train.checkpoint import Checkpointer, TrainState, resolve_checkpoint
 from vlp.train.checkpoint_io import Reshard
 from vlp.train.config import ExperimentConfig, dump_config
 from vlp.train.data import ensure_eval_data, ensure_train_data
@@ -262,7 +262,7 @@ def train(config: ExperimentConfig, resume: str | None = None, overwrite: bool =
             init_from(model, config.train.init_from, config.train.init_strict)
     # Before the engine: a ZeRO checkpoint partitioned over another data-parallel world size is
     # converted to DeepSpeed's universal layout, which the engine must be built to read.
-    where = Checkpointer(run_dir / "checkpoints", 1, env.rank).resolve(resume) if resume else None
+    where = resolve_checkpoint(run_dir / "checkpoints", resume) if resume else None
     resharded = Reshard.plan(where, env.world_size, env.rank) if where is not None else None
     telemetry = StepTelemetry(config, model, env)  # counts FLOPs on the model before ZeRO-3 splits it
     engine = build_engine(config, model, load_universal=resharded is not None)
@@ -392,7 +392,8 @@ def finish_run(config: ExperimentConfig, engine: Any, results: dict, state: Trai
     plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "loss.png")
     summary = {"name": config.name, "steps": state.step, "samples_seen": state.samples_seen, **results}
     if config.export:
-        from vlp.train.export import export_model, load_model
+        from vlp.export import export_model
+        from vlp.train.weights import load_model
 
         model = load_model(run_dir)[0] if exports_from_checkpoint(config) else engine.module
         for fmt in config.export:

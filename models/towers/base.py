@@ -63,6 +63,15 @@ class TextLockFields(Strict):
 class Tower(nn.Module):
     config_class: ClassVar[type[TowerConfig]] = TowerConfig
 
+    # -- capabilities: what exporters ask of a tower (by its registered class), never its type name.
+    # open_clip_layout: where open_clip's CLIP holds this tower's weights: "visual" (`model` is
+    # open_clip's VisionTransformer), "timm" (`trunk` + `proj`, open_clip's TimmModel), "text"
+    # (`model` is open_clip's TextTransformer), "factory" (a part of one open_clip model built by
+    # open_clip's factory); None: open_clip's CLIP cannot hold it.
+    open_clip_layout: ClassVar[Optional[str]] = None
+    # trunk_format: the export format that holds this tower's trunk alone ("timm", "monai"), if any.
+    trunk_format: ClassVar[Optional[str]] = None
+
     def __init__(self, config: TowerConfig, embed_dim: int) -> None:
         super().__init__()
         self.config = config

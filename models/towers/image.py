@@ -84,6 +84,7 @@ class OpenClipVitConfig(PretrainedFields, ImageLockFields, TowerConfig):
 @IMAGE_TOWERS.register_by_type
 class OpenClipVit(ImageTower):
     config_class = OpenClipVitConfig
+    open_clip_layout = "visual"
 
     def __init__(self, config: OpenClipVitConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)
@@ -184,6 +185,8 @@ class TimmTower(ImageTower):
     """
 
     config_class = TimmConfig
+    open_clip_layout = "timm"
+    trunk_format = "timm"
 
     def __init__(self, config: TimmConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)
@@ -247,6 +250,7 @@ class OpenClipModelImage(ImageTower):
     trunks (timm, ModifiedResNet) give their pooled embedding as one token (B, 1, E)."""
 
     config_class = OpenClipModelImageConfig
+    open_clip_layout = "factory"
 
     def __init__(self, config: OpenClipModelImageConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)

@@ -125,6 +125,7 @@ class OpenClipTokenizer(MemoTokenizer):
 @TEXT_TOWERS.register_by_type
 class OpenClipText(TextTower):
     config_class = OpenClipTextConfig
+    open_clip_layout = "text"
 
     def __init__(self, config: OpenClipTextConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)
@@ -199,6 +200,7 @@ class OpenClipModelText(TextTower):
     HF encoder gives its pooled embedding as one token (B, 1, E)."""
 
     config_class = OpenClipModelTextConfig
+    open_clip_layout = "factory"
 
     def __init__(self, config: OpenClipModelTextConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)

@@ -96,6 +96,7 @@ class MonaiViT3D(ImageTower):
     """volumes (B, 1, H, W, D) -> {"image_embed": (B, E), "image_tokens": (B, P, E)}."""
 
     config_class = MonaiViT3DConfig
+    trunk_format = "monai"
 
     def __init__(self, config: MonaiViT3DConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)

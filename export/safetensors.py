@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import yaml
 
-from vlp.train.exporter import EXPORTERS, Exporter, config_tree, model_state, save_tensors
-
-if TYPE_CHECKING:
-    from vlp.train.config import ExperimentConfig
+from vlp.export.base import EXPORTERS, Exporter, RunConfig, config_tree, model_state, save_tensors
 
 SAFETENSORS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 
 
 class SafetensorsExporter(Exporter):
-    def write(self, model: torch.nn.Module, config: ExperimentConfig, out: Path) -> list[str]:
+    def write(self, model: torch.nn.Module, config: RunConfig, out: Path) -> list[str]:
         save_tensors(model_state(model), out / SAFETENSORS_FILE, vlp="full")
         (out / CONFIG_FILE).write_text(yaml.safe_dump(config_tree(config), sort_keys=False))
         return [SAFETENSORS_FILE, CONFIG_FILE]

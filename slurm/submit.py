@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from vlp.train.slurm_profile import DEFAULT_PROFILE, PROFILE_ENV, SubmitError, find_profile, load_profile
-from vlp.train.slurm_render import JobFlags, render, resolve_job
+from vlp.slurm.profile import DEFAULT_PROFILE, PROFILE_ENV, SubmitError, find_profile, load_profile
+from vlp.slurm.render import JobFlags, render, resolve_job
 
 _ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "CONFIGURING",
            "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
@@ -148,14 +148,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     parser.set_defaults(func=_from_args)
     return parser
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`vlp submit ARGS` (`python -m vlp.train.submit ARGS`)."""
-    from vlp.train import cli
-
-    return cli.main(["submit", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

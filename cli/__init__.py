@@ -1,9 +1,9 @@
-"""`vlp`: the command line. Exit codes: 0 success, 2 bad input (config, paths, data), 1 otherwise."""
+"""`vlp`: the command line, the top layer (it imports training and Slurm submission). Exit codes: 0
+success, 2 bad input (config, paths, data), 1 otherwise."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -15,9 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from vlp.slurm import status, submit
+
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Subcommand modules that add themselves with `add_parser(subparsers)`.
-PLUGIN_COMMANDS = ("vlp.train.submit", "vlp.train.status")
+PLUGIN_COMMANDS = ("vlp.slurm.submit", "vlp.slurm.status")
 GRACE_S = 10  # seconds ranks get after SIGTERM before SIGKILL when a sibling rank died
 
 
@@ -25,7 +27,7 @@ def bad_input_types() -> tuple[type[BaseException], ...]:
     from vlp.data_pipelines.errors import DataError
     from vlp.train.checkpoint import UnsafeCheckpoint
     from vlp.train.config import ConfigError
-    from vlp.train.export import ExportError
+    from vlp.export import ExportError
 
     # ValueError last: evaluator/source option checks raise it with a one-line message.
     return (ConfigError, DataError, ExportError, UnsafeCheckpoint, FileNotFoundError, FileExistsError,
@@ -49,7 +51,7 @@ def launch_local_ranks(args: argparse.Namespace) -> int:
     from vlp.train.distributed import free_port
 
     port = str(free_port())
-    argv = [sys.executable, "-m", "vlp.train.cli", "train", args.config, *args.overrides]
+    argv = [sys.executable, "-m", "vlp.cli", "train", args.config, *args.overrides]
     if args.resume:
         argv += ["--resume", args.resume]
     if args.overwrite:
@@ -159,7 +161,7 @@ def cmd_shards_build(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- eval / export
 def cmd_eval(args: argparse.Namespace) -> int:
     from vlp.train.evals import EVALUATORS, EvalContext
-    from vlp.train.export import load_model
+    from vlp.train.weights import load_model
 
     evaluator_cls = EVALUATORS.get(args.task)
     options = parse_options(args.option)
@@ -190,7 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from vlp.train.export import export_checkpoint
+    from vlp.train.weights import export_checkpoint
 
     out = export_checkpoint(Path(args.checkpoint), Path(args.out), args.format)
     print(json.dumps({"format": args.format, "out": str(out)}))
@@ -244,14 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("deepspeed", add_help=False,
                    help="DeepSpeed's launcher in vlp's interpreter: vlp deepspeed [deepspeed args] (used by Slurm jobs)")
 
-    for module_name in PLUGIN_COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            if error.name != module_name:
-                raise
-            continue
-        module.add_parser(sub)
+    submit.add_parser(sub)
+    status.add_parser(sub)
     return parser
 
 
@@ -317,7 +313,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vlp: error: rank {os.environ.get('RANK', '?')}: {reason}", file=sys.stderr, flush=True)
             return 1
         raise
-
-
-if __name__ == "__main__":
-    sys.exit(main())

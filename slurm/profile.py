@@ -93,7 +93,7 @@ class ClusterProfile(Strict):
     setup: list[str] = Field(default_factory=list, description="shell lines run before training (not quoted)")
     env: dict[str, str] = Field(default_factory=dict, description="exported variables, e.g. NCCL_*")
     sbatch: list[str] = Field(default_factory=list, description="extra #SBATCH flags, e.g. --mail-type=END")
-    # None: the interpreter that ran `vlp submit` (`sys.executable -m vlp.train.cli`), so a job
+    # None: the interpreter that ran `vlp submit` (`sys.executable -m vlp.cli`), so a job
     # runs the same vlp whatever its PATH holds; set it where that path does not exist on the
     # compute nodes (a container, another install).
     command: Optional[list[str]] = Field(None, min_length=1, description="the vlp entry point")

@@ -4,7 +4,7 @@ slurm/job.sbatch filled in.
 The script runs the same entry point a laptop user runs, `vlp train CONFIG overrides...
 --resume latest`, under `srun`, so a requeued job resumes the same run. "The same" is literal: the
 default entry point is the interpreter that rendered the script (`sys.executable -m
-vlp.train.cli`), not a `vlp` looked up on the compute node's PATH.
+vlp.cli`), not a `vlp` looked up on the compute node's PATH.
 
 Nothing a user typed is executed by the script: values in `#SBATCH` lines must match strict
 patterns (`slurm_profile.check`), and values in the script body are `shlex.quote`d. The one
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 from pydantic import ValidationError
 
 from vlp.core.config import Strict
-from vlp.train.slurm_profile import ClusterProfile, SubmitError, check, profile_error, time_limit_seconds
+from vlp.slurm.profile import ClusterProfile, SubmitError, check, profile_error, time_limit_seconds
 
 if TYPE_CHECKING:
     from vlp.train.config import ExperimentConfig
@@ -38,7 +38,7 @@ TEMPLATE = Path(str(importlib.resources.files("vlp.slurm") / "job.sbatch"))
 def default_command() -> list[str]:
     """This interpreter's own entry point: a job started from `/venv/bin/vlp submit` in a shell
     without the venv on PATH still runs that venv's vlp (a bare `vlp` would exit 127)."""
-    return [sys.executable, "-m", "vlp.train.cli"]
+    return [sys.executable, "-m", "vlp.cli"]
 
 
 @dataclass(frozen=True)

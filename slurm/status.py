@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from vlp.train.submit import job_state, recorded_job_id
+from vlp.slurm.submit import job_state, recorded_job_id
 
 
 def last_metrics(path: Path) -> Optional[dict[str, Any]]:

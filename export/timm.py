@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from vlp.train.exporter import EXPORTERS, ExportError, Exporter, model_state, save_tensors, write_json
-
-if TYPE_CHECKING:
-    from vlp.train.config import ExperimentConfig
+from vlp.export.base import EXPORTERS, Exporter, ExportError, RunConfig, model_state, save_tensors, tower_class, write_json
 
 WEIGHTS = "model.safetensors"
 PREFIX = "image.trunk."
@@ -19,10 +15,10 @@ PREFIX = "image.trunk."
 class TimmExporter(Exporter):
     example_image = {"type": "timm", "model_name": "test_vit", "image_size": 32}
 
-    def write(self, model: torch.nn.Module, config: ExperimentConfig, out: Path) -> list[str]:
+    def write(self, model: torch.nn.Module, config: RunConfig, out: Path) -> list[str]:
         """The timm trunk (timm's own names, no classifier, no projection) + timm's `config.json`."""
         image = config.model.image
-        if image.type != "timm":
+        if tower_class(image).trunk_format != "timm":
             raise ExportError(f"timm export needs a `timm` image tower, the model has {image.type}")
         trunk = {k[len(PREFIX):]: v for k, v in model_state(model).items() if k.startswith(PREFIX)}
         save_tensors(trunk, out / WEIGHTS)

@@ -1,8 +1,10 @@
 """The exporter contract, its registry and what every format shares (state copies, file writing).
 
-One exporter per target format, one file each (`train/export_<format>.py`), registered in
-`EXPORTERS`; the experiment config's `export` list is built from this registry, so registering a
-format makes it a valid config value, and tests/test_registries.py gives it a round-trip test.
+One exporter per target format, one file each in this folder (`export/<format>.py`), registered
+in `EXPORTERS`; the experiment config's `export` list is built from this registry, so
+registering a format makes it a valid config value, and tests/test_registries.py gives it a
+round-trip test. Exporters ask towers and heads what they are (their capabilities, through the
+registries), never for a type name.
 """
 
 from __future__ import annotations
@@ -10,14 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from vlp.core.registry import Registry
+from vlp.models.config import ModelConfig
+from vlp.models.dual_encoder import scoring_head
 
-if TYPE_CHECKING:
-    from vlp.train.config import ExperimentConfig
+
+class RunConfig(Protocol):
+    """What an exporter reads of the experiment config (`vlp.train.config.ExperimentConfig`,
+    a layer above): the run's name, its model config and the whole tree for the model card."""
+
+    name: str
+    model: ModelConfig
+
+    def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
 
 
 class Exporter:
@@ -27,7 +38,7 @@ class Exporter:
     # round-trip test; None: the demo's open_clip tower.
     example_image: ClassVar[dict | None] = None
 
-    def write(self, model: torch.nn.Module, config: ExperimentConfig, out: Path) -> list[str]:
+    def write(self, model: torch.nn.Module, config: RunConfig, out: Path) -> list[str]:
         """Write the format's files for `model` into the empty folder `out`; returns their names."""
         raise NotImplementedError
 
@@ -43,6 +54,17 @@ class Exporter:
 
 
 EXPORTERS: Registry[Exporter] = Registry("export format")
+
+
+def tower_class(tower_config: Any) -> type:
+    """The registered tower class of `model.image` or `model.text`, whose capabilities
+    (`open_clip_layout`, `trunk_format`) say what an exporter can make of it."""
+    from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
+
+    for registry in (IMAGE_TOWERS, TEXT_TOWERS):
+        if tower_config.type in registry and isinstance(tower_config, registry.get(tower_config.type).config_class):
+            return registry.get(tower_config.type)
+    raise ExportError(f"no registered tower has the config {type(tower_config).__name__}")
 
 # Every export folder holds this card beside the format's own files (`export.export_model`).
 MODEL_CARD = "model_card.json"
@@ -64,8 +86,6 @@ def matryoshka_card(model: torch.nn.Module) -> dict | None:
     """The model card's `matryoshka` entry: the prefix dims the scoring head trained and how to
     take one, or None without Matryoshka. A prefix of an exported model is its first `dim`
     features re-normalised (docs/export.md), so every format serves every prefix."""
-    from vlp.train.evals.common import scoring_head
-
     head = scoring_head(model)
     dims = head.matryoshka_dims()
     if not dims:
@@ -75,7 +95,7 @@ def matryoshka_card(model: torch.nn.Module) -> dict | None:
     return {"dims": list(dims), "prefix": recipe}
 
 
-def config_tree(config: ExperimentConfig) -> dict:
+def config_tree(config: RunConfig) -> dict:
     return config.model_dump(mode="json")
 
 

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from vlp.train.exporter import EXPORTERS, ExportError, Exporter, model_state, save_tensors, write_json
-
-if TYPE_CHECKING:
-    from vlp.train.config import ExperimentConfig
+from vlp.export.base import EXPORTERS, Exporter, ExportError, RunConfig, model_state, save_tensors, tower_class, write_json
 
 WEIGHTS = "monai_vit.safetensors"
 CONFIG_FILE = "monai_vit_config.json"
@@ -23,11 +19,11 @@ class MonaiExporter(Exporter):
     example_image = {"type": "monai_vit3d", "roi": [16, 16, 16], "patch_size": [8, 8, 8], "hidden_size": 16,
                      "mlp_dim": 32, "num_layers": 1, "num_heads": 2, "spacing": None}
 
-    def write(self, model: torch.nn.Module, config: ExperimentConfig, out: Path) -> list[str]:
+    def write(self, model: torch.nn.Module, config: RunConfig, out: Path) -> list[str]:
         """The MONAI ViT (`monai.networks.nets.ViT(..., classification=False)` names, the same as
         `UNETR(...).vit`'s) + the ViT's constructor arguments."""
         image = config.model.image
-        if image.type != "monai_vit3d":
+        if tower_class(image).trunk_format != "monai":
             raise ExportError(f"monai export needs a `monai_vit3d` image tower, the model has {image.type}")
         vit = {k[len(PREFIX):]: v for k, v in model_state(model).items() if k.startswith(PREFIX)}
         save_tensors(vit, out / WEIGHTS)
