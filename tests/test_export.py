@@ -271,15 +271,17 @@ def test_monai_export_loads_into_vit_and_unetr(tmp_path, digits_dir):
     vit = ViT(**meta["vit_args"]).eval()
     vit.load_state_dict(weights, strict=True)
     volumes = torch.randn(2, 1, 32, 32, 32)
+    # vlp's blocks run attention through SDPA, MONAI's default ViT through its einsum path: the
+    # same maths, apart by float rounding (1.2e-6 seen), hence 1e-5 as in the SDPA tests.
     with torch.no_grad():
         hidden, _ = vit(volumes)  # (B, P, W) after the final norm
         _, tokens = model.image.features(volumes)
-        torch.testing.assert_close(hidden, tokens, rtol=0, atol=1e-6)
+        torch.testing.assert_close(hidden, tokens, rtol=0, atol=1e-5)
     assert meta["unetr_compatible"]
     unetr = UNETR(out_channels=3, feature_size=8, **meta["unetr_args"]).eval()
     unetr.vit.load_state_dict(weights, strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(unetr.vit(volumes)[0], tokens, rtol=0, atol=1e-6)
+        torch.testing.assert_close(unetr.vit(volumes)[0], tokens, rtol=0, atol=1e-5)
         assert unetr(volumes).shape == (2, 3, 32, 32, 32)
 
 
