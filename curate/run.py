@@ -268,7 +268,7 @@ def curate(spec: str, embeddings: Path, out: Path, config_path: Optional[str] = 
     if out.resolve() in inputs:
         raise DataError(f"--out {out}: holds the input shards; vlp curate writes new shards elsewhere")
     if (out / "report.json").exists() and not overwrite:
-        raise FileExistsError(f"--out {out}: holds an earlier vlp curate run (report.json); pass --overwrite")
+        raise DataError(f"--out {out}: holds an earlier vlp curate run (report.json); pass --overwrite")
     target = read_target(config.image_filter.target, manifest) if config.image_filter is not None else None
 
     started = time.perf_counter()
