@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from vlp.models.dual_encoder import VLPModel  # noqa: E402
 from vlp.train.config import load_config  # noqa: E402
-from vlp.train.trainer import build_engine, clip_gradients  # noqa: E402
+from vlp.train.trainer import build_engine, build_optimizer, clip_gradients  # noqa: E402
 
 WARMUP = 5
 
@@ -69,8 +69,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = VLPModel(config.model)
-    opt = torch.optim.AdamW(model.param_groups(tr.weight_decay), lr=tr.lr, betas=tr.betas, eps=tr.eps,
-                            fused=tr.fused_adamw)
+    opt = build_optimizer(model, tr)
 
     def bare_backward(loss):
         opt.zero_grad(set_to_none=True)

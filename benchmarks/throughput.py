@@ -102,11 +102,12 @@ import json, sys, time, torch
 sys.path.insert(0, {str(ROOT)!r})
 from vlp.train.config import load_config
 from vlp.models.dual_encoder import VLPModel
+from vlp.train.trainer import build_optimizer
 tree = json.loads(sys.argv[1])
 config = load_config(tree=tree)
 torch.manual_seed(0)
 model = VLPModel(config.model)
-opt = torch.optim.AdamW(model.param_groups(config.train.weight_decay), lr=config.train.lr, betas=config.train.betas, eps=config.train.eps, fused=config.train.fused_adamw)
+opt = build_optimizer(model, config.train)
 b = config.train.batch_size
 image = torch.randn(b, 3, config.model.image.image_size, config.model.image.image_size)
 text = torch.randint(1, 49000, (b, config.model.text.context_length))

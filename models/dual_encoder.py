@@ -114,12 +114,11 @@ class VLPModel(nn.Module):
             scales.update({f"{tower_name}.{n}": decay ** (top - d) for n, d in ids.items()})
         return scales
 
-    def param_groups(self, weight_decay: float, layer_decay: dict[str, float] | None = None,
-                     lr: float | None = None) -> list[dict[str, Any]]:
+    def param_groups(self, weight_decay: float, layer_decay: dict[str, float] | None = None) -> list[dict[str, Any]]:
         """AdamW groups: no decay for gains, biases (ndim < 2), embeddings and learnable scalars.
         Locked parameters (requires_grad false) are left out, so they get no optimizer state.
-        With `layer_decay`, one group per (decay, lr scale), each with its own `lr` (= lr * scale;
-        the schedule multiplies every group's lr alike)."""
+        Each group carries its `lr_scale` (1 without `layer_decay`; with it, one group per
+        (decay, scale)); the learning rate itself is the trainer's (`build_optimizer`)."""
         exempt = self.no_weight_decay()
         scales = self.lr_scales(layer_decay or {})
         groups: dict[tuple[bool, float], list] = {}
@@ -129,15 +128,10 @@ class VLPModel(nn.Module):
             decays = not (param.ndim < 2 or name in exempt)
             groups.setdefault((decays, scales.get(name, 1.0)), []).append(param)
         if not scales:  # the plain two groups, in their old order (checkpoints of earlier runs load)
-            return [{"params": groups.get((True, 1.0), []), "weight_decay": weight_decay},
-                    {"params": groups.get((False, 1.0), []), "weight_decay": 0.0}]
-        out = []
-        for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1])):
-            group = {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
-            if lr is not None:
-                group["lr"] = lr * scale
-            out.append(group)
-        return out
+            return [{"params": groups.get((True, 1.0), []), "weight_decay": weight_decay, "lr_scale": 1.0},
+                    {"params": groups.get((False, 1.0), []), "weight_decay": 0.0, "lr_scale": 1.0}]
+        return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+                for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))]
 
 
 def scoring_head(model: VLPModel) -> Any:

@@ -62,6 +62,7 @@ def test_timm_lock_with_frozen_batchnorm_stats():
 def test_layer_decay_groups_follow_the_towers_depths():
     from vlp.models.dual_encoder import VLPModel
     from vlp.train.config import load_config
+    from vlp.train.trainer import build_optimizer
 
     tree = {"name": "t", "data": {"train": [{"urls": "x.tar"}]}, "train": {"steps": 10, "batch_size": 2},
             "model": {"embed_dim": 16, "heads": {"clip": {}},
@@ -69,7 +70,8 @@ def test_layer_decay_groups_follow_the_towers_depths():
                                 "head_width": 16, "lock": True, "lock_unlocked_groups": 1},
                       "text": {"type": "open_clip_text", "context_length": 16, "width": 32, "heads": 2, "layers": 2}}}
     model = VLPModel(load_config(tree=tree).model)
-    groups = model.param_groups(0.1, {"image": 1.0, "text": 0.5}, lr=1e-3)
+    tree["train"]["lr"], tree["train"]["layer_decay"] = 1e-3, {"image": 1.0, "text": 0.5}
+    groups = build_optimizer(model, load_config(tree=tree).train).param_groups
     by_param = {id(p): g for g in groups for p in g["params"]}
     names = dict(model.named_parameters())
     # text depths: embeddings 0, blocks 1..2, ln_final / projection 3 -> scale 0.5 ** (3 - d)

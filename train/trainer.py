@@ -22,9 +22,10 @@ from vlp.core.devices import apply_tf32, current_compute_device
 from vlp.data_pipelines.device_stream import DeviceStream
 from vlp.data_pipelines.gpu_decode import GpuJpegDecode
 from vlp.train import preemption
+from vlp.models.dual_encoder import VLPModel
 from vlp.train.checkpoint import Checkpointer, TrainState, resolve_checkpoint
 from vlp.train.checkpoint_io import Reshard
-from vlp.train.config import ExperimentConfig, dump_config
+from vlp.train.config import ExperimentConfig, TrainConfig, dump_config
 from vlp.train.data import ensure_eval_data, ensure_train_data
 from vlp.train.distributed import DistEnv, init_distributed
 from vlp.train.metrics import MetricsLogger, plot_loss_curves
@@ -112,19 +113,23 @@ def clip_gradients(engine: Any, config: ExperimentConfig) -> Optional[torch.Tens
     return torch.nn.utils.clip_grad_norm_(engine.module.parameters(), config.deepspeed.grad_clip, foreach=True)
 
 
-def build_engine(config: ExperimentConfig, model: torch.nn.Module, load_universal: bool = False) -> Any:
-    """Wrap the model in `deepspeed.initialize` with a torch AdamW (no fused_adam JIT build).
+def build_optimizer(model: VLPModel, tr: TrainConfig) -> torch.optim.AdamW:
+    """A torch AdamW (no fused_adam JIT build) over the model's parameter groups. The one place
+    the learning rate is set: each group's lr is `train.lr` times the group's `lr_scale` (1 unless
+    `train.layer_decay`), and the schedule's multiplier scales every group alike.
 
     Locked parameters (requires_grad false) are in no group: no gradient, no optimizer state,
-    under every ZeRO stage. With `train.layer_decay` each group carries its own lr, which the
-    schedule's multiplier scales alike."""
+    under every ZeRO stage."""
+    groups = [{**group, "lr": tr.lr * group["lr_scale"]} for group in model.param_groups(tr.weight_decay, tr.layer_decay)]
+    return torch.optim.AdamW(groups, betas=tr.betas, eps=tr.eps, fused=tr.fused_adamw)
+
+
+def build_engine(config: ExperimentConfig, model: VLPModel, load_universal: bool = False) -> Any:
+    """Wrap the model and `build_optimizer`'s AdamW in `deepspeed.initialize`."""
     import deepspeed
 
     tr = config.train
-    optimizer = torch.optim.AdamW(
-        model.param_groups(tr.weight_decay, tr.layer_decay, tr.lr), lr=tr.lr, betas=tr.betas, eps=tr.eps,
-        fused=tr.fused_adamw,
-    )
+    optimizer = build_optimizer(model, tr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, tr))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config, load_universal)
@@ -178,9 +183,7 @@ def engine_dtype(config: ExperimentConfig) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.deepspeed.precision]
 
 
-def build_model(config: ExperimentConfig):
-    from vlp.models.dual_encoder import VLPModel
-
+def build_model(config: ExperimentConfig) -> VLPModel:
     model = VLPModel(config.model)
     if config.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
