@@ -1,5 +1,9 @@
-"""`vlp`: the command line, the top layer (it imports training and Slurm submission). Exit codes: 0
-success, 2 bad input (config, paths, data), 1 otherwise."""
+"""`vlp`: the command line, the top layer (it imports training and Slurm submission).
+
+Exit codes: 0 success; 2 bad input, a `vlp.core.errors.VlpInputError` (config, paths, data,
+registry names), shown as one line; 1 otherwise: a run stopped on purpose or a lost rank (one
+line), anything else a bug shown with its traceback, which also lands in the run folder's
+`errors.log` where the run folder exists."""
 
 from __future__ import annotations
 
@@ -11,10 +15,13 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
+from vlp.core.errors import ConfigError, VlpInputError
 from vlp.slurm import status, submit
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -23,24 +30,13 @@ PLUGIN_COMMANDS = ("vlp.slurm.submit", "vlp.slurm.status")
 GRACE_S = 10  # seconds ranks get after SIGTERM before SIGKILL when a sibling rank died
 
 
-def bad_input_types() -> tuple[type[BaseException], ...]:
-    from vlp.data_pipelines.errors import DataError
-    from vlp.train.checkpoint import UnsafeCheckpoint
-    from vlp.train.config import ConfigError
-    from vlp.export import ExportError
-
-    # ValueError last: evaluator/source option checks raise it with a one-line message.
-    return (ConfigError, DataError, ExportError, UnsafeCheckpoint, FileNotFoundError, FileExistsError,
-            NotADirectoryError, KeyError, ValueError)
-
-
 def parse_options(items: list[str]) -> dict:
     """`key=value` pairs (values parsed as YAML scalars) for sources and evaluators."""
     options = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"option {item!r}: expected key=value")
+            raise ConfigError(f"option {item!r}: expected key=value")
         options[key] = yaml.safe_load(raw)
     return options
 
@@ -95,8 +91,6 @@ def agree_local_rank(local_rank: int | None) -> None:
     the launcher set no LOCAL_RANK, the flag provides it."""
     if local_rank is None:
         return
-    from vlp.train.config import ConfigError
-
     env_rank = os.environ.get("LOCAL_RANK")
     if env_rank is not None and env_rank != str(local_rank):
         raise ConfigError(f"--local_rank {local_rank} disagrees with LOCAL_RANK={env_rank} set by the launcher")
@@ -108,6 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlp.train.config import check_trainable_here, load_config
 
     config = load_config(args.config, args.overrides)  # validate before starting anything
+    args.run_dir = config.run_dir  # where a crash's traceback is kept (`main`)
     check_trainable_here(config, str(args.config))
     agree_local_rank(args.local_rank)
     if args.nproc > 1 and "RANK" not in os.environ:
@@ -160,6 +155,7 @@ def cmd_shards_build(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- eval / export
 def cmd_eval(args: argparse.Namespace) -> int:
+    from vlp.core.config import validate
     from vlp.train.evals import EVALUATORS, EvalContext
     from vlp.train.weights import load_model
 
@@ -167,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     options = parse_options(args.option)
     if args.data:
         options["data"] = args.data
-    config = evaluator_cls.config_class.model_validate({"type": args.task, **options})
+    config = validate(evaluator_cls.config_class, {"type": args.task, **options}, "vlp eval --option")
     model, run_config = load_model(Path(args.checkpoint))
     out_dir = Path(args.out).parent if args.out else None
     import torch
@@ -289,12 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_command_line(parser, argv)
     try:
         return int(args.func(args) or 0)
-    except bad_input_types() as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        if type(error).__name__ == "ValidationError":  # pydantic: first problem, one line
-            first = error.errors()[0]
-            message = f"{'.'.join(map(str, first['loc'])) or 'option'}: {first['msg']}"
-        print(f"vlp: error: {message}", file=sys.stderr)
+    except VlpInputError as error:  # the user's input: one line, no traceback
+        print(f"vlp: error: {error}", file=sys.stderr)
         return 2
     except SystemExit:
         raise
@@ -312,4 +304,25 @@ def main(argv: list[str] | None = None) -> int:
         if reason is not None:  # a lost node or rank: one line per surviving rank, not a traceback
             print(f"vlp: error: rank {os.environ.get('RANK', '?')}: {reason}", file=sys.stderr, flush=True)
             return 1
-        raise
+        # A bug (or the machine failing), not bad input: the whole traceback, kept in the run folder too.
+        shown = traceback.format_exc()
+        print(shown, end="", file=sys.stderr)
+        kept = keep_traceback(getattr(args, "run_dir", None), shown)
+        where = f"; traceback also in {kept}" if kept else ""
+        print(f"vlp: internal error ({type(error).__name__}){where}", file=sys.stderr, flush=True)
+        return 1
+
+
+def keep_traceback(run_dir: Optional[Path], shown: str) -> Optional[Path]:
+    """Append `shown` (a traceback) to `run_dir/errors.log`, headed by the time and the rank, when
+    the run folder exists; returns that file, or None when there is no run folder to hold it."""
+    if run_dir is None or not Path(run_dir).is_dir():
+        return None
+    log = Path(run_dir) / "errors.log"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        with open(log, "a", encoding="utf-8") as handle:  # ranks append whole entries
+            handle.write(f"--- {stamp} rank {os.environ.get('RANK', '0')}\n{shown}")
+    except OSError:
+        return None
+    return log

@@ -21,6 +21,8 @@ from typing import Literal, Mapping, Optional
 
 import torch
 
+from vlp.core.errors import DeviceError  # noqa: F401 (raised here, imported from here)
+
 DeviceRequest = Literal["auto", "cuda", "cpu"]
 
 # One NCCL rank (helper tests, a single-GPU device check) can run every collective as if the run
@@ -28,10 +30,6 @@ DeviceRequest = Literal["auto", "cuda", "cpu"]
 FORCE_COLLECTIVES_ENV = "VLP_FORCE_COLLECTIVES"
 
 _compute_device: Optional[torch.device] = None  # set by `use_compute_device` (the run's own choice)
-
-
-class DeviceError(ValueError):
-    """The asked-for device is not there (exit code 2 at the CLI, one line naming the reason)."""
 
 
 def force_collectives() -> bool:

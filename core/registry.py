@@ -16,6 +16,8 @@ import pkgutil
 import typing
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from vlp.core.errors import UnknownName
+
 T = TypeVar("T")
 
 
@@ -57,8 +59,8 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         try:
             return self._entries[name]
-        except KeyError:
-            raise KeyError(
+        except KeyError:  # a name the user wrote (config, command line): an input error, exit 2
+            raise UnknownName(
                 f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}.{nearest(name, self.names())}"
             ) from None
 

@@ -7,13 +7,14 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from vlp.core.config import Strict
+from vlp.core.errors import ConfigError
 
 
 def refuse_shell_urls(spec: str, where: str = "", hint: str = "set data.allow_pipe_urls: true to allow them") -> str:
     """webdataset runs `pipe:CMD` shard URLs through a shell; a config must opt in to that."""
     if any(part.strip().startswith("pipe:") for part in spec.split("::")):
         prefix = f"{where}: " if where else ""
-        raise ValueError(f"{prefix}'pipe:' URLs run shell commands; {hint}")
+        raise ConfigError(f"{prefix}'pipe:' URLs run shell commands; {hint}")
     return spec
 
 

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from vlp.core.errors import DataError
+
 
 def _encode(value: Any) -> bytes:
     if isinstance(value, bytes):
@@ -76,7 +78,7 @@ def write_shards(
                 count = 0
             key = str(sample["__key__"])
             if "/" in key or "." in key or not key:
-                raise ValueError(f"sample key {key!r} must be non-empty, without '/' or '.'")
+                raise DataError(f"sample key {key!r} must be non-empty, without '/' or '.'")
             for ext, value in sample.items():
                 if ext.startswith("__"):
                     continue

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from vlp.core.errors import ExportError  # noqa: F401 (raised here, imported from here)
 from vlp.core.registry import Registry
 from vlp.models.config import ModelConfig
 from vlp.models.dual_encoder import scoring_head
@@ -68,10 +69,6 @@ def tower_class(tower_config: Any) -> type:
 
 # Every export folder holds this card beside the format's own files (`export.export_model`).
 MODEL_CARD = "model_card.json"
-
-
-class ExportError(ValueError):
-    """Bad export input (exit code 2)."""
 
 
 def sha256(path: Path) -> str:

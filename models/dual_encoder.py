@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlp.core.errors import ConfigError
 from vlp.models.config import ModelConfig
 from vlp.models.objective import Objective
 from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
@@ -33,7 +34,7 @@ class VLPModel(nn.Module):
         # some head reads its outputs.
         self.masking_heads = [head for head in self.objective.heads.values() if "visible_image_tokens" in head.needs]
         if len(self.masking_heads) > 1:
-            raise ValueError("model.heads: at most one head may need the masked pass (visible_image_tokens)")
+            raise ConfigError("model.heads: at most one head may need the masked pass (visible_image_tokens)")
         reads = set(self.objective.needs) | set(self.objective.gathered_keys)
         self.needs_full_image = not self.masking_heads or bool(reads & {"image_embed", "image_tokens", "image_normed"})
         if config.open_clip is not None:
@@ -108,7 +109,7 @@ class VLPModel(nn.Module):
                 continue
             ids = getattr(self, tower_name).layer_ids()
             if not ids:
-                raise ValueError(f"train.layer_decay.{tower_name}: the {type(getattr(self, tower_name)).__name__} "
+                raise ConfigError(f"train.layer_decay.{tower_name}: the {type(getattr(self, tower_name)).__name__} "
                                  "tower does not say its layers (layer_ids)")
             top = max(ids.values())
             scales.update({f"{tower_name}.{n}": decay ** (top - d) for n, d in ids.items()})

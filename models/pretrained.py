@@ -29,11 +29,9 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from vlp.core.errors import PretrainedError  # noqa: F401 (raised here, imported from here)
+
 log = logging.getLogger("vlp.pretrained")
-
-
-class PretrainedError(ValueError):
-    """Weights that cannot be found offline or do not fit the model (exit code 2 at the CLI)."""
 
 
 # ------------------------------------------------------------------------------ offline

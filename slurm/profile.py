@@ -15,14 +15,11 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from vlp.core.config import Strict
+from vlp.core.errors import SubmitError  # noqa: F401 (raised here, imported from here)
 from vlp.core.registry import nearest
 
 DEFAULT_PROFILE = Path("~/.config/vlp/cluster.yaml")
 PROFILE_ENV = "VLP_CLUSTER_PROFILE"
-
-
-class SubmitError(ValueError):
-    """Bad submission input (profile, option, path); the CLI exits with code 2."""
 
 
 # --- strict patterns for values that land in #SBATCH lines --------------------------------------

@@ -26,6 +26,7 @@ import torch
 
 from vlp.core.collectives import barrier
 from vlp.core.devices import current_compute_device
+from vlp.core.errors import InputNotFound, UnsafeCheckpoint  # noqa: F401 (UnsafeCheckpoint: raised here, imported from here)
 from vlp.data_pipelines.position import read_positions, write_position
 
 LATEST = "latest"
@@ -117,10 +118,6 @@ def verify_safe(tag_dir: Path, recursive: bool = False) -> None:
             raise UnsafeCheckpoint(f"{path}: refused to load ({reason[:300]})") from None
 
 
-class UnsafeCheckpoint(ValueError):
-    """A checkpoint file that holds objects outside the allowlist (exit code 2)."""
-
-
 def latest_tag(directory: Path) -> str | None:
     """The tag `latest` in a checkpoints folder points to, when that checkpoint is complete."""
     pointer = Path(directory) / LATEST
@@ -145,7 +142,7 @@ def resolve_checkpoint(directory: Path, resume: str) -> tuple[Path, str] | None:
             return checkpoints, tag
     if (path / COMPLETE).is_file():
         return path.parent, path.name
-    raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} marker found)")
+    raise InputNotFound(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} marker found)")
 
 
 class Checkpointer:

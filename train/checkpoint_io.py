@@ -16,11 +16,8 @@ from typing import Any, Iterator
 
 import torch
 
+from vlp.core.errors import CheckpointReadError  # noqa: F401 (raised here, imported from here)
 from vlp.train.checkpoint import deepspeed_safe_globals, verify_safe
-
-
-class CheckpointReadError(ValueError):
-    """A checkpoint that cannot or may not be read (exit code 2)."""
 
 
 class _WeightsOnlyTorch:

@@ -13,28 +13,21 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import (
     BaseModel,
     Field,
-    ValidationError,
     create_model,
     field_validator,
     model_validator,
 )
 
-from vlp.core.config import Strict
-from vlp.core.registry import nearest
+from vlp.core.config import Strict, validate
+from vlp.core.errors import ConfigError  # noqa: F401 (raised here, imported from here)
 from vlp.data_pipelines.config import DataConfig
 from vlp.models.config import ModelConfig, registered_model_config, tagged_union
-
-
-class ConfigError(ValueError):
-    """A bad config: the message names the file and dotted key path. The CLI exits with code 2."""
-
-
 
 
 class TrainConfig(Strict):
@@ -137,7 +130,6 @@ class DeepSpeedConfig(Strict):
     fp32_grad_reduce: bool = False
     # Passed through to the DeepSpeed config as is (e.g. offload settings); our keys win.
     extra: dict[str, Any] = Field(default_factory=dict)
-
 
 
 def check_trainable_here(config: ExperimentConfig, source: str) -> None:
@@ -286,91 +278,6 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def _strip(annotation: Any) -> Any:
-    """Unwrap Annotated[...] and Optional[...] down to the annotation that matters."""
-    import typing
-
-    while True:
-        origin = typing.get_origin(annotation)
-        if origin is Annotated:
-            annotation = typing.get_args(annotation)[0]
-        elif _is_union(annotation):
-            members = [a for a in typing.get_args(annotation) if a is not type(None)]
-            if len(members) != 1:
-                return annotation
-            annotation = members[0]
-        else:
-            return annotation
-
-
-def _is_union(annotation: Any) -> bool:
-    import types
-    import typing
-
-    return typing.get_origin(annotation) in (Union, types.UnionType)
-
-
-def _resolve(schema: Any, loc: tuple) -> tuple[list[str], Any]:
-    """Follow a pydantic error location through the schema.
-
-    Returns the user-facing dotted parts (union tags such as `open_clip_vit` dropped) and the
-    annotation reached, so an unknown key can be matched against the valid keys at its level.
-    """
-    import typing
-
-    annotation: Any = schema
-    printed: list[str] = []
-    for part in loc:
-        annotation = _strip(annotation)
-        if _is_union(annotation):
-            members = [_strip(m) for m in typing.get_args(annotation) if m is not type(None)]
-            tagged = [
-                m for m in members
-                if isinstance(m, type) and issubclass(m, BaseModel) and "type" in m.model_fields
-                and m.model_fields["type"].default == part
-            ]
-            annotation = tagged[0] if tagged else None
-            continue  # a union tag, never a key the user wrote
-        printed.append(str(part))
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            field = annotation.model_fields.get(part) if isinstance(part, str) else None
-            annotation = field.annotation if field else None
-        elif typing.get_origin(annotation) in (list, tuple, dict):
-            args = typing.get_args(annotation)
-            annotation = args[-1] if args else None
-        else:
-            annotation = None
-    return printed, _strip(annotation)
-
-
-def _keys_at(annotation: Any) -> list[str]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return list(annotation.model_fields)
-    return []
-
-
-def _format(error: ValidationError, schema: type[BaseModel], source: str) -> str:
-    lines = []
-    for item in error.errors():
-        loc = tuple(item["loc"])
-        printed, _ = _resolve(schema, loc)
-        path = ".".join(printed) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            _, parent = _resolve(schema, loc[:-1])
-            lines.append(f"{source}: {path}: unknown key.{nearest(str(loc[-1]), _keys_at(parent))}")
-        elif item["type"] == "missing":
-            lines.append(f"{source}: {path}: required key is missing")
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            value = item.get("input")
-            if item["type"] == "value_error" and re.match(r"^[a-z_]+(\.[A-Za-z0-9_]+)+[ =:]", message):
-                lines.append(f"{source}: {message}")  # the validator already names the key path(s)
-                continue
-            shown = f" (got {value!r})" if not isinstance(value, (dict, list)) and item["type"] != "value_error" else ""
-            lines.append(f"{source}: {path}: {message}{shown}")
-    return "\n".join(lines)
-
-
 class _SafeLoader(yaml.SafeLoader):
     """SafeLoader that also refuses duplicate keys (a silent override is a config bug)."""
 
@@ -414,11 +321,7 @@ def load_config(
     tree = read_yaml(path) if tree is None else tree
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
-    schema = experiment_class()
-    try:
-        return schema.model_validate(tree)
-    except ValidationError as error:
-        raise ConfigError(_format(error, schema, source)) from None
+    return validate(experiment_class(), tree, source)
 
 
 def dump_config(config: BaseModel) -> str:

