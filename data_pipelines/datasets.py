@@ -44,6 +44,12 @@ class ShardSource:
     sizes: dict[str, int]
 
 
+def shard_counts(sources: list[ShardSource]) -> list[list[int]]:
+    """Samples per shard of each source, in its `urls` order: the table the deal
+    (`vlp.data_pipelines.position`) and the position digest read."""
+    return [[source.sizes[url] for url in source.urls] for source in sources]
+
+
 @dataclass
 class TrainDataset(IterableDataset):
     """The batches of one rank in `epoch`; each DataLoader worker yields the batches of its role
@@ -83,8 +89,7 @@ class TrainDataset(IterableDataset):
         if self.mode == "resampled":
             return fresh_resampled_slot(len(self.sources), self.seed, self.epoch, self.rank, role,
                                         world_size=self.world_size)
-        sizes = [[source.sizes[url] for url in source.urls] for source in self.sources]
-        return fresh_slot(sizes, self.seed, self.epoch, self.rank, self.world_size, self.workers, role)
+        return fresh_slot(shard_counts(self.sources), self.seed, self.epoch, self.rank, self.world_size, self.workers, role)
 
     def __iter__(self) -> Iterator[dict]:
         if self.shared_epoch is not None:
@@ -105,7 +110,7 @@ class TrainDataset(IterableDataset):
             if count <= 0:
                 return
         if self.mode == "epoch" and self.starts is None:
-            sizes = [[source.sizes[url] for url in source.urls] for source in self.sources]
+            sizes = shard_counts(self.sources)
             for index, (source, state) in enumerate(zip(self.sources, start["sources"])):
                 if sum(piece_count(piece, sizes[index]) for piece in state["pieces"]) == 0:
                     yield error_marker(f"rank {self.rank} worker {role} has no samples of {source.urls[0]}...: "

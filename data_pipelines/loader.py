@@ -70,7 +70,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from vlp.data_pipelines.collate import SamplePipeline
 from vlp.data_pipelines.config import DataConfig
-from vlp.data_pipelines.datasets import EvalDataset, ShardSource, TrainDataset
+from vlp.data_pipelines.datasets import EvalDataset, ShardSource, TrainDataset, shard_counts
 from vlp.data_pipelines.errors import DataError
 from vlp.data_pipelines.gpu_decode import check_gpu_decode
 from vlp.data_pipelines.position import POSITION_FILE, VERSION, fresh_resampled_slot, redeal, sources_digest
@@ -196,10 +196,9 @@ class TrainLoader:
         what = f"{old[0]} ranks x {old[1]} workers, batch {old[2]}, buffer {old[3]} -> " \
                f"{layout[0]} x {layout[1]}, batch {layout[2]}, buffer {layout[3]}"
         if dataset.mode == "epoch":
-            sizes = [[source.sizes[url] for url in source.urls] for source in dataset.sources]
-            self._restored, note = redeal(states, sizes, seed=dataset.seed, world_size=dataset.world_size,
-                                          workers=dataset.workers, batch_size=dataset.pipeline.batch_size,
-                                          rank=dataset.rank)
+            self._restored, note = redeal(states, shard_counts(dataset.sources), seed=dataset.seed,
+                                          world_size=dataset.world_size, workers=dataset.workers,
+                                          batch_size=dataset.pipeline.batch_size, rank=dataset.rank)
             message = (f"data order changed: resumed on another layout ({what}); the rest of epoch "
                        f"{note['epoch']} ({note['samples_left']} samples) is dealt again, each read once, "
                        f"{note['batches_per_rank']} batches per rank, {note['dropped']} dropped (under one global batch)")
@@ -222,8 +221,7 @@ class TrainLoader:
 
     def _digest(self) -> str:
         sources = self._dataset.sources
-        return sources_digest([source.urls for source in sources],
-                              [[source.sizes[url] for url in source.urls] for source in sources])
+        return sources_digest([source.urls for source in sources], shard_counts(sources))
 
 
 def _data_loader(dataset: IterableDataset, workers: int, persistent: bool = False) -> DataLoader:
