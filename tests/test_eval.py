@@ -244,7 +244,7 @@ def test_clip_benchmark_name_files(tmp_path, digits_dir):
     for data in (wds / "test" / "0.tar", wds):  # a shard, or the clip_benchmark folder itself
         names, templates = resolve_names(ZeroShotConfig(data=str(data)))
         assert names[0] == "zero" and templates[0] == "a photo of the number {c}."
-    from vlp.train.evals.common import resolve_shard_spec
+    from vlp.train.evals.harness import resolve_shard_spec
 
     assert resolve_shard_spec(str(wds)) == str(wds / "test" / "0.tar")
     with pytest.raises(KeyError, match="needs `dataset`"):

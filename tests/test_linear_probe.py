@@ -19,7 +19,8 @@ from test_export import model_from_tree, numpy2_safe_accuracy, tiny_tree
 from vlp.data_pipelines.errors import DataError
 from vlp.data_pipelines.image_folder import ImageFolder, is_image_folder
 from vlp.train.evals import EVALUATORS, EvalContext
-from vlp.train.evals.common import load_template_sets, resolve_eval_source
+from vlp.train.evals.common import load_template_sets
+from vlp.train.evals.harness import resolve_eval_source
 from vlp.train.evals.linear_probe import LinearProbeConfig, choose_c, k_shot, linear_probe, split_train
 from vlp.export import export_model
 

@@ -9,18 +9,15 @@ with collectives, so no rank idles in a barrier while rank 0 works alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
-import torch
 from pydantic import Field, field_validator
 
 from vlp.core.config import Strict
 from vlp.core.registry import Registry
+from vlp.train.evals.harness import EvalContext, EvalSource, Rows, evaluate, resolve_eval_source
 
-if TYPE_CHECKING:
-    from vlp.train.evals.common import EvalSource
-    from vlp.train.evals.harness import Rows
+__all__ = ["EVALUATORS", "EvalConfig", "EvalContext", "EvalExample", "Evaluator", "Rows"]
 
 
 class EvalConfig(Strict):
@@ -42,16 +39,6 @@ class EvalConfig(Strict):
         return refuse_shell_urls(value, hint="copy evaluation shards to a path") if value else value
 
 
-@dataclass
-class EvalContext:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32
-    out_dir: Optional[Path] = None  # where evaluators put PNGs; None: no files
-    step: int = 0
-
-
 class Evaluator:
     """What one evaluation computes. `run` is the harness (`harness.evaluate`): `prepare`, then
     `per_batch` over this rank's batches of `source()`, then `reduce` of this rank's rows.
@@ -67,10 +54,8 @@ class Evaluator:
     def __init__(self, config: EvalConfig) -> None:
         self.config = config
 
-    def source(self) -> Optional["EvalSource"]:
+    def source(self) -> Optional[EvalSource]:
         """Where the samples come from (None: no data, `per_batch` is never called)."""
-        from vlp.train.evals.common import resolve_eval_source
-
         return resolve_eval_source(self.config.data) if self.config.data else None
 
     def preprocess(self, model: Any) -> Callable:
@@ -80,20 +65,18 @@ class Evaluator:
     def prepare(self, model: Any, context: EvalContext) -> None:
         """State every batch shares (e.g. class embeddings); the same forwards on every rank."""
 
-    def per_batch(self, model: Any, batch: dict) -> "Rows":  # pragma: no cover
+    def per_batch(self, model: Any, batch: dict) -> Rows:  # pragma: no cover
         """One batch (its "image" on the device in the eval dtype) -> rows: tensors or lists
         whose first dimension is the batch's samples (or pairs). Runs exactly the forwards of
         `towers`."""
         raise NotImplementedError
 
-    def reduce(self, rows: "Rows", model: Any, context: EvalContext) -> dict[str, float]:  # pragma: no cover
+    def reduce(self, rows: Rows, model: Any, context: EvalContext) -> dict[str, float]:  # pragma: no cover
         """This rank's rows (empty on a rank with no batches) -> metrics, equal on every rank
         (`harness.gather_rows`, `all_reduce_sum`)."""
         raise NotImplementedError
 
     def run(self, model: Any, context: EvalContext) -> dict[str, float]:
-        from vlp.train.evals.harness import evaluate
-
         return evaluate(self, model, context)
 
 

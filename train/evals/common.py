@@ -1,26 +1,18 @@
-"""Helpers shared by evaluators: the scoring head, batched class embeddings, frozen image
-features, where the evaluation samples come from (shards or an image-folder tree) and named template sets."""
+"""Helpers shared by evaluators: batched text and class embeddings, frozen image features (read
+through the harness) and named template sets. Where samples come from (`EvalSource`) is the
+harness's; the scoring head is the models layer's (`vlp.models.dual_encoder.scoring_head`)."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 
-from vlp.data_pipelines.image_folder import ImageFolder, split_root
-
-
-def scoring_head(model: Any) -> Any:
-    """The head whose geometry scores zero-shot and retrieval: the first (in config order) that
-    declares `scores_embeddings` (cosine by default, a head's own geometry where it overrides
-    `pairwise_scores`)."""
-    for head in model.objective.heads.values():
-        if head.scores_embeddings:
-            return head
-    return next(iter(model.objective.heads.values()))
+from vlp.data_pipelines.errors import DataError
+from vlp.models.dual_encoder import scoring_head
+from vlp.train.evals.harness import EvalContext, EvalSource, eval_batches, evaluating, gather_rows, run_batches
 
 
 def encode_texts(model: Any, texts: list[str], device: torch.device, batch_size: int = 256) -> torch.Tensor:
@@ -44,67 +36,12 @@ def class_embeddings(
     return scoring_head(model).prompt_ensemble(embeds)
 
 
-def resolve_shard_spec(spec: str, split: str = "test") -> str:
-    """A shard spec as given, or for a folder: clip_benchmark's webdataset layout
-    (`DIR/{split}/nshards.txt` + `DIR/{split}/{0..n-1}.tar`), else every `*.tar` in it."""
-    from pathlib import Path
-
-    from vlp.data_pipelines.errors import DataError
-
-    folder = Path(spec)
-    if not folder.is_dir():
-        return spec
-    nshards = folder / split / "nshards.txt"
-    if nshards.is_file():
-        count = int(nshards.read_text().strip())
-        return str(folder / split / f"{{0..{count - 1}}}.tar") if count > 1 else str(folder / split / "0.tar")
-    tars = sorted(str(path) for path in folder.glob("*.tar"))
-    if not tars:
-        raise DataError(f"{folder}: no {split}/nshards.txt (clip_benchmark layout) and no .tar shards")
-    return "::".join(tars)
-
-
-# ------------------------------------------------------------------ evaluation inputs
-@dataclass
-class EvalSource:
-    """Where an evaluator's samples come from: webdataset shards (a spec, a folder of `*.tar`,
-    clip_benchmark's `DIR/{split}/nshards.txt` layout) or an image-folder tree (one folder per
-    class, `data_pipelines/image_folder.py`).
-
-    folders: where `classnames.txt` / `zeroshot_classification_templates.txt` may lie (beside
-    the shards and one level up, or the tree's root and its parent); classnames: the tree's
-    class folders (None for shards: labels are the shards' `.cls`)."""
-
-    spec: str
-    image_folder: Optional[ImageFolder] = None
-    folders: tuple[Path, ...] = ()
-
-    @property
-    def classnames(self) -> Optional[list[str]]:
-        return self.image_folder.classnames if self.image_folder is not None else None
-
-
-def resolve_eval_source(spec: str, split: str = "test") -> EvalSource:
-    """`spec` as an image-folder tree (`spec/split/<class>/` or `spec/<class>/`) when it is one,
-    else as shards (`resolve_shard_spec`)."""
-    from vlp.train.data import expand_urls
-
-    root = split_root(spec, split) if Path(spec).is_dir() else None
-    if root is not None:
-        return EvalSource(spec=str(root), image_folder=ImageFolder.read(root), folders=(root, root.parent))
-    shards = resolve_shard_spec(spec, split)
-    shard_folder = Path(expand_urls(shards)[0]).parent
-    return EvalSource(spec=shards, folders=(shard_folder, shard_folder.parent))
-
-
-def image_features(model: Any, source: EvalSource, context: Any, *, batch_size: int, workers: int = 0,
+def image_features(model: Any, source: EvalSource, context: EvalContext, *, batch_size: int, workers: int = 0,
                    normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Frozen image features (N, E) fp32 (L2-normalised unless `normalize=False`), labels (N,)
     and sample keys of every sample of `source`, sorted by key (so the order, and whatever is
     drawn from it, does not depend on the world size), on the CPU. Through the harness: every
     rank reads its share, the rows are gathered."""
-    from vlp.data_pipelines.errors import DataError
-    from vlp.train.evals.harness import eval_batches, evaluating, gather_rows, run_batches
 
     def per_batch(model: Any, batch: dict) -> dict:
         if (batch["label"] < 0).any():

@@ -27,8 +27,9 @@ from pydantic import Field
 from vlp.core.collectives import all_reduce_sum
 from vlp.data_pipelines.sources.ct_rate import CT_RATE_ABNORMALITIES
 from vlp.models.heads.ct_align import patch_scores
+from vlp.models.dual_encoder import scoring_head
 from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
-from vlp.train.evals.common import encode_texts, scoring_head
+from vlp.train.evals.common import encode_texts
 from vlp.train.evals.harness import gather_rows
 
 

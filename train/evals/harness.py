@@ -14,22 +14,86 @@ An evaluator says what it computes per batch and how it reduces (`Evaluator.per_
    the evaluator's batches use (`Evaluator.towers`) until every rank is done;
 5. `reduce(rows, model, context)` with this rank's rows concatenated; `gather_rows` gives every
    rank's rows in rank order, the sums are `all_reduce_sum`'s.
+
+The harness sits below the evaluator contract (`base.py`), which imports it: it knows an
+evaluator only as the `Evaluation` it is handed, and owns the types every evaluator shares
+(`EvalContext`, `Rows`, `EvalSource`).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
 
 from vlp.core.collectives import all_reduce_max, gather_objects
-
-if TYPE_CHECKING:
-    from vlp.train.evals.base import EvalContext, Evaluator
-    from vlp.train.evals.common import EvalSource
+from vlp.data_pipelines.errors import DataError
+from vlp.data_pipelines.image_folder import ImageFolder, split_root
+from vlp.data_pipelines.sharding import expand_urls
 
 Rows = dict[str, Any]  # name -> a tensor (N, ...) or a list of N items
+
+
+@dataclass
+class EvalContext:
+    """Where one evaluation runs: this rank of `world_size`, its device and the eval dtype of
+    image inputs, where evaluators put PNGs (None: no files) and the training step."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    out_dir: Optional[Path] = None
+    step: int = 0
+
+
+def resolve_shard_spec(spec: str, split: str = "test") -> str:
+    """A shard spec as given, or for a folder: clip_benchmark's webdataset layout
+    (`DIR/{split}/nshards.txt` + `DIR/{split}/{0..n-1}.tar`), else every `*.tar` in it."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        return spec
+    nshards = folder / split / "nshards.txt"
+    if nshards.is_file():
+        count = int(nshards.read_text().strip())
+        return str(folder / split / f"{{0..{count - 1}}}.tar") if count > 1 else str(folder / split / "0.tar")
+    tars = sorted(str(path) for path in folder.glob("*.tar"))
+    if not tars:
+        raise DataError(f"{folder}: no {split}/nshards.txt (clip_benchmark layout) and no .tar shards")
+    return "::".join(tars)
+
+
+@dataclass
+class EvalSource:
+    """Where an evaluator's samples come from: webdataset shards (a spec, a folder of `*.tar`,
+    clip_benchmark's `DIR/{split}/nshards.txt` layout) or an image-folder tree (one folder per
+    class, `data_pipelines/image_folder.py`).
+
+    folders: where `classnames.txt` / `zeroshot_classification_templates.txt` may lie (beside
+    the shards and one level up, or the tree's root and its parent); classnames: the tree's
+    class folders (None for shards: labels are the shards' `.cls`)."""
+
+    spec: str
+    image_folder: Optional[ImageFolder] = None
+    folders: tuple[Path, ...] = ()
+
+    @property
+    def classnames(self) -> Optional[list[str]]:
+        return self.image_folder.classnames if self.image_folder is not None else None
+
+
+def resolve_eval_source(spec: str, split: str = "test") -> EvalSource:
+    """`spec` as an image-folder tree (`spec/split/<class>/` or `spec/<class>/`) when it is one,
+    else as shards (`resolve_shard_spec`)."""
+    root = split_root(spec, split) if Path(spec).is_dir() else None
+    if root is not None:
+        return EvalSource(spec=str(root), image_folder=ImageFolder.read(root), folders=(root, root.parent))
+    shards = resolve_shard_spec(spec, split)
+    shard_folder = Path(expand_urls(shards)[0]).parent
+    return EvalSource(spec=shards, folders=(shard_folder, shard_folder.parent))
 
 
 @contextmanager
@@ -96,7 +160,7 @@ def encode_texts_lockstep(model: Any, texts: list[str], device: torch.device, in
     return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim, device=device)
 
 
-def eval_batches(source: "EvalSource", model: Any, *, batch_size: int, rank: int = 0, world_size: int = 1,
+def eval_batches(source: EvalSource, model: Any, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  workers: int = 0, preprocess: Optional[Callable] = None) -> Iterable[dict]:
     """This rank's eval batches of `source` (shards dealt over ranks, or an image-folder tree),
     preprocessed by `preprocess` (default: the image tower's eval preprocess)."""
@@ -111,7 +175,7 @@ def eval_batches(source: "EvalSource", model: Any, *, batch_size: int, rank: int
                              rank=rank, world_size=world_size, workers=workers)
 
 
-def on_device(batch: dict, context: "EvalContext") -> dict:
+def on_device(batch: dict, context: EvalContext) -> dict:
     """The batch with "image" on the rank's device in its dtype and "text" on the device; the
     rest (labels, keys, captions, meta) stays where the loader put it."""
     moved = dict(batch)
@@ -142,7 +206,7 @@ def gather_rows(rows: Rows, names: Optional[Iterable[str]] = None) -> Rows:
 
 
 def run_batches(per_batch: Callable[[Any, dict], Rows], towers: tuple[str, ...], model: Any,
-                batches: Iterable[dict], context: "EvalContext") -> Rows:
+                batches: Iterable[dict], context: EvalContext) -> Rows:
     """`per_batch(model, batch)` over `batches` (in lockstep under ZeRO-3, a rank out of batches
     running one throwaway forward of each of `towers`) -> this rank's rows."""
     idle = idle_forwards(model, towers, context.device, context.dtype)
@@ -151,7 +215,21 @@ def run_batches(per_batch: Callable[[Any, dict], Rows], towers: tuple[str, ...],
     return concat_rows(parts)
 
 
-def evaluate(evaluator: "Evaluator", model: Any, context: "EvalContext") -> dict[str, float]:
+class Evaluation(Protocol):
+    """What `evaluate` asks of an evaluator (`base.Evaluator` is the one in vlp): its batch size and
+    loader workers, the towers one `per_batch` runs, and the steps of `Evaluator`'s docstring."""
+
+    towers: tuple[str, ...]
+    config: Any  # an EvalConfig: batch_size, workers
+
+    def source(self) -> Optional[EvalSource]: ...
+    def preprocess(self, model: Any) -> Callable: ...
+    def prepare(self, model: Any, context: EvalContext) -> None: ...
+    def per_batch(self, model: Any, batch: dict) -> Rows: ...
+    def reduce(self, rows: Rows, model: Any, context: EvalContext) -> dict[str, float]: ...
+
+
+def evaluate(evaluator: Evaluation, model: Any, context: EvalContext) -> dict[str, float]:
     """One evaluation: eval mode, `prepare`, this rank's batches through `per_batch`, `reduce`."""
     model = getattr(model, "module", model)
     with evaluating(model):

@@ -32,7 +32,8 @@ from pydantic import Field, field_validator
 
 from vlp.data_pipelines.errors import DataError
 from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
-from vlp.train.evals.common import EvalSource, image_features, resolve_eval_source
+from vlp.train.evals.common import image_features
+from vlp.train.evals.harness import EvalSource, resolve_eval_source
 
 # clip_benchmark's sweep: 97 log-spaced values, 7 of them (every 16th) for the coarse pass.
 GRID_POINTS, COARSE_EVERY = 97, 16

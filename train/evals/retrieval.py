@@ -45,8 +45,8 @@ from torch import Tensor
 
 from vlp.core.collectives import all_gather_rows, all_reduce_max, all_reduce_sum
 from vlp.data_pipelines.errors import DataError
+from vlp.models.dual_encoder import scoring_head
 from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
-from vlp.train.evals.common import scoring_head
 from vlp.train.evals.harness import encode_texts_lockstep, zero3_partitioned
 
 # (queries (q,), keys (k,)) index tensors -> (q, k) scores; positive masks take broadcasting

@@ -27,14 +27,10 @@ from pydantic import Field
 
 from vlp.core.collectives import all_reduce_sum
 from vlp.data_pipelines.errors import DataError
+from vlp.models.dual_encoder import scoring_head
 from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
-from vlp.train.evals.common import (
-    class_embeddings,
-    encode_texts,
-    load_template_sets,
-    resolve_eval_source,
-    scoring_head,
-)
+from vlp.train.evals.common import class_embeddings, encode_texts, load_template_sets
+from vlp.train.evals.harness import resolve_eval_source
 
 DEFAULT_TEMPLATES = ["a photo of a {c}."]
 
