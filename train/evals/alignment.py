@@ -72,7 +72,7 @@ def plot_history(history: dict[int, dict[str, float]], prefix: str, out_png: Pat
     plt.close(fig)
 
 
-@EVALUATORS.register("alignment")
+@EVALUATORS.register_by_type
 class Alignment(Evaluator):
     config_class = AlignmentConfig
     config: AlignmentConfig

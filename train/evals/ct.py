@@ -88,7 +88,7 @@ def auroc_per_class(probabilities: np.ndarray, labels: np.ndarray, names: list[s
     return out
 
 
-@EVALUATORS.register("ct")
+@EVALUATORS.register_by_type
 class CtEvaluator(Evaluator):
     config_class = CtEvalConfig
     config: CtEvalConfig

@@ -173,7 +173,7 @@ def _write_grid(grid: list[dict], model: Any, context: EvalContext, method: str)
     plt.close(figure)
 
 
-@EVALUATORS.register("grounding")
+@EVALUATORS.register_by_type
 class Grounding(Evaluator):
     config_class = GroundingConfig
     config: GroundingConfig

@@ -113,7 +113,7 @@ def _plot(tangent: torch.Tensor, radius: torch.Tensor, num_generic: int, caption
     plt.close(fig)
 
 
-@EVALUATORS.register("hierarchy")
+@EVALUATORS.register_by_type
 class HierarchyEval(Evaluator):
     config_class = HierarchyEvalConfig
     example = EvalExample(split=None, heads=("meru",))

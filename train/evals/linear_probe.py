@@ -164,7 +164,7 @@ def probe_sources(config: LinearProbeConfig) -> tuple[EvalSource, EvalSource]:
     return resolve_eval_source(config.train_data or config.data, "train"), resolve_eval_source(config.data, "test")
 
 
-@EVALUATORS.register("linear_probe")
+@EVALUATORS.register_by_type
 class LinearProbe(Evaluator):
     config_class = LinearProbeConfig
     config: LinearProbeConfig

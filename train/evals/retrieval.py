@@ -293,7 +293,7 @@ def retrieval_ranks(
     return i2t, t2i
 
 
-@EVALUATORS.register("retrieval")
+@EVALUATORS.register_by_type
 class Retrieval(Evaluator):
     config_class = RetrievalConfig
     config: RetrievalConfig

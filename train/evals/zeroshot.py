@@ -131,7 +131,7 @@ def plot_prefix_accuracy(results: dict[str, float], metric: str, out_png: Path, 
     return out_png
 
 
-@EVALUATORS.register("zeroshot")
+@EVALUATORS.register_by_type
 class ZeroShot(Evaluator):
     config_class = ZeroShotConfig
     config: ZeroShotConfig
