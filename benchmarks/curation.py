@@ -12,7 +12,7 @@ What it builds (offline, under --data, reused by a later run with the same optio
                        near_duplicate (a copy shifted one pixel, re-encoded)
     runs/scoring-separate, runs/scoring-bootstrap   the demo model trained on scoring/ (a
                        separate split) and on noisy/ itself (bootstrapped)
-    emb-{case}/, curated-{case}/   vlp embed and vlp curate (configs/curate_digits.yaml)
+    emb-{case}/, curated-{case}/   vlp embed and vlp curate (configs/curate/digits.yaml)
 
 Per case it reports, per drop reason ("filters"): how many it dropped, its precision (the
 fraction of them that is planted noise) and how its drops split over the planted kinds and
@@ -223,7 +223,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--steps", type=int, default=400, help="scoring model's training steps")
     parser.add_argument("--cases", default="separate,bootstrap")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "curate_digits.yaml"))
+    parser.add_argument("--config", default=str(ROOT / "configs" / "curate" / "digits.yaml"))
     parser.add_argument("--seed", type=int, default=0)
     for kind, default in zip(KINDS, (0.2, 0.05, 0.03, 0.05, 0.05)):
         parser.add_argument(f"--{kind.replace('_', '-')}", type=float, default=default, help=f"fraction of the pool ({default})")

@@ -146,8 +146,9 @@ def test_config_errors_name_the_dotted_key(tmp_path):
 
 
 def test_repo_curate_configs_validate():
-    root = Path(__file__).resolve().parents[1] / "configs"
-    found = sorted(root.glob("curate_*.yaml"))
+    # configs/curate/, not configs/: tests/test_config.py reads every configs/*.yaml as an experiment.
+    root = Path(__file__).resolve().parents[1] / "configs" / "curate"
+    found = sorted(root.glob("*.yaml"))
     assert found
     for path in found:
         load_curate_config(path)
