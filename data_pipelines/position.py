@@ -1,7 +1,7 @@
 """The training loader's position as plain data: what each reading slot has read, so a resume
 seeks there instead of reading and discarding every sample before it.
 
-A reading slot (one rank x worker role) reads, per source, a list of *pieces*: `[url index,
+A reading slot (one rank x worker role) reads, per source, a list of *pieces*: `[shard index,
 start, stop, step]` names the samples `start, start + step, ...` below `stop` of one shard
 (`stop` -1: to the shard's end), sample indices counted as `tar_reader.read_shard` counts them.
 A slot's whole state after each batch is:
@@ -11,7 +11,7 @@ A slot's whole state after each batch is:
      "mix" (mixing RNG state or None), "pending" (the source drawn for the next sample),
      "sources": [per source: {"seed" (RNG seed prefix), "cycle", "pieces", "piece" (the one being
        read), "next" (next sample index in its shard), "good" (samples read this cycle),
-       "buffer" ([url index, sample index] per buffered sample: by reference, not bytes),
+       "buffer" ([shard index, sample index] per buffered sample: by reference, not bytes),
        "draining" (input done, buffer being emptied), "rng" (random.Random.getstate())}]}
 
 Resampled mode is the same with one piece at a time, drawn by the source's RNG.
@@ -50,8 +50,8 @@ def rng_from(state: list) -> random.Random:
 
 
 def piece_count(piece: list[int], sizes: list[int]) -> int:
-    url, start, stop, step = piece
-    return len(range(start, sizes[url] if stop < 0 else stop, step))
+    shard, start, stop, step = piece
+    return len(range(start, sizes[shard] if stop < 0 else stop, step))
 
 
 def sources_digest(urls: list[list[str]], sizes: list[list[int]]) -> str:
@@ -72,11 +72,11 @@ def epoch_pieces(sizes: list[int], seed: int, epoch: int, index: int, slot: int,
     order = list(range(len(sizes)))
     random.Random(stable_seed("shards", seed, epoch, index)).shuffle(order)
     if len(order) >= slots:
-        return [[url, 0, -1, 1] for url in order[slot::slots]]
+        return [[shard, 0, -1, 1] for shard in order[slot::slots]]
     pieces, offset = [], 0
-    for url in order:
-        pieces.append([url, (slot - offset) % slots, -1, slots])
-        offset += sizes[url]
+    for shard in order:
+        pieces.append([shard, (slot - offset) % slots, -1, slots])
+        offset += sizes[shard]
     return pieces
 
 
@@ -115,22 +115,22 @@ class SourceCursor:
         self.good = state["good"]
         self.draining = state["draining"]
         self.rng = rng_from(state["rng"])
-        self.buffer = self._fetch(state["buffer"])  # [((url, index), sample)]
+        self.buffer = self._fetch(state["buffer"])  # [((shard, index), sample)]
         self._reader = None
 
     def _fetch(self, refs: list[list[int]]) -> list[tuple[tuple[int, int], dict]]:
         """Re-read buffered samples by reference: one header index (or stream) per shard."""
         wanted: dict[int, list[int]] = defaultdict(list)
-        for url, index in refs:
-            wanted[url].append(index)
-        found = {url: read_picked(self.urls[url], indices) for url, indices in wanted.items()}
+        for shard, index in refs:
+            wanted[shard].append(index)
+        found = {shard: read_picked(self.urls[shard], indices) for shard, indices in wanted.items()}
         buffer = []
-        for url, index in refs:
-            sample = found[url].get(index)
+        for shard, index in refs:
+            sample = found[shard].get(index)
             if sample is None:
-                raise DataError(f"{self.urls[url]} no longer holds sample {index}, which the checkpoint's "
+                raise DataError(f"{self.urls[shard]} no longer holds sample {index}, which the checkpoint's "
                                 f"shuffle buffer refers to: the shard changed since the checkpoint")
-            buffer.append(((url, index), sample))
+            buffer.append(((shard, index), sample))
         return buffer
 
     def state(self) -> dict:
@@ -175,15 +175,15 @@ class SourceCursor:
         self.next = self.pieces[0][1] if self.pieces else 0
 
     def _read(self):
-        """The next ((url, index), sample) of the input, a bad-shard marker, or None when done."""
+        """The next ((shard, index), sample) of the input, a bad-shard marker, or None when done."""
         while True:
             if self._reader is None:
                 if self.resampled and self.piece >= len(self.pieces):
                     self.pieces, self.piece, self.next = [[self.rng.choice(range(len(self.urls))), 0, -1, 1]], 0, 0
                 if self.piece >= len(self.pieces):
                     return None
-                url, _, stop, step = self.pieces[self.piece]
-                self._reader = read_samples(self.urls[url], self.next, None if stop < 0 else stop, step)
+                shard, _, stop, step = self.pieces[self.piece]
+                self._reader = read_samples(self.urls[shard], self.next, None if stop < 0 else stop, step)
             got = next(self._reader, None)
             if got is None or got[0] < 0:  # the piece is done (a damaged shard ends it with a marker)
                 self._reader = None
@@ -193,10 +193,10 @@ class SourceCursor:
                     continue
                 return got[1]
             index, sample = got
-            url, _, _, step = self.pieces[self.piece]
+            shard, _, _, step = self.pieces[self.piece]
             self.next = index + step
             self.good += 1
-            return (url, index), sample
+            return (shard, index), sample
 
 
 class SlotStream:
@@ -239,25 +239,25 @@ def remaining_pieces(state: dict, sizes: list[int]) -> list[list[int]]:
     shard it is in, its shards not yet begun. Nothing once it cycles (everything was read once)."""
     if state["cycle"] > 0:
         return []
-    rest = [[url, index, index + 1, 1] for url, index in state["buffer"]]
+    rest = [[shard, index, index + 1, 1] for shard, index in state["buffer"]]
     for position in range(state["piece"], len(state["pieces"])):
-        url, start, stop, step = state["pieces"][position]
-        stop = sizes[url] if stop < 0 else stop
+        shard, start, stop, step = state["pieces"][position]
+        stop = sizes[shard] if stop < 0 else stop
         first = state["next"] if position == state["piece"] else start
         if first < stop:
-            rest.append([url, first, stop, step])
+            rest.append([shard, first, stop, step])
     return rest
 
 
 def take(pieces: list[list[int]], sizes: list[int], begin: int, end: int) -> list[list[int]]:
     """Samples `begin` to `end` (counted along `pieces`), as pieces."""
     out, offset = [], 0
-    for url, start, stop, step in pieces:
-        stop = sizes[url] if stop < 0 else stop
+    for shard, start, stop, step in pieces:
+        stop = sizes[shard] if stop < 0 else stop
         count = len(range(start, stop, step))
         lo, hi = max(begin - offset, 0), min(end - offset, count)
         if lo < hi:
-            out.append([url, start + lo * step, start + hi * step, step])
+            out.append([shard, start + lo * step, start + hi * step, step])
         offset += count
         if offset >= end:
             break
