@@ -93,6 +93,8 @@ def keys_at(annotation: Any) -> list[str]:
 
 
 def format_validation_error(error: ValidationError, schema: type[BaseModel], source: str) -> str:
+    """One line per problem: `source: dotted.key.path: what is wrong`, with the nearest valid
+    key for an unknown key and the nearest valid name for an unknown tower/evaluator/format."""
     lines = []
     for item in error.errors():
         loc = tuple(item["loc"])
@@ -103,6 +105,12 @@ def format_validation_error(error: ValidationError, schema: type[BaseModel], sou
             lines.append(f"{source}: {path}: unknown key.{nearest(str(loc[-1]), keys_at(parent))}")
         elif item["type"] == "missing":
             lines.append(f"{source}: {path}: required key is missing")
+        elif item["type"] == "union_tag_invalid":  # an unknown tower / evaluator name
+            given, valid = str(item["ctx"]["tag"]), re.findall(r"'([^']*)'", str(item["ctx"]["expected_tags"]))
+            lines.append(f"{source}: {path}: {item['msg']}.{nearest(given, valid)}")
+        elif item["type"] == "literal_error":  # one of fixed names (a device, an export format)
+            given, valid = str(item.get("input")), re.findall(r"'([^']*)'", str(item["ctx"]["expected"]))
+            lines.append(f"{source}: {path}: {item['msg']} (got {item.get('input')!r}).{nearest(given, valid)}")
         else:
             message = item["msg"].removeprefix("Value error, ")
             value = item.get("input")

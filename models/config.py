@@ -1,18 +1,19 @@
 """`model:` of an experiment config: the embedding width, one image and one text tower, the heads.
 
-The tower and head fields are typed from the registries when the experiment config is built
-(`vlp.train.config.experiment_class`); this class is what every registered config shares, for
-type hints in `vlp.models` and for readers.
+The tower and head fields are typed from the registries when this module is imported:
+`image` / `text` a union of the registered tower configs tagged by `type` (`ImageTowerConfig`,
+`TextTowerConfig`), `heads` one optional field per registered head (`HeadsConfig`).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Annotated, Any, Optional, Union
 
 from pydantic import Field, PrivateAttr, create_model, field_serializer, model_validator
 
-from vlp.core.config import Strict
+from vlp.core.config import Strict, validate
+from vlp.models.heads import HEADS
+from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
 
 
 class OpenClipModelConfig(Strict):
@@ -61,14 +62,31 @@ def open_clip_defaults(data: dict) -> dict:
     return data
 
 
+def tagged_union(registry: Any, attr: str = "config_class") -> Any:
+    """A discriminated union (on `type`) of every registered component's config."""
+    classes = tuple(getattr(cls, attr) for _, cls in registry.items())
+    if len(classes) == 1:
+        return classes[0]
+    return Annotated[Union[classes], Field(discriminator="type")]
+
+
+# Built once, when vlp.models is imported: the registries discover their components at import, so
+# every registered tower and head is a valid config key from the first config read.
+ImageTowerConfig = tagged_union(IMAGE_TOWERS)
+TextTowerConfig = tagged_union(TEXT_TOWERS)
+HeadsConfig = create_model(
+    "HeadsConfig", __base__=Strict, **{name: (Optional[cls.config_class], None) for name, cls in HEADS.items()}
+)
+
+
 class ModelConfig(Strict):
-    """`model:`. The tower and head fields are typed from the registries in `experiment_class()`;
-    here they are what every registered config shares, for type hints and readers."""
+    """`model:`: the embedding width, one image tower, one text tower, the heads (in the
+    order written), each typed from its registry."""
 
     embed_dim: int = Field(512, ge=1)
-    image: Any  # one IMAGE_TOWERS config, tagged by `type`
-    text: Any  # one TEXT_TOWERS config, tagged by `type`
-    heads: Any  # one optional field per registered head
+    image: ImageTowerConfig  # one IMAGE_TOWERS config, tagged by `type`
+    text: TextTowerConfig  # one TEXT_TOWERS config, tagged by `type`
+    heads: HeadsConfig  # one optional field per registered head
     open_clip: Optional[OpenClipModelConfig] = None
 
     @model_validator(mode="before")
@@ -90,7 +108,7 @@ class ModelConfig(Strict):
         return model
 
     @field_serializer("heads")
-    def _heads_in_order(self, heads: Any) -> dict[str, Any]:
+    def _heads_in_order(self, heads: HeadsConfig) -> dict[str, Any]:
         return {name: cfg.model_dump(mode="json") for name, cfg in self.heads_dict().items()}
 
     def heads_dict(self) -> dict[str, Any]:
@@ -100,8 +118,6 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        from vlp.models.heads import HEADS
-
         if not self.heads_dict():
             raise ValueError(f"model.heads: name at least one head ({', '.join(HEADS.names())})")
         for tower in ("image", "text"):
@@ -113,29 +129,15 @@ class ModelConfig(Strict):
         return self
 
 
-def tagged_union(registry: Any, attr: str = "config_class") -> Any:
-    """A discriminated union (on `type`) of every registered component's config."""
-    classes = tuple(getattr(cls, attr) for _, cls in registry.items())
-    if len(classes) == 1:
-        return classes[0]
-    return Annotated[Union[classes], Field(discriminator="type")]
+RegisteredModelConfig = ModelConfig  # the name older callers import
 
 
-@functools.lru_cache(maxsize=1)
 def registered_model_config() -> type[ModelConfig]:
-    """`ModelConfig` with its towers and heads typed from the registries (imported here so every
-    component registers)."""
-    from vlp.models.heads import HEADS
-    from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
-
-    heads_fields = {name: (Optional[cls.config_class], None) for name, cls in HEADS.items()}
-    heads_config = create_model("HeadsConfig", __base__=Strict, **heads_fields)
-    return create_model(
-        "ModelConfig", __base__=ModelConfig, image=(tagged_union(IMAGE_TOWERS), ...),
-        text=(tagged_union(TEXT_TOWERS), ...), heads=(heads_config, ...),
-    )
+    """`ModelConfig`, typed from the registries (kept for callers of the earlier, lazily built class)."""
+    return ModelConfig
 
 
-def validate_model_config(tree: dict) -> ModelConfig:
-    """A `model:` tree (as an experiment config or a model card holds it) -> its typed config."""
-    return registered_model_config().model_validate(tree)
+def validate_model_config(tree: dict, source: str = "model card") -> ModelConfig:
+    """A `model:` tree (as an experiment config or a model card holds it) -> its typed config;
+    `ConfigError` naming `source` and the key path when it does not fit."""
+    return validate(ModelConfig, tree, source)

@@ -28,6 +28,7 @@ from vlp.core.collectives import barrier
 from vlp.core.devices import current_compute_device
 from vlp.core.errors import InputNotFound, UnsafeCheckpoint  # noqa: F401 (UnsafeCheckpoint: raised here, imported from here)
 from vlp.data_pipelines.position import read_positions, write_position
+from vlp.train.engine import Engine
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -164,7 +165,7 @@ class Checkpointer:
             return []
         return sorted(p.name for p in self.directory.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
 
-    def save(self, engine: Any, state: TrainState, extra: dict[str, Any] | None = None) -> str:
+    def save(self, engine: Engine, state: TrainState, extra: dict[str, Any] | None = None) -> str:
         """Write a checkpoint on every rank, then mark it complete and point `latest` at it."""
         tag = self.tag(state.step)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -194,7 +195,7 @@ class Checkpointer:
             if path.is_dir() and not (path / COMPLETE).is_file() and path.name < keep_tag:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def load(self, engine: Any, state: TrainState, where: tuple[Path, str], universal: Path | None = None) -> dict[str, Any]:
+    def load(self, engine: Engine, state: TrainState, where: tuple[Path, str], universal: Path | None = None) -> dict[str, Any]:
         """`universal`: the tag's universal layout (`checkpoint_io.Reshard`), which an engine built
         with `checkpoint.load_universal` loads on another data-parallel world size; the client
         state, RNG and loader files still come from the tag itself."""

@@ -10,7 +10,6 @@ Errors are `ConfigError` (exit code 2 at the CLI) with the dotted key path:
 
 from __future__ import annotations
 
-import functools
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -26,8 +25,13 @@ from pydantic import (
 
 from vlp.core.config import Strict, validate
 from vlp.core.errors import ConfigError  # noqa: F401 (raised here, imported from here)
+from vlp.core.registry import nearest
 from vlp.data_pipelines.config import DataConfig
-from vlp.models.config import ModelConfig, registered_model_config, tagged_union
+from vlp.data_pipelines.sources import SOURCES
+from vlp.export import EXPORTERS
+from vlp.models.config import ModelConfig, tagged_union
+from vlp.models.heads import HEADS
+from vlp.train.evals import EVALUATORS
 
 
 class TrainConfig(Strict):
@@ -159,11 +163,14 @@ def _fp16_available() -> bool:
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class ExperimentConfig(Strict):
-    """One experiment, the tree of the YAML file: the type to import for hints and `isinstance`.
+# Typed from the registries when this module is imported (they discover their components then).
+EvalConfigs = tagged_union(EVALUATORS)
+ExportFormat = Literal[tuple(EXPORTERS.names())]
 
-    `load_config` returns an instance of `experiment_class()`, its subclass whose `model`,
-    `evals` and `export` fields are built from the registries."""
+
+class ExperimentConfig(Strict):
+    """One experiment, the tree of the YAML file; `model`, `evals` and `export` are typed from
+    the registries, so an unknown tower, head, evaluator or format fails at load."""
 
     name: str
     seed: int = 0
@@ -173,8 +180,8 @@ class ExperimentConfig(Strict):
     train: TrainConfig
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     logging: LoggingConfig = LoggingConfig()
-    evals: list[Any] = Field(default_factory=list)  # one EVALUATORS config each, tagged by `type`
-    export: list[str] = Field(default_factory=list)  # EXPORTERS names
+    evals: list[EvalConfigs] = Field(default_factory=list)  # one EVALUATORS config each, tagged by `type`
+    export: list[ExportFormat] = Field(default_factory=list)  # EXPORTERS names
 
     @field_validator("name")
     @classmethod
@@ -204,7 +211,6 @@ class ExperimentConfig(Strict):
     @model_validator(mode="after")
     def _heads_have_their_data(self):
         from vlp.models.dual_encoder import EXTRA_TEXT
-        from vlp.models.heads import HEADS
 
         heads = self.model.heads_dict()
         needs = {name: HEADS.get(name).needs_for(cfg) for name, cfg in heads.items()}
@@ -218,27 +224,27 @@ class ExperimentConfig(Strict):
                 raise ValueError(f"model.heads.{users[0]} needs {field} {wanted} (it reads batch['{batch_key}'])")
         return self
 
+    @model_validator(mode="after")
+    def _known_build_sources(self):
+        """`data.build` / `evals[i].build` ("name" or "name:arg") name a registered data source,
+        checked at load rather than when the shards turn out to be missing."""
+        builds = [("data.build", self.data.build)]
+        builds += [(f"evals.{i}.build", getattr(spec, "build", None)) for i, spec in enumerate(self.evals)]
+        for where, build in builds:
+            name = build.partition(":")[0] if isinstance(build, str) else None
+            if name is not None and name not in SOURCES:
+                raise ValueError(f"{where}: unknown data source {name!r}; registered: {', '.join(SOURCES.names())}."
+                                 f"{nearest(name, SOURCES.names())}")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
 
-@functools.lru_cache(maxsize=1)
 def experiment_class() -> type[ExperimentConfig]:
-    """`ExperimentConfig` with its unions built from the registries (imported here so every
-    component registers)."""
-    from vlp.export import EXPORTERS
-    from vlp.train.evals import EVALUATORS
-
-    RegisteredModelConfig = registered_model_config()
-    evals_union = tagged_union(EVALUATORS)
-
-    class RegisteredExperimentConfig(ExperimentConfig):
-        model: RegisteredModelConfig
-        evals: list[evals_union] = Field(default_factory=list)
-        export: list[Literal[tuple(EXPORTERS.names())]] = Field(default_factory=list)
-
-    return RegisteredExperimentConfig
+    """`ExperimentConfig` (kept for callers of the earlier, lazily built subclass)."""
+    return ExperimentConfig
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -321,7 +327,7 @@ def load_config(
     tree = read_yaml(path) if tree is None else tree
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
-    return validate(experiment_class(), tree, source)
+    return validate(ExperimentConfig, tree, source)
 
 
 def dump_config(config: BaseModel) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from vlp.train.config import WandbConfig
+
 
 def _plain(value: Any) -> Any:
     if torch.is_tensor(value):
@@ -113,7 +115,7 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def start_wandb(run_dir: Path, config: Any, run_config: dict, resumed: bool) -> Any:
+def start_wandb(run_dir: Path, config: WandbConfig, run_config: dict, resumed: bool) -> Any:
     """A W&B run in `run_dir/wandb/`, its id kept in `run_dir/wandb_id` so a resumed run logs
     into the same W&B run (open_clip keeps it alike). `config.mode` offline: nothing leaves the
     machine (`wandb sync runs/NAME/wandb/offline-run-*` uploads it later)."""

@@ -21,6 +21,7 @@ from vlp.core.collectives import all_reduce_max, barrier
 from vlp.core.devices import apply_tf32, current_compute_device
 from vlp.core.errors import RunExists  # noqa: F401 (raised here, imported from here)
 from vlp.data_pipelines.device_stream import DeviceStream
+from vlp.data_pipelines.loader import TrainLoader
 from vlp.data_pipelines.gpu_decode import GpuJpegDecode
 from vlp.models.dual_encoder import VLPModel
 from vlp.train import preemption
@@ -29,6 +30,8 @@ from vlp.train.checkpoint_io import Reshard
 from vlp.train.config import ExperimentConfig, TrainConfig, dump_config
 from vlp.train.data import ensure_eval_data, ensure_train_data
 from vlp.train.distributed import DistEnv, init_distributed
+from vlp.train.engine import Engine
+from vlp.train.evals import Evaluator
 from vlp.train.metrics import MetricsLogger, plot_loss_curves
 from vlp.train.monitors import BadSampleTally, NonFiniteGuard, StepTelemetry, ThroughputMeter
 from vlp.train.schedule import itstime, lr_multiplier
@@ -102,7 +105,7 @@ def trainer_clips(config: ExperimentConfig) -> bool:
     return ds.grad_clip > 0 and ds.zero_stage == 0 and ds.precision == "fp32"
 
 
-def clip_gradients(engine: Any, config: ExperimentConfig) -> Optional[torch.Tensor]:
+def clip_gradients(engine: Engine, config: ExperimentConfig) -> Optional[torch.Tensor]:
     """Clip at the accumulation boundary (after the all-reduce) with torch's foreach kernels;
     returns the total gradient norm as a 0-dim tensor (no host sync), or None where DeepSpeed clips."""
     if not trainer_clips(config) or not engine.is_gradient_accumulation_boundary():
@@ -121,7 +124,7 @@ def build_optimizer(model: VLPModel, tr: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, betas=tr.betas, eps=tr.eps, fused=tr.fused_adamw)
 
 
-def build_engine(config: ExperimentConfig, model: VLPModel, load_universal: bool = False) -> Any:
+def build_engine(config: ExperimentConfig, model: VLPModel, load_universal: bool = False) -> Engine:
     """Wrap the model and `build_optimizer`'s AdamW in `deepspeed.initialize`."""
     import deepspeed
 
@@ -187,7 +190,7 @@ def build_model(config: ExperimentConfig) -> VLPModel:
     return model
 
 
-def build_loader(config: ExperimentConfig, model: Any, env: DistEnv):
+def build_loader(config: ExperimentConfig, model: VLPModel, env: DistEnv) -> TrainLoader:
     from vlp.data_pipelines.loader import build_train_loader
 
     return build_train_loader(
@@ -201,13 +204,13 @@ def build_loader(config: ExperimentConfig, model: Any, env: DistEnv):
     )
 
 
-def build_evaluators(config: ExperimentConfig) -> list:
+def build_evaluators(config: ExperimentConfig) -> list[Evaluator]:
     from vlp.train.evals import EVALUATORS
 
     return [EVALUATORS.get(ev.type)(ev) for ev in config.evals]
 
 
-def run_evaluators(evaluators: list, engine: Any, env: DistEnv, run_dir: Path, step: int, final: bool) -> dict:
+def run_evaluators(evaluators: list[Evaluator], engine: Engine, env: DistEnv, run_dir: Path, step: int, final: bool) -> dict:
     from vlp.train.evals import EvalContext
 
     results: dict[str, float] = {}
@@ -363,7 +366,7 @@ def run_loop(
     return results
 
 
-def step_metrics(out: dict[str, Any], grad_norm: Optional[torch.Tensor], engine: Any, state: TrainState,
+def step_metrics(out: dict[str, Any], grad_norm: Optional[torch.Tensor], engine: Engine, state: TrainState,
                  throughput: ThroughputMeter, bad_samples: BadSampleTally) -> dict[str, Any]:
     """One log line: the model's own logging, then the optimizer's and the data's bookkeeping."""
     logged = dict(out["logging"])
@@ -385,7 +388,7 @@ def exports_from_checkpoint(config: ExperimentConfig) -> bool:
     return ds.zero_stage == 3 or (ds.zero_stage > 0 and ds.precision != "fp32")
 
 
-def finish_run(config: ExperimentConfig, engine: Any, results: dict, state: TrainState) -> None:
+def finish_run(config: ExperimentConfig, engine: Engine, results: dict, state: TrainState) -> None:
     """Rank 0, after the final checkpoint: loss-curve PNG, exports, results.json (written last,
     atomically, so its presence means the run finished)."""
     run_dir = config.run_dir
