@@ -20,6 +20,7 @@ from vlp.core.errors import ExportError  # noqa: F401 (raised here, imported fro
 from vlp.core.registry import Registry
 from vlp.models.config import ModelConfig
 from vlp.models.dual_encoder import scoring_head
+from vlp.models.towers.base import Tower, TowerConfig
 
 
 class RunConfig(Protocol):
@@ -57,7 +58,7 @@ class Exporter:
 EXPORTERS: Registry[Exporter] = Registry("export format")
 
 
-def tower_class(tower_config: Any) -> type:
+def tower_class(tower_config: TowerConfig) -> type[Tower]:
     """The registered tower class of `model.image` or `model.text`, whose capabilities
     (`open_clip_layout`, `trunk_format`) say what an exporter can make of it."""
     from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS

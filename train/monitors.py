@@ -17,7 +17,10 @@ from typing import Any
 import torch
 
 from vlp.core.collectives import all_reduce_max
+from vlp.models.dual_encoder import VLPModel
 from vlp.train.checkpoint import TrainState
+from vlp.train.config import ExperimentConfig
+from vlp.train.distributed import DistEnv
 
 
 class TrainingStopped(RuntimeError):
@@ -165,7 +168,7 @@ class StepTelemetry:
     i.e. a GPU kind `vlp.models.flops` has in its table or `train.peak_tflops`. Rank 0 prints a
     one-line hint the first time the input is the bottleneck."""
 
-    def __init__(self, config: Any, model: Any, env: Any) -> None:
+    def __init__(self, config: ExperimentConfig, model: VLPModel, env: DistEnv) -> None:
         """`model`: the VLPModel before `deepspeed.initialize` (ZeRO-3 would partition it); the
         FLOPs are counted once, here, and only where a peak is known."""
         self.world_size = env.world_size
