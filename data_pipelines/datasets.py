@@ -20,7 +20,7 @@ from vlp.data_pipelines.collate import SamplePipeline, error_marker
 from vlp.data_pipelines.decode import allow_pixels
 from vlp.data_pipelines.errors import DataError
 from vlp.data_pipelines.position import (SlotStream, fresh_resampled_slot, fresh_slot, piece_count,
-                                         role_batches)
+                                         role_batches, slot_state)
 from vlp.data_pipelines.seeds import stable_seed
 from vlp.data_pipelines.sharding import read_share, slot_share
 
@@ -135,8 +135,8 @@ class TrainDataset(IterableDataset):
             to_skip -= self.pipeline.looks_good(sample)
 
         def snapshot(position: int, batches: int) -> tuple[int, str]:
-            state = {"role": role, "produced": produced + batches, "position": position,
-                     "augment": start["augment"], **stream.state()}
+            state = slot_state(role, start["augment"], produced=produced + batches, position=position,
+                               **stream.state())
             return role, json.dumps(state, separators=(",", ":"))
 
         yield from self.pipeline.batches(stream, count, self.epoch, start["augment"], position, snapshot)

@@ -80,17 +80,30 @@ def epoch_pieces(sizes: list[int], seed: int, epoch: int, index: int, slot: int,
     return pieces
 
 
-def source_state(seed_prefix: str, pieces: list[list[int]], cycle: int = 0) -> dict:
-    rng = random.Random(stable_seed(seed_prefix, cycle))
-    return {"seed": seed_prefix, "cycle": cycle, "pieces": pieces, "piece": 0,
-            "next": pieces[0][1] if pieces else 0, "good": 0, "buffer": [], "draining": False,
-            "rng": rng_state(rng)}
+def source_state(seed_prefix: str, pieces: list[list[int]], cycle: int = 0, rng: Optional[random.Random] = None, *,
+                 piece: int = 0, next_sample: Optional[int] = None, good: int = 0, buffer: tuple = (),
+                 draining: bool = False) -> dict:
+    """One source's state in a slot (the schema in the module docstring), the one place it is
+    written. The defaults are a source before it read anything: its RNG from (`seed_prefix`,
+    `cycle`), reading from the first piece's start. `buffer`: (shard index, sample index) refs."""
+    rng = rng if rng is not None else random.Random(stable_seed(seed_prefix, cycle))
+    if next_sample is None:
+        next_sample = pieces[0][1] if pieces else 0
+    return {"seed": seed_prefix, "cycle": cycle, "pieces": pieces, "piece": piece, "next": next_sample,
+            "good": good, "buffer": [list(ref) for ref in buffer], "draining": draining, "rng": rng_state(rng)}
 
 
-def slot_state(sources: list[dict], augment_seed: int, mix_seed: Optional[int], role: int) -> dict:
-    mix = rng_state(random.Random(mix_seed)) if mix_seed is not None and len(sources) > 1 else None
-    return {"role": role, "produced": 0, "position": 0, "augment": augment_seed, "mix": mix, "pending": None,
-            "sources": sources}
+def slot_state(role: int, augment: int, sources: list[dict], mix: Optional[list] = None, pending: Optional[int] = None,
+               produced: int = 0, position: int = 0) -> dict:
+    """One slot's whole state (the schema in the module docstring), the one place it is written;
+    the defaults are a slot before it read anything. `mix`: the mixing RNG's state (`mix_state`)."""
+    return {"role": role, "produced": produced, "position": position, "augment": augment, "mix": mix,
+            "pending": pending, "sources": sources}
+
+
+def mix_state(mix_seed: int, sources: list[dict]) -> Optional[list]:
+    """A fresh mixing RNG's state; None for one source (nothing to mix)."""
+    return rng_state(random.Random(mix_seed)) if len(sources) > 1 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,9 +147,8 @@ class SourceCursor:
         return buffer
 
     def state(self) -> dict:
-        return {"seed": self.seed, "cycle": self.cycle, "pieces": self.pieces, "piece": self.piece,
-                "next": self.next, "good": self.good, "buffer": [list(ref) for ref, _ in self.buffer],
-                "draining": self.draining, "rng": rng_state(self.rng)}
+        return source_state(self.seed, self.pieces, self.cycle, self.rng, piece=self.piece, next_sample=self.next,
+                            good=self.good, buffer=tuple(ref for ref, _ in self.buffer), draining=self.draining)
 
     def __next__(self) -> dict:
         while True:
@@ -310,7 +322,8 @@ def redeal(old: list[dict], sizes: list[list[int]], *, seed: int, world_size: in
                 padding = epoch_pieces(sizes[index], seed, epoch, index, slot, world_size * slots_per_rank)
                 sources.append(source_state(prefix, padding, cycle=1))
         augment = stable_seed("augment-redeal", seed, epoch, consumed, world_size, workers, rank, role)
-        roles[str(role)] = slot_state(sources, augment, stable_seed("mix-redeal", seed, epoch, consumed, rank, role), role)
+        mix = mix_state(stable_seed("mix-redeal", seed, epoch, consumed, rank, role), sources)
+        roles[str(role)] = slot_state(role, augment, sources, mix)
     note = {"event": "data_redealt", "epoch": epoch, "from_layout": [old[0]["world_size"], old[0]["workers"]],
             "to_layout": [world_size, workers], "samples_left": sum(counts),
             "batches_per_rank": total, "dropped": sum(counts) - total * world_size * batch_size}
@@ -325,8 +338,8 @@ def fresh_slot(sizes: list[list[int]], seed: int, epoch: int, rank: int, world_s
     sources = [source_state(f"buffer/{seed}/{epoch}/{rank}/{role}/{index}",
                             epoch_pieces(source_sizes, seed, epoch, index, slot, world_size * slots_per_rank))
                for index, source_sizes in enumerate(sizes)]
-    return slot_state(sources, stable_seed("augment", seed, epoch, rank, world_size, role),
-                      stable_seed("mix", seed, epoch, rank, role), role)
+    return slot_state(role, stable_seed("augment", seed, epoch, rank, world_size, role), sources,
+                      mix_state(stable_seed("mix", seed, epoch, rank, role), sources))
 
 
 def fresh_resampled_slot(sources: int, seed: int, epoch: int, rank: int, role: int, salt: tuple = (),
@@ -336,10 +349,9 @@ def fresh_resampled_slot(sources: int, seed: int, epoch: int, rank: int, role: i
     states = []
     for index in range(sources):
         rng = random.Random(stable_seed("resample", seed, epoch, rank, role, index, *salt))
-        states.append({"seed": "", "cycle": 0, "pieces": [], "piece": 0, "next": 0, "good": 0, "buffer": [],
-                       "draining": False, "rng": rng_state(rng)})
-    return slot_state(states, stable_seed("augment", seed, epoch, rank, world_size, role, *salt),
-                      stable_seed("mix", seed, epoch, rank, role, *salt), role)
+        states.append(source_state("", [], rng=rng))
+    return slot_state(role, stable_seed("augment", seed, epoch, rank, world_size, role, *salt), states,
+                      mix_state(stable_seed("mix", seed, epoch, rank, role, *salt), states))
 
 
 # --------------------------------------------------------------------------------------------
