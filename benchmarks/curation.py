@@ -6,10 +6,11 @@ What it builds (offline, under --data, reused by a later run with the same optio
     digits/            `vlp shards build digits` (train / test split)
     scoring/           the other half of the train split, clean: the scoring model's data
     clean/             the pool: half of the train split, captions as built
-    noisy/             the pool with planted noise, and labels.json {key: kind}:
+    noisy/             the pool with planted noise, labels.json {key: kind} and copied_from.json
+                       {duplicate's key: original's key}:
                        swapped (caption of another class), junk (random letters), empty
                        (blank caption), exact_duplicate (a byte copy of a clean pool sample),
-                       near_duplicate (a copy shifted one pixel, re-encoded)
+                       near_duplicate (a copy with brightness and grain changed, re-encoded)
     runs/scoring-separate, runs/scoring-bootstrap   the demo model trained on scoring/ (a
                        separate split) and on noisy/ itself (bootstrapped)
     emb-{case}/, curated-{case}/   vlp embed and vlp curate (configs/curate/digits.yaml)
@@ -65,7 +66,7 @@ def build_data(data: Path, fractions: dict[str, float], seed: int) -> dict:
     from vlp.data_pipelines.sources.digits import CAPTION_TEMPLATES, DIGIT_CLASSNAMES
     from vlp.data_pipelines.tar_reader import read_shard
 
-    stamp = {"fractions": fractions, "seed": seed}
+    stamp = {"fractions": fractions, "seed": seed, "version": 3}
     stamp_file = data / "noisy" / "planted.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return json.loads((data / "noisy" / "labels.json").read_text())
@@ -109,28 +110,31 @@ def build_data(data: Path, fractions: dict[str, float], seed: int) -> dict:
     for index in take("empty"):
         pool[index]["txt"] = b" "
         labels[pool[index]["__key__"]] = "empty"
-    copies = []
+    copies, copied_from = [], {}
     for kind in ("exact_duplicate", "near_duplicate"):
         for index in take(kind):  # copies of untouched samples, placed after every original
             copy = dict(pool[index])
             copy["__key__"] = f"{kind[:5]}{len(copies):05d}"
             if kind == "near_duplicate":
-                copy["png"] = shifted_png(bytes(copy["png"]))
+                copy["png"] = retouched_png(bytes(copy["png"]), rng)
             copies.append(copy)
             labels[copy["__key__"]] = kind
+            copied_from[copy["__key__"]] = pool[index]["__key__"]
     write_shards((member(s) for s in pool + copies), data / "noisy", "noisy", max_count=250)
     (data / "noisy" / "labels.json").write_text(json.dumps(labels, indent=0, sort_keys=True))
+    (data / "noisy" / "copied_from.json").write_text(json.dumps(copied_from, indent=0, sort_keys=True))
     stamp_file.write_text(json.dumps(stamp))
     return labels
 
 
-def shifted_png(data: bytes) -> bytes:
-    """The image moved one pixel right (edge column repeated), re-encoded: other bytes, nearly
-    the same picture."""
+def retouched_png(data: bytes, rng: random.Random) -> bytes:
+    """The image as a re-upload retouches it: brightness scaled by 0.9-1.1 and grain of +-4 grey
+    levels, re-encoded: other bytes, nearly the same picture."""
     from PIL import Image
 
-    pixels = np.asarray(Image.open(io.BytesIO(data)))
-    moved = np.concatenate([pixels[:, :1], pixels[:, :-1]], axis=1)
+    pixels = np.asarray(Image.open(io.BytesIO(data))).astype(np.float32)
+    noise = np.random.default_rng(rng.randrange(2**32)).integers(-4, 5, pixels.shape)
+    moved = np.clip(pixels * rng.uniform(0.9, 1.1) + noise, 0, 255).astype(np.uint8)
     out = io.BytesIO()
     Image.fromarray(moved).save(out, format="PNG")
     return out.getvalue()
@@ -244,10 +248,9 @@ def main() -> None:
         labels = build_data(data, fractions, args.seed)
         line["planted"] = fractions
         for case in args.cases.split(","):
-            shards = str(data / ("scoring" if case == "separate" else "noisy") / "*.tar")
             from vlp.curate.embed import shard_urls
 
-            spec = "::".join(shard_urls(str(Path(shards).parent)))
+            spec = "::".join(shard_urls(str(data / ("scoring" if case == "separate" else "noisy"))))
             model = train_scoring_model(data, f"scoring-{case}", spec, args.steps, args.seed)
             line[case] = score_case(data, case, model, labels, Path(args.config))
             zeroshot = json.loads((model / "results.json").read_text()).get("zeroshot_top1")
