@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from vlp.core.errors import DataError
+from vlp.core.files import atomic_write
 
 
 def _encode(value: Any) -> bytes:
@@ -32,10 +33,7 @@ def _encode(value: Any) -> bytes:
     raise TypeError(f"cannot encode {type(value).__name__} into a shard member")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+atomic_write_text = atomic_write  # the old name, still imported by curate/
 
 
 def write_shards(
@@ -96,7 +94,7 @@ def write_shards(
             tmp_path.unlink(missing_ok=True)
         raise
     finally:
-        atomic_write_text(sizes_path, json.dumps(sizes, indent=1, sort_keys=True))
+        atomic_write(sizes_path, json.dumps(sizes, indent=1, sort_keys=True))
     return paths
 
 

@@ -8,13 +8,11 @@ Rebuilding a model from a run's checkpoints is the training layer's (`vlp.train.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from vlp.core.files import atomic_folder
 from vlp.export.base import EXPORTERS, MODEL_CARD, RunConfig, config_tree, matryoshka_card, sha256, write_json
 
 
@@ -25,9 +23,7 @@ def export_model(
     """Write `fmt` for `model` into `out_dir` atomically; returns `out_dir`."""
     exporter = EXPORTERS.get(fmt)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         files = exporter.write(model, config, tmp)
         card = {
             "format": fmt,
@@ -39,12 +35,6 @@ def export_model(
             "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files},
         }
         write_json(tmp / MODEL_CARD, card)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from vlp.core.files import atomic_write
 from vlp.slurm.profile import DEFAULT_PROFILE, PROFILE_ENV, SubmitError, find_profile, load_profile
 from vlp.slurm.render import JobFlags, render, resolve_job
 
@@ -53,11 +54,7 @@ def write_script(run_dir: Path, script: str) -> Path:
     slurm_dir = Path(run_dir) / "slurm"
     slurm_dir.mkdir(parents=True, exist_ok=True)
     path = slurm_dir / "job.sbatch"
-    partial = path.with_suffix(".sbatch.partial")
-    partial.write_text(script, encoding="utf-8")
-    partial.chmod(0o755)
-    partial.replace(path)  # atomic: a requeued job never reads half a script
-    return path
+    return atomic_write(path, script, mode=0o755)  # a requeued job never reads half a script
 
 
 def sbatch(script_path: Path, workdir: str) -> str:

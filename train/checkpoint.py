@@ -14,7 +14,6 @@ client state (step, samples seen, epoch, batch position in the epoch) -> this ra
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ import torch
 from vlp.core.collectives import barrier
 from vlp.core.devices import current_compute_device
 from vlp.core.errors import InputNotFound, UnsafeCheckpoint  # noqa: F401 (UnsafeCheckpoint: raised here, imported from here)
+from vlp.core.files import atomic_write
 from vlp.data_pipelines.position import read_positions, write_position
 from vlp.train.engine import Engine
 
@@ -179,9 +179,7 @@ class Checkpointer:
         if self.rank == 0:
             (self.directory / tag / "client_state.json").write_text(json.dumps(client, indent=1, default=str))
             (self.directory / tag / COMPLETE).write_text("ok\n")
-            tmp = self.directory / f".{LATEST}.tmp"
-            tmp.write_text(tag + "\n")
-            os.replace(tmp, self.directory / LATEST)
+            atomic_write(self.directory / LATEST, tag + "\n")
             self._prune(keep_tag=tag)
         barrier()
         return tag

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from vlp.core.errors import CheckpointReadError  # noqa: F401 (raised here, imported from here)
+from vlp.core.files import atomic_folder
 from vlp.train.checkpoint import deepspeed_safe_globals, verify_safe
 
 
@@ -115,7 +116,6 @@ def universal_checkpoint(directory: Path, tag: str, rank: int) -> Path:
     `checkpoint.verify_safe(tag_dir)` (the converter unpickles with `weights_only=False`)."""
     import argparse
     import os
-    import shutil
 
     from vlp.core.collectives import barrier
 
@@ -124,17 +124,15 @@ def universal_checkpoint(directory: Path, tag: str, rank: int) -> Path:
     if rank == 0 and not target.is_dir():
         from deepspeed.checkpoint import ds_to_universal
 
-        tmp = tag_dir / f".{UNIVERSAL}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         # One worker: the converter runs in this process (no process pool forked off a process
         # that holds a process group). Missing `universal_checkpoint_info` (plain data
         # parallelism writes none) is injected as the empty one: no TP/PP slices to merge.
-        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                  inject_missing_state=True)
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            ds_to_universal.main(args)  # its prints and progress bars; an error still raises
-        os.replace(tmp, target)
+        with atomic_folder(target) as tmp:
+            args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=True)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                ds_to_universal.main(args)  # its prints and progress bars; an error still raises
     barrier()
     return target
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 import uuid
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vlp.core.files import atomic_write
 from vlp.train.config import WandbConfig
 
 
@@ -72,9 +72,7 @@ class MetricsLogger:
                     kept.append(line)
             except (ValueError, AttributeError):
                 continue
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(f"{line}\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.is_main:

@@ -19,6 +19,7 @@ import torch
 
 from vlp.core.collectives import all_reduce_max, barrier
 from vlp.core.devices import apply_tf32, current_compute_device
+from vlp.core.files import atomic_write
 from vlp.core.errors import RunExists  # noqa: F401 (raised here, imported from here)
 from vlp.data_pipelines.device_stream import DeviceStream
 from vlp.data_pipelines.loader import TrainLoader
@@ -401,7 +402,5 @@ def finish_run(config: ExperimentConfig, engine: Engine, results: dict, state: T
         model = load_model(run_dir)[0] if exports_from_checkpoint(config) else engine.module
         for fmt in config.export:
             export_model(model, config, run_dir / "export" / fmt, fmt, results=results, samples_seen=state.samples_seen)
-    tmp = run_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-                               for k, v in summary.items()}, indent=1))
-    tmp.replace(run_dir / "results.json")
+    atomic_write(run_dir / "results.json", json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                                                       for k, v in summary.items()}, indent=1))

@@ -18,8 +18,9 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from vlp.core.files import atomic_write
 from vlp.data_pipelines.errors import DataError
-from vlp.data_pipelines.shards import atomic_write_text, progress, write_shards
+from vlp.data_pipelines.shards import progress, write_shards
 from vlp.data_pipelines.sources.base import SOURCES
 
 DIGIT_CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -105,8 +106,8 @@ def build(
                              out_dir, f"digits-{split}", shard_size)
         summary["counts"][split] = len(indices)
         summary["shards"][split] = [str(p) for p in paths]
-    atomic_write_text(out_dir / "classnames.txt", "\n".join(DIGIT_CLASSNAMES) + "\n")
-    atomic_write_text(out_dir / "zeroshot_classification_templates.txt", "\n".join(DIGIT_TEMPLATES) + "\n")
+    atomic_write(out_dir / "classnames.txt", "\n".join(DIGIT_CLASSNAMES) + "\n")
+    atomic_write(out_dir / "zeroshot_classification_templates.txt", "\n".join(DIGIT_TEMPLATES) + "\n")
     summary["clip_benchmark"] = str(write_clip_benchmark_layout(out_dir, [Path(p) for p in summary["shards"]["test"]]))
     return summary
 
@@ -122,7 +123,7 @@ def write_clip_benchmark_layout(out_dir: Path, test_shards: list[Path]) -> Path:
         link = root / "test" / f"{index}.tar"
         link.unlink(missing_ok=True)
         link.symlink_to(Path("..") / ".." / shard.name)
-    atomic_write_text(root / "test" / "nshards.txt", f"{len(test_shards)}\n")
+    atomic_write(root / "test" / "nshards.txt", f"{len(test_shards)}\n")
     for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
         link = root / name
         link.unlink(missing_ok=True)
