@@ -29,6 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from vlp.core.files import atomic_write
 from vlp.data_pipelines.collate import error_marker
 from vlp.data_pipelines.errors import DataError
 from vlp.data_pipelines.seeds import stable_seed
@@ -360,10 +361,7 @@ def fresh_resampled_slot(sources: int, seed: int, epoch: int, rank: int, role: i
 
 
 def write_position(folder: Path, rank: int, position: dict) -> None:
-    path = Path(folder) / POSITION_FILE.format(rank=rank)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(position, separators=(",", ":")))
-    tmp.replace(path)
+    atomic_write(Path(folder) / POSITION_FILE.format(rank=rank), json.dumps(position, separators=(",", ":")))
 
 
 def read_positions(folder: Path) -> list[dict]:
