@@ -218,17 +218,14 @@ def run_evaluators(evaluators: list[Evaluator], engine: Engine, env: DistEnv, ru
     due = [ev for ev in evaluators if final or itstime(step, ev.config.every)]
     if not due:
         return results
+    # Eval mode, no autograd and the model's mode restored after are the harness's (evals/harness.py).
     model = engine.module
-    was_training = model.training
-    model.eval()
     context = EvalContext(
         rank=env.rank, world_size=env.world_size, device=env.device, dtype=next(model.parameters()).dtype,
         out_dir=run_dir / "plots" if env.is_main else None, step=step,
     )
-    with torch.no_grad():
-        for evaluator in due:
-            results.update(evaluator.run(model, context))
-    model.train(was_training)
+    for evaluator in due:
+        results.update(evaluator.run(model, context))
     return results
 
 
