@@ -26,7 +26,6 @@ a shard's rows are written and dropped once every worker has finished it.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -344,27 +343,3 @@ def _progress_bar(todo: list[tuple[int, str]], show: bool) -> Any:
     except Exception:  # noqa: BLE001 - a damaged shard cannot be counted: a bar without a total
         total = None
     return progress(None, total=total, unit="sample", desc="vlp embed")
-
-
-def _from_args(args: argparse.Namespace) -> int:
-    summary = embed_shards(args.shards, Path(args.model), Path(args.out), batch_size=args.batch_size,
-                           workers=args.workers, device=args.device, precision=args.precision)
-    print(json.dumps(summary))
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "embed", help="image/caption embeddings and image-text scores of every sample, per shard",
-        description="Embed and score every sample of SHARDS with a vlp model, per shard, resumably "
-                    "(ranks from RANK/WORLD_SIZE: torchrun, srun).")
-    parser.add_argument("shards", help="shard spec (brace ranges, '::' lists) or a folder of .tar shards")
-    parser.add_argument("--model", required=True, help="a run folder, checkpoint or export of vlp")
-    parser.add_argument("--out", required=True, help="embeddings folder (rerun to resume)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding samples")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="autocast dtype of the towers (scores are computed in fp32)")
-    parser.set_defaults(func=_from_args)
-    return parser

@@ -20,7 +20,6 @@ while deduplicating) are held at once, which the whole-dataset dedup needs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tarfile
@@ -297,23 +296,3 @@ def curate(spec: str, embeddings: Path, out: Path, config_path: Optional[str] = 
     report["plots"] = [plot.name] if plot is not None else []
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     return report
-
-
-def _from_args(args: argparse.Namespace) -> int:
-    report = curate(args.shards, Path(args.embeddings), Path(args.out), args.config, args.overwrite)
-    print(json.dumps({key: report[key] for key in ("samples", "kept", "kept_fraction", "dropped", "shards_written", "out")}))
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "curate", help="filter, deduplicate and balance shards from vlp embed's embeddings into new shards",
-        description="Write the samples of SHARDS that pass the filters of --config (a `curate:` section) "
-                    "into new shards in --out, with report.json, manifest.parquet and scores.png.")
-    parser.add_argument("shards", help="the shard spec or folder given to vlp embed")
-    parser.add_argument("--embeddings", required=True, help="vlp embed's output folder")
-    parser.add_argument("--out", required=True, help="folder for the curated shards (not the input folder)")
-    parser.add_argument("--config", default=None, help="YAML with a `curate:` section (default: drop bad samples only)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier vlp curate run in --out")
-    parser.set_defaults(func=_from_args)
-    return parser

@@ -197,14 +197,32 @@ def test_curate_writes_shards_manifest_and_report(tmp_path, shards, model_dir):
         curate(spec(shards), emb, out, str(config))
 
 
-def test_add_parser_wires_both_commands(tmp_path):
-    from vlp.curate import run
+def test_command_line(tmp_path, shards, model_dir, capsys):
+    """Both commands through vlp's own parser and error handling (the parser built as
+    `vlp.cli.build_parser` builds it, plus `vlp.curate.commands.add_parser`): exit 0 with a JSON
+    line, and bad input as one line with exit 2."""
+    import vlp.cli
+    from vlp.curate import commands
 
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    embed_module.add_parser(sub)
-    run.add_parser(sub)
-    args = parser.parse_args(["embed", "s.tar", "--model", "m", "--out", "o", "--workers", "0"])
-    assert args.func is embed_module._from_args and args.workers == 0
-    args = parser.parse_args(["curate", "s.tar", "--embeddings", "e", "--out", "o", "--config", "c.yaml"])
-    assert args.func is run._from_args and args.config == "c.yaml"
+    def run(argv):
+        parser = vlp.cli.build_parser()
+        commands.add_parser(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)))
+        original = vlp.cli.build_parser
+        vlp.cli.build_parser = lambda: parser
+        try:
+            return vlp.cli.main(argv)
+        finally:
+            vlp.cli.build_parser = original
+
+    emb = tmp_path / "emb"
+    assert run(["embed", spec(shards), "--model", str(model_dir), "--out", str(emb), "--workers", "0"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["embedded"] == 49
+    assert run(["curate", spec(shards), "--embeddings", str(emb), "--out", str(tmp_path / "cur")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["kept"] == 49
+    assert run(["curate", f"{shards}/a-000000.tar", "--embeddings", str(emb), "--out", str(tmp_path / "c2")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "embeddings of another set of shards" in error[0]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("curate:\n  dedup: {treshold: 0.9}\n")
+    assert run(["curate", spec(shards), "--embeddings", str(emb), "--out", str(tmp_path / "c3"), "--config", str(bad)]) == 2
+    assert "curate.dedup.treshold: unknown key" in capsys.readouterr().err
