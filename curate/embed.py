@@ -292,7 +292,7 @@ def embed_shards(spec: str, model_path: Path, out: Path, *, batch_size: int = 25
     pipeline = SamplePipeline(preprocess=model.image.preprocess(train=False), tokenizer=model.text.tokenizer(),
                               batch_size=batch_size)
     loader = DataLoader(ShardBatches(pipeline, todo), batch_size=None, num_workers=workers,
-                        persistent_workers=False, prefetch_factor=2 if workers else None)
+                        prefetch_factor=2 if workers else None, pin_memory=compute.type == "cuda")
     readers = max(workers, 1)
     pending: dict[int, ShardRows] = {}
     totals: Counter = Counter()
@@ -302,13 +302,16 @@ def embed_shards(spec: str, model_path: Path, out: Path, *, batch_size: int = 25
     with torch.no_grad():
         for batch in loader:
             shard = batch["shard"]
-            rows = pending.setdefault(shard, ShardRows(urls[shard], names[shard]))
+            if shard not in pending:
+                pending[shard] = ShardRows(urls[shard], names[shard])
+            rows = pending[shard]
             image = text = None
             scores: list[float] = []
             if batch["image"] is not None:
                 with torch.autocast(compute.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    image_embed = model.encode_image(batch["image"].to(compute))["image_embed"].float()  # (B, E)
-                    text_embed = model.encode_text(batch["text"].to(compute))["text_embed"].float()  # (B, E)
+                    images = batch["image"].to(compute, non_blocking=True)
+                    image_embed = model.encode_image(images)["image_embed"].float()  # (B, E)
+                    text_embed = model.encode_text(batch["text"].to(compute, non_blocking=True))["text_embed"].float()
                 # (B, B) is cheap next to the towers, and keeps every head's own geometry.
                 scores = head.pairwise_scores(image_embed, text_embed).diagonal().float().cpu().tolist()
                 image = torch.nn.functional.normalize(image_embed, dim=-1).half().cpu().numpy()

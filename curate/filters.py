@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Optional
-
 import numpy as np
 
 from vlp.curate.config import BalanceFilter, CaptionFilter, DedupFilter, ImageFilter, ScoreFilter
@@ -204,7 +202,3 @@ def sample_draw(seed: int, key: str) -> int:
     """A uniform 64-bit draw per (seed, sample key): the same on any machine, in any order."""
     return int.from_bytes(hashlib.sha256(f"{seed}\t{key}".encode()).digest()[:8], "big")
 
-
-def kept_fraction(mask: np.ndarray, total: Optional[int] = None) -> float:
-    total = len(mask) if total is None else total
-    return float(mask.sum()) / total if total else 0.0

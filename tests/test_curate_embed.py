@@ -128,6 +128,32 @@ def test_embed_resumes_after_a_failure_mid_shard(tmp_path, shards, model_dir, mo
                                       np.load(clean / "shards" / name / "text.npy"))
 
 
+def test_memory_holds_at_most_two_shards(tmp_path, digits_dir, model_dir, monkeypatch):
+    """Rows of at most two shards are held at once (workers in step, one shard ahead at most),
+    however many shards there are: memory does not grow with the dataset."""
+    raw = [sample for _, sample in zip(range(60), read_shard(str(digits_dir / "digits-test-000000.tar")))]
+    write_shards(({"__key__": f"m{i:03d}", "png": s["png"], "txt": s["txt"].decode()} for i, s in enumerate(raw)),
+                 tmp_path / "many", "m", max_count=6)
+    live = {"now": 0, "most": 0}
+    real_init, real_write = embed_module.ShardRows.__init__, embed_module.ShardRows.write
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        live["now"] += 1
+        live["most"] = max(live["most"], live["now"])
+
+    def write(self, *args, **kwargs):
+        live["now"] -= 1
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(embed_module.ShardRows, "__init__", init)
+    monkeypatch.setattr(embed_module.ShardRows, "write", write)
+    summary = embed_shards(str(tmp_path / "many"), model_dir, tmp_path / "emb", batch_size=2, workers=2, rank=0,
+                           world_size=1, show_progress=False)
+    assert summary["shards_done"] == 10 and summary["samples"] == 60
+    assert live["most"] <= 2
+
+
 def test_ranks_split_shards(tmp_path, shards, model_dir):
     out = tmp_path / "emb"
     first = embed_shards(spec(shards), model_dir, out, workers=0, rank=0, world_size=2, show_progress=False)
