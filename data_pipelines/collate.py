@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data._utils.collate import default_collate
 
 from vlp.data_pipelines.bad_samples import BAD_REASONS, BadSample, format_reasons
-from vlp.data_pipelines.decode import IMAGE_EXTENSIONS, decode_image, peek_image
+from vlp.data_pipelines.decode import IMAGE_EXTENSIONS, PIL_MAX_IMAGE_PIXELS, decode_image, peek_image
 from vlp.data_pipelines.gpu_decode import collate_planned, plan_jpeg
 from vlp.data_pipelines.seeds import seeded, stable_seed
 from vlp.data_pipelines.text import caption_sentences, sample_sub_captions
@@ -38,7 +38,7 @@ class SamplePipeline:
     batch_size: int
     caption_key: str = "txt"
     parent_caption_key: Optional[str] = None
-    max_image_pixels: int = 89_478_485
+    max_image_pixels: int = PIL_MAX_IMAGE_PIXELS
     sub_captions: int = 0
     sub_caption_sentences: int = 3
     sentences: int = 0

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from vlp.core.config import Strict
 from vlp.core.errors import ConfigError
+from vlp.data_pipelines.decode import PIL_MAX_IMAGE_PIXELS
 
 
 def refuse_shell_urls(spec: str, where: str = "", hint: str = "set data.allow_pipe_urls: true to allow them") -> str:
@@ -56,7 +57,7 @@ class DataConfig(Strict):
     # `pipe:` shard URLs (e.g. `pipe:aws s3 cp s3://bucket/{0..9}.tar -`) run a shell command
     # per shard; they are refused unless this is set.
     allow_pipe_urls: bool = False
-    max_image_pixels: int = Field(89_478_485, ge=1)  # PIL's default decompression-bomb limit
+    max_image_pixels: int = Field(PIL_MAX_IMAGE_PIXELS, ge=1)
     # Where training JPEGs are decoded: "cpu" in the loader workers (PIL), or "gpu": the workers
     # send the bytes and each sample's crop box, the device decodes the batch (nvjpeg via
     # torchvision.io.decode_jpeg), crops and resizes (data_pipelines/gpu_decode.py, docs/input.md).

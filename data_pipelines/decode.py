@@ -62,6 +62,12 @@ def check_pixels(image: Image.Image, max_pixels: int) -> None:
         raise Image.DecompressionBombError(f"{width}x{height} image is over the {max_pixels}-pixel limit")
 
 
+# PIL's own default decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, 1024**3 // 4 // 3: a
+# quarter GiB of 3-byte pixels), the default of `data.max_image_pixels`. Written out, not read
+# from PIL, because `allow_pixels` raises PIL's value process-wide.
+PIL_MAX_IMAGE_PIXELS = 89_478_485
+
+
 def allow_pixels(max_pixels: int) -> None:
     """Let PIL open images up to `max_pixels` (the loader applies that limit itself) and silence
     PIL's per-image warning for sizes near its own limit. Changes PIL's process-wide setting."""

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.utils.data import default_collate
 
-from vlp.data_pipelines.decode import IMAGE_SUFFIXES, decode_image
+from vlp.data_pipelines.decode import IMAGE_SUFFIXES, PIL_MAX_IMAGE_PIXELS, decode_image
 from vlp.data_pipelines.errors import DataError
 
 
@@ -73,7 +73,7 @@ class ImageFolder:
 
     def batches(
         self, *, preprocess: Callable, tokenizer: Optional[Callable[[list[str]], torch.Tensor]] = None,
-        batch_size: int, rank: int = 0, world_size: int = 1, max_image_pixels: int = 89_478_485,
+        batch_size: int, rank: int = 0, world_size: int = 1, max_image_pixels: int = PIL_MAX_IMAGE_PIXELS,
     ) -> Iterator[dict]:
         """This rank's share as eval-loader batches (see the module docstring)."""
         if not 0 <= rank < world_size:

@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from vlp.data_pipelines.collate import SamplePipeline
 from vlp.data_pipelines.config import DataConfig
 from vlp.data_pipelines.datasets import EvalDataset, ShardSource, TrainDataset, shard_counts
+from vlp.data_pipelines.decode import PIL_MAX_IMAGE_PIXELS
 from vlp.data_pipelines.errors import DataError
 from vlp.data_pipelines.gpu_decode import check_gpu_decode
 from vlp.data_pipelines.position import POSITION_FILE, VERSION, fresh_resampled_slot, redeal, sources_digest
@@ -319,7 +320,7 @@ def build_eval_loader(
     world_size: int = 1,
     workers: int = 0,
     caption_key: str = "txt",
-    max_image_pixels: int = 89_478_485,
+    max_image_pixels: int = PIL_MAX_IMAGE_PIXELS,
 ) -> EvalLoader:
     """An eval loader over the shard spec `urls` (brace ranges, `::` lists). Raises DataError
     naming a missing local shard."""
