@@ -19,7 +19,7 @@ EXTRA_TEXT = {"sub_text_embed": "sub_text", "sentence_embed": "sentences", "pare
 class VLPModel(nn.Module):
     """`forward(batch)` -> `{"loss", "logging"}`; `encode_image` / `encode_text` for evaluation.
 
-    batch: {"image": (B, C, H, W) or (B, 1, D, H, W), "text": (B, L) token ids, ...}.
+    batch: {"image": (B, C, H, W) or (B, 1, H, W, D), "text": (B, L) token ids, ...}.
     """
 
     def __init__(self, config: ModelConfig) -> None:

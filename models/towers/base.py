@@ -1,6 +1,6 @@
 """Tower contract and registries.
 
-An image tower maps images (B, C, H, W) (or volumes (B, 1, D, H, W)) to
+An image tower maps images (B, C, H, W) (or volumes (B, 1, H, W, D)) to
 `{"image_embed": (B, E), "image_tokens": (B, P, E)}`; a text tower maps token ids (B, L) to
 `{"text_embed": (B, E), "text_tokens": (B, L, E), "text_mask": (B, L) bool}`. E is the shared
 `model.embed_dim`: towers own their projections, so heads never see tower widths.

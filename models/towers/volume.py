@@ -1,7 +1,7 @@
 """The 3-D image tower: MONAI's ViT over CT volumes, plus projections to `embed_dim`.
 
 Input volumes are (B, 1, H, W, D) in MONAI's axis order (RAS: H toward Right, W toward
-Anterior, D toward Superior; see `data_pipelines/ct.py`), intensities in [-1, 1]. Patch tokens
+Anterior, D toward Superior; see `data_pipelines/volume_transforms.py`), intensities in [-1, 1]. Patch tokens
 come out in the row-major order of MONAI's patch grid (h, w, d): token p sits at grid cell
 `divmod` of p over (H / ph, W / pw, D / pd), which the grounding evaluator and tests rely on.
 
