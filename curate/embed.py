@@ -16,8 +16,8 @@ Samples are read with vlp's tar reader and decoded and preprocessed exactly as t
 are the model's own geometry: the diagonal of the scoring head's `pairwise_scores` (the head
 `vlp eval` scores with), cosine for CLIP/SigLIP, negative Lorentz distance for MERU.
 
-Ranks: RANK / WORLD_SIZE from the environment as `vlp train` reads them (torchrun, srun, a Slurm
-array through `vlp submit`); shard i goes to rank i % WORLD_SIZE, and ranks never talk to each
+Ranks: RANK / WORLD_SIZE from the environment as `vlp train` reads them (torchrun, srun), or a
+Slurm array task's index (`rank_and_world`); shard i goes to rank i % WORLD_SIZE, and ranks never talk to each
 other. Resume: a shard whose folder exists is skipped, and a shard folder appears whole or not at
 all (written under a temporary name, then renamed), so a killed run is rerun as it was. Memory
 does not grow with the dataset: the DataLoader's workers read one shard at a time, in step, and
@@ -242,13 +242,26 @@ class ShardRows:
         np.save(tmp / "image.npy", image)
         np.save(tmp / "text.npy", text)
         (tmp / "shard.json").write_text(json.dumps(summary, indent=1) + "\n")
-        os.replace(tmp, final)  # a directory rename: the shard's outputs appear together
+        try:
+            os.replace(tmp, final)  # a directory rename: the shard's outputs appear together
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp)  # another process (an overlapping run) completed this shard first
         return summary
 
 
 # ------------------------------------------------------------------ the command
-def rank_and_world() -> tuple[int, int, int]:
-    """(rank, local rank, world size) as `vlp train` reads them (Slurm's variables mapped)."""
+def rank_and_world(environ: Optional[dict] = None) -> tuple[int, int, int]:
+    """(rank, local rank, world size) as `vlp train` reads them (RANK / LOCAL_RANK / WORLD_SIZE,
+    Slurm's SLURM_PROCID and friends mapped by `fill_env`). A Slurm array task, where no launcher
+    set RANK, is rank (array index - first index) * SLURM_NTASKS + SLURM_PROCID of
+    SLURM_ARRAY_TASK_COUNT * SLURM_NTASKS: ranks never talk, so array tasks can split the shards."""
+    env = os.environ if environ is None else environ
+    if "RANK" not in env and "SLURM_ARRAY_TASK_ID" in env:
+        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        tasks, task = int(env.get("SLURM_NTASKS", 1)), int(env.get("SLURM_PROCID", 0))
+        return index * tasks + task, int(env.get("SLURM_LOCALID", 0)), int(env.get("SLURM_ARRAY_TASK_COUNT", 1)) * tasks
     from vlp.train.distributed import fill_env
 
     fill_env()

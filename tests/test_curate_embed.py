@@ -161,6 +161,15 @@ def test_ranks_split_shards(tmp_path, shards, model_dir):
     assert (first["shards"], first["samples"]) == (1, 24) and (second["shards"], second["samples"]) == (1, 28)
 
 
+def test_slurm_array_tasks_are_ranks():
+    from vlp.curate.embed import rank_and_world
+
+    array = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert rank_and_world(array) == (2, 0, 4)
+    with_srun = {**array, "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}
+    assert rank_and_world(with_srun) == (5, 1, 8)
+
+
 def test_other_model_or_shards_refused(tmp_path, shards, model_dir, digits_dir):
     out = tmp_path / "emb"
     embed_shards(spec(shards), model_dir, out, workers=0, rank=0, world_size=1, show_progress=False)
