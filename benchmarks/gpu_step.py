@@ -4,15 +4,18 @@ Four children, each in a fresh process (compile caches and allocator state stay 
 
 * vlp eager / vlp compile: `configs/clip_vit_b16.yaml` (open_clip's ViT-B-16 shapes) through
   vlp's own path: `build_model`, `build_engine` (DeepSpeed, bf16, ZeRO 1, AdamW, grad clip 1.0),
-  `to_device`, `engine(batch)`, `engine.backward`, `clip_gradients`, `engine.step`; compile is
-  the config's `train.compile` (the towers compiled in place).
+  batches fed as `run_loop` feeds them (a `DeviceStream`, one batch copied ahead on a side stream,
+  the compute dtype, `train.channels_last`), `engine(batch)`, `engine.backward`, `clip_gradients`,
+  `engine.step`; compile is the config's `train.compile` (the towers compiled in place).
 * open_clip eager / open_clip compile: `open_clip.CLIP` built from the same shapes (for ViT-B/16
   this is open_clip's `ViT-B-16`), fp32 weights under `torch.autocast(bfloat16)` (open_clip's
   `--precision amp_bf16`), `ClipLoss`, torch AdamW, grad clip 1.0 (`--grad-clip-norm 1.0`);
   compile is `torch.compile(model)` (open_clip's `--torchcompile`).
 
-Both see the same random batch (images (B, 3, H, W) fp32 on the device, token ids (B, L)),
-generated on the device, so the input pipeline is not measured (benchmarks/loader.py is).
+Both see the same random batch (images (B, 3, H, W) fp32, token ids (B, L)), so the input
+pipeline is not measured (benchmarks/loader.py is): open_clip's lives on the device; vlp's sits in
+pinned host memory and its DeviceStream copies it over again for every step, as in training, where
+that copy overlaps the step in flight.
 Step time: the median of the steps after the first third (warm-up and compilation excluded),
 each bracketed by `torch.cuda.synchronize`. MFU: `models/flops.model_flops_per_sample` (towers
 counted by FlopCounterMode, 3x forward, plus the logits) over `models/flops.peak_flops`.
@@ -77,6 +80,17 @@ def random_batch(config, batch: int, device) -> dict:
     }
 
 
+class RepeatLoader:
+    """The one host batch, endlessly, behind the `TrainLoader.iterate` interface DeviceStream reads."""
+
+    def __init__(self, batch: dict) -> None:
+        self.batch = batch
+
+    def iterate(self, epoch: int, skip_batches: int = 0):
+        while True:
+            yield self.batch
+
+
 def timed_steps(step, steps: int, device) -> float:
     """Median seconds of `step()` over the steps after the first third."""
     import torch
@@ -112,16 +126,24 @@ def run_child(mode: str, args: argparse.Namespace) -> dict:
 
     if library == "vlp":
         from vlp.train.distributed import init_distributed
-        from vlp.train.trainer import build_engine, build_model, clip_gradients, engine_dtype, to_device
+        from vlp.data_pipelines.device_stream import DeviceStream
+        from vlp.train.checkpoint import TrainState
+        from vlp.train.trainer import build_engine, build_model, clip_gradients, engine_dtype
 
         init_distributed()
         model = build_model(config)
         flops = model_flops_per_sample(model, args.batch)
         engine = build_engine(config, model)
-        dtype = engine_dtype(config)
+        # The batch on the host (pinned on CUDA, as the DataLoader's pinning thread leaves it), fed
+        # as run_loop feeds batches: copied one ahead, cast to the compute dtype, channels_last.
+        host_batch = {key: value.cpu() for key, value in batch.items()}
+        if device.type == "cuda":
+            host_batch = {key: value.pin_memory() for key, value in host_batch.items()}
+        stream = DeviceStream(RepeatLoader(host_batch), TrainState(), device, engine_dtype(config),
+                              config.train.channels_last, lookahead=1)
 
         def step() -> None:
-            out = engine(to_device(batch, device, dtype))
+            out = engine(next(stream))
             engine.backward(out["loss"])
             clip_gradients(engine, config)
             engine.step()

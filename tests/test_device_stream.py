@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -20,9 +21,37 @@ from vlp.data_pipelines.image_transforms import ClipImageTransform
 from vlp.data_pipelines.loader import build_train_loader
 from vlp.data_pipelines.shards import write_shards
 from vlp.train.checkpoint import TrainState
-from vlp.train.trainer import micro_batches, to_device
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+# The reference: the trainer's feed before DeviceStream, kept here as the plain, obviously right
+# version the stream must equal (batch order, data position, dtype and layout).
+def micro_batches(loader: Any, state: TrainState) -> Iterator[dict[str, Any]]:
+    """Endless micro-batches that keep `state.epoch` / `state.batch_in_epoch` as the data position."""
+    while True:
+        for batch in loader.iterate(state.epoch, skip_batches=state.batch_in_epoch):
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def to_device(
+    batch: dict[str, Any], device: torch.device, dtype: torch.dtype, channels_last: bool = False
+) -> dict[str, Any]:
+    """Tensors to the device; float inputs to the compute dtype (token ids, masks and uint8 pixels
+    keep theirs); 4-D images channels_last if asked."""
+    moved = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device)
+            if value.is_floating_point():
+                value = value.to(dtype)
+            if channels_last and key == "image" and value.ndim == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+        moved[key] = value
+    return moved
 
 
 def tokenizer(texts: list[str]) -> torch.Tensor:

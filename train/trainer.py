@@ -12,7 +12,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -149,35 +149,6 @@ def build_engine(config: ExperimentConfig, model: VLPModel, load_universal: bool
         model.image.compile()
         model.text.compile()
     return engine
-
-
-def to_device(
-    batch: dict[str, Any], device: torch.device, dtype: torch.dtype, channels_last: bool = False
-) -> dict[str, Any]:
-    """Tensors to the device (non-blocking from pinned memory on GPU); float inputs to the
-    engine's compute dtype. Token ids and masks keep their dtype."""
-    moved = {}
-    for key, value in batch.items():
-        if torch.is_tensor(value):
-            value = value.to(device, non_blocking=device.type == "cuda")
-            if value.is_floating_point():
-                value = value.to(dtype)
-            if channels_last and key == "image" and value.ndim == 4:
-                value = value.contiguous(memory_format=torch.channels_last)
-        moved[key] = value
-    return moved
-
-
-def micro_batches(loader: Any, state: TrainState) -> Iterator[dict[str, Any]]:
-    """Endless micro-batches that keep `state.epoch` / `state.batch_in_epoch` as the data position
-    (the loader's own saved position, restored with the checkpoint, takes over from
-    `batch_in_epoch`; it only skips batches for checkpoints saved without one)."""
-    while True:
-        for batch in loader.iterate(state.epoch, skip_batches=state.batch_in_epoch):
-            state.batch_in_epoch += 1
-            yield batch
-        state.epoch += 1
-        state.batch_in_epoch = 0
 
 
 def engine_dtype(config: ExperimentConfig) -> torch.dtype:
