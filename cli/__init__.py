@@ -22,11 +22,10 @@ from typing import Optional
 import yaml
 
 from vlp.core.errors import ConfigError, VlpInputError
+from vlp.curate import commands as curate_commands
 from vlp.slurm import status, submit
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# Subcommand modules that add themselves with `add_parser(subparsers)`.
-PLUGIN_COMMANDS = ("vlp.slurm.submit", "vlp.slurm.status")
 GRACE_S = 10  # seconds ranks get after SIGTERM before SIGKILL when a sibling rank died
 
 
@@ -244,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit.add_parser(sub)
     status.add_parser(sub)
+    curate_commands.add_parser(sub)  # vlp embed, vlp curate
     return parser
 
 
