@@ -72,6 +72,12 @@ class Tower(nn.Module):
     # trunk_format: the export format that holds this tower's trunk alone ("timm", "monai"), if any.
     trunk_format: ClassVar[Optional[str]] = None
 
+    # -- a tiny example, so tests/test_tower_registry.py builds and runs every registered tower --
+    # Config fields (besides `type`) of a small instance that builds offline with random weights
+    # (a tower that reads files names installed ones; missing, it raises InputNotFound and the
+    # test skips). None: the tower gives no example, which that test reports as a failure.
+    example_config: ClassVar[Optional[dict[str, Any]]] = None
+
     def __init__(self, config: TowerConfig, embed_dim: int) -> None:
         super().__init__()
         self.config = config

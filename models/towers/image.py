@@ -85,6 +85,7 @@ class OpenClipVitConfig(PretrainedFields, ImageLockFields, TowerConfig):
 class OpenClipVit(ImageTower):
     config_class = OpenClipVitConfig
     open_clip_layout = "visual"
+    example_config = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}
 
     def __init__(self, config: OpenClipVitConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)
@@ -187,6 +188,8 @@ class TimmTower(ImageTower):
     config_class = TimmConfig
     open_clip_layout = "timm"
     trunk_format = "timm"
+    # timm's ViT-Tiny cut to 2 blocks on a 4 x 4 patch grid (its class takes img_size).
+    example_config = {"model_name": "vit_tiny_patch16_224", "image_size": 32, "kwargs": {"patch_size": 8, "depth": 2}}
 
     def __init__(self, config: TimmConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)
@@ -251,6 +254,8 @@ class OpenClipModelImage(ImageTower):
 
     config_class = OpenClipModelImageConfig
     open_clip_layout = "factory"
+    # open_clip's smallest built-in config (ViT-S/32, narrow text), random weights; E is its own.
+    example_config = {"name": "ViT-S-32-alt", "embed_dim": 256}
 
     def __init__(self, config: OpenClipModelImageConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)

