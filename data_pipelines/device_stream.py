@@ -1,7 +1,8 @@
 """Training batches on the device, copied one batch ahead of the step that uses them.
 
-`DeviceStream(loader, state, device, dtype)` replaces the trainer's `micro_batches(loader, state)`
-+ `to_device(batch, ...)`: `next(stream)` returns the next micro-batch with its tensors on
+`DeviceStream(loader, state, device, dtype)` is how the trainer reads its batches (the plain
+read-then-copy loop it replaced stays in tests/test_device_stream.py as the reference it must
+equal): `next(stream)` returns the next micro-batch with its tensors on
 `device` (float tensors in the compute `dtype`; uint8 pixels, token ids and masks keep theirs),
 while the copy of the following `lookahead` batches is already under way:
 
@@ -32,7 +33,7 @@ class DeviceStream:
     """Endless micro-batches of `loader` on `device`, `lookahead` batches copied ahead.
 
     `state`: the trainer's TrainState (fields `epoch`, `batch_in_epoch`): where the stream starts
-    and what it advances at each hand-over, as `micro_batches` did. `host_stage(batch)`: applied
+    and what it advances at each hand-over. `host_stage(batch)`: applied
     at hand-over to the batch (its tensors on the device, its host fields such as "bad" as the
     loader gave them), e.g. `BadSampleTally.take`, so the bad-sample counts and stop rule see the
     same batch at the same step as without lookahead. `device_stage(batch)`: applied right after
@@ -77,7 +78,7 @@ class DeviceStream:
 
     def _host_batches(self) -> Iterator[tuple[Batch, Any, tuple[int, int]]]:
         """(host batch, the loader's position after it, (epoch, batch_in_epoch) after it), endless;
-        the epoch loop of `micro_batches`, on counters of its own (the state moves at hand-over)."""
+        the epoch loop, on counters of its own (the state moves at hand-over)."""
         epoch, done = self.state.epoch, self.state.batch_in_epoch
         position = getattr(self.loader, "position", None)
         while True:
