@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from vlp.core.errors import ConfigError, DataError
 from vlp.models.heads.align_uniform import alignment, gaussian_potential_sum
 from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
 from vlp.train.evals.harness import encode_texts_lockstep, gather_rows, zero3_partitioned
@@ -85,7 +86,7 @@ class Alignment(Evaluator):
     def prepare(self, model: Any, context: EvalContext) -> None:
         heads = model.objective.heads
         if all(head.hyperbolic for head in heads.values()):
-            raise ValueError(f"alignment: needs a Euclidean head (heads: {', '.join(heads)}: all hyperbolic)")
+            raise ConfigError(f"alignment: needs a Euclidean head (heads: {', '.join(heads)}: all hyperbolic)")
 
     def per_batch(self, model: Any, batch: dict) -> dict:
         return {"image": model.encode_image(batch["image"])["image_embed"].float(),
@@ -102,7 +103,7 @@ class Alignment(Evaluator):
         keys = rows.get("key", [])
         order = sorted(range(len(keys)), key=keys.__getitem__)
         if len(order) < 2:
-            raise ValueError(f"alignment: {self.config.data}: needs at least 2 samples, got {len(order)}")
+            raise DataError(f"alignment: {self.config.data}: needs at least 2 samples, got {len(order)}")
         image, text = rows["image"][order], rows["text"][order]
         stride = max(1, math.ceil(len(image) / self.config.max_samples))
         prefix, t, chunk = self.config.prefix, self.config.t, self.config.chunk_size

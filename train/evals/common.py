@@ -10,6 +10,7 @@ from typing import Any, Union
 
 import torch
 
+from vlp.core.errors import ConfigError, InputNotFound
 from vlp.data_pipelines.errors import DataError
 from vlp.models.dual_encoder import scoring_head
 from vlp.train.evals.harness import EvalContext, EvalSource, eval_batches, evaluating, gather_rows, run_batches
@@ -73,26 +74,26 @@ def load_template_sets(value: Union[str, dict[str, Union[list[str], str]], None]
     if isinstance(value, str):
         path = Path(value)
         if not path.is_file():
-            raise FileNotFoundError(f"template_sets: {path}: no such file")
+            raise InputNotFound(f"template_sets: {path}: no such file")
         import yaml
 
         value = yaml.safe_load(path.read_text())  # JSON is YAML
         base = path.parent
         if not isinstance(value, dict):
-            raise ValueError(f"template_sets: {path}: needs a mapping of set name to a list of templates")
+            raise ConfigError(f"template_sets: {path}: needs a mapping of set name to a list of templates")
     sets: dict[str, list[str]] = {}
     for name, templates in value.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
-            raise ValueError(f"template_sets: set name {name!r}: use letters, digits, '_', '.', '-'")
+            raise ConfigError(f"template_sets: set name {name!r}: use letters, digits, '_', '.', '-'")
         if isinstance(templates, str):
             path = Path(templates) if Path(templates).is_absolute() else base / templates
             if not path.is_file():
-                raise FileNotFoundError(f"template_sets.{name}: {path}: no such file")
+                raise InputNotFound(f"template_sets.{name}: {path}: no such file")
             templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
-            raise ValueError(f"template_sets.{name}: needs a non-empty list of template strings")
+            raise ConfigError(f"template_sets.{name}: needs a non-empty list of template strings")
         for template in templates:
             if "{c}" not in template and "{}" not in template:
-                raise ValueError(f"template_sets.{name}: {template!r} has no {{c}} for the class name")
+                raise ConfigError(f"template_sets.{name}: {template!r} has no {{c}} for the class name")
         sets[str(name)] = templates
     return sets

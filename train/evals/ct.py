@@ -25,6 +25,7 @@ import torch
 from pydantic import Field
 
 from vlp.core.collectives import all_reduce_sum
+from vlp.core.errors import ConfigError
 from vlp.data_pipelines.sources.ct_rate import CT_RATE_ABNORMALITIES
 from vlp.models.heads.ct_align import patch_scores
 from vlp.models.dual_encoder import scoring_head
@@ -102,7 +103,7 @@ class CtEvaluator(Evaluator):
 
     def source(self):
         if not self.config.data:
-            raise ValueError("evals.ct: `data` (a shard spec of held-out CT shards) is required")
+            raise ConfigError("evals.ct: `data` (a shard spec of held-out CT shards) is required")
         return super().source()
 
     def preprocess(self, model: Any) -> VolumeWithMask:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from vlp.core.collectives import all_reduce_sum
+from vlp.core.errors import ConfigError, DataError
 from vlp.models.heads.ct_align import patch_scores
 from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
 from vlp.train.evals.harness import gather_rows
@@ -70,7 +71,7 @@ def resolve_method(model: Any, method: str) -> str:
     if method == "auto":
         return next((name for name, head in heads.items() if head.grounds), "patch")
     if method != "patch" and method not in heads:
-        raise ValueError(f"grounding: method={method} needs a `{method}` head; the model has {', '.join(heads)}")
+        raise ConfigError(f"grounding: method={method} needs a `{method}` head; the model has {', '.join(heads)}")
     return method
 
 
@@ -88,7 +89,7 @@ def mask_to_patches(mask: np.ndarray, input_size: int, grid: int) -> torch.Tenso
     top, left = (size[0] - input_size) // 2, (size[1] - input_size) // 2
     cropped = resized[top : top + input_size, left : left + input_size]
     if input_size % grid:
-        raise ValueError(f"grounding: input size {input_size} is not a multiple of the {grid}x{grid} patch grid")
+        raise ConfigError(f"grounding: input size {input_size} is not a multiple of the {grid}x{grid} patch grid")
     return F.avg_pool2d(cropped[None, None], input_size // grid).reshape(-1)
 
 
@@ -124,7 +125,7 @@ class _Maps:
     def __init__(self, model: Any, method: str) -> None:
         self.head = None if method == "patch" else model.objective.heads[method]
         if self.head is not None and not self.head.grounds:
-            raise ValueError(f"grounding: the `{method}` head does not ground (Head.grounds)")
+            raise ConfigError(f"grounding: the `{method}` head does not ground (Head.grounds)")
 
     def maps(self, image: dict, text: dict, owner: torch.Tensor) -> torch.Tensor:
         """(Q, P) maps of sentence q over the patches of image owner[q]."""
@@ -184,7 +185,7 @@ class Grounding(Evaluator):
 
     def source(self):
         if not self.config.data:
-            raise ValueError("grounding: `data` (the held-out shard spec) is required")
+            raise ConfigError("grounding: `data` (the held-out shard spec) is required")
         return super().source()
 
     def prepare(self, model: Any, context: EvalContext) -> None:
@@ -202,12 +203,12 @@ class Grounding(Evaluator):
         encoded = model.encode_image(images)
         grid_size = int(round(encoded["image_tokens"].shape[1] ** 0.5))
         if grid_size * grid_size != encoded["image_tokens"].shape[1]:
-            raise ValueError(f"grounding: {encoded['image_tokens'].shape[1]} image tokens do not form a square grid")
+            raise ConfigError(f"grounding: {encoded['image_tokens'].shape[1]} image tokens do not form a square grid")
         owner, sentences, targets = [], [], []
         for index, (key, meta) in enumerate(zip(batch["key"], batch["meta"])):
             objects = meta.get("objects") if isinstance(meta, dict) else None
             if not objects:
-                raise ValueError(f"grounding: sample {key} has no `objects` (sentence + mask) in its .json")
+                raise DataError(f"grounding: sample {key} has no `objects` (sentence + mask) in its .json")
             for obj in objects:
                 owner.append(index)
                 sentences.append(obj["sentence"])

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import Field, field_validator
 
+from vlp.core.errors import ConfigError
 from vlp.models import lorentz as L
 from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
 from vlp.train.evals.common import encode_texts
@@ -50,7 +51,7 @@ def hyperbolic_head(model: Any) -> Any:
     for head in heads.values():
         if head.hyperbolic:
             return head
-    raise ValueError(f"hierarchy: the model has no hyperbolic head (Head.hyperbolic; heads: {', '.join(heads) or 'none'})")
+    raise ConfigError(f"hierarchy: the model has no hyperbolic head (Head.hyperbolic; heads: {', '.join(heads) or 'none'})")
 
 
 def evaluate_hierarchy(

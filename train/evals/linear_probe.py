@@ -30,6 +30,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import Field, field_validator
 
+from vlp.core.errors import ConfigError
 from vlp.data_pipelines.errors import DataError
 from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
 from vlp.train.evals.common import image_features
@@ -160,7 +161,7 @@ def linear_probe(
 def probe_sources(config: LinearProbeConfig) -> tuple[EvalSource, EvalSource]:
     """(train, test) sources of the config."""
     if config.data is None:
-        raise ValueError("linear_probe: needs `data` (the test split)")
+        raise ConfigError("linear_probe: needs `data` (the test split)")
     return resolve_eval_source(config.train_data or config.data, "train"), resolve_eval_source(config.data, "test")
 
 
@@ -176,7 +177,7 @@ class LinearProbe(Evaluator):
         the same on every rank."""
         train_source, test_source = probe_sources(self.config)
         if train_source.spec == test_source.spec:
-            raise ValueError(f"linear_probe: train and test are both {test_source.spec}; set `train_data`")
+            raise ConfigError(f"linear_probe: train and test are both {test_source.spec}; set `train_data`")
         splits = []
         for source in (train_source, test_source):
             features, labels, _ = image_features(model, source, context, batch_size=self.config.batch_size,

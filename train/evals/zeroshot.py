@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 
 from vlp.core.collectives import all_reduce_sum
+from vlp.core.errors import ConfigError, InputNotFound
 from vlp.data_pipelines.errors import DataError
 from vlp.models.dual_encoder import scoring_head
 from vlp.train.evals.base import EVALUATORS, EvalConfig, EvalContext, EvalExample, Evaluator
@@ -58,7 +59,7 @@ def _read_list(
     if value:
         path = Path(value)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise InputNotFound(f"{path}: no such file")
     else:
         path = next((folder / filename for folder in folders if (folder / filename).is_file()), None)
         if path is None:
@@ -68,7 +69,7 @@ def _read_list(
         if isinstance(data, dict):
             key = dataset if dataset in data else fallback_key if fallback_key in data and dataset else None
             if key is None:
-                raise KeyError(f"{path}: needs `dataset` (one of {', '.join(sorted(data)[:10])}, ...), got {dataset!r}")
+                raise ConfigError(f"{path}: needs `dataset` (one of {', '.join(sorted(data)[:10])}, ...), got {dataset!r}")
             data = data[key]
         return [str(x) for x in data]
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -82,7 +83,7 @@ def resolve_names(config: ZeroShotConfig) -> tuple[list[str], list[str]]:
     # An image-folder tree names its classes by its folders, unless a classnames.txt says otherwise.
     classnames = _read_list(config.classnames, config.dataset, folders, "classnames.txt") or source.classnames
     if not classnames:
-        raise FileNotFoundError(f"zeroshot: no class names (set `classnames` or put classnames.txt in {folders[0]})")
+        raise InputNotFound(f"zeroshot: no class names (set `classnames` or put classnames.txt in {folders[0]})")
     # clip_benchmark uses the imagenet1k templates for datasets without their own.
     templates = _read_list(config.templates, config.dataset, folders, "zeroshot_classification_templates.txt",
                            fallback_key="imagenet1k")
