@@ -11,6 +11,7 @@ from conftest import read_tar, tiny_config
 from dist_utils import run_ranks
 from PIL import Image
 
+from vlp.core.errors import ConfigError
 from vlp.models.heads.base import Head, HeadConfig
 from vlp.train.evals import EVALUATORS, EvalContext
 from vlp.train.evals.retrieval import (
@@ -247,7 +248,7 @@ def test_clip_benchmark_name_files(tmp_path, digits_dir):
     from vlp.train.evals.harness import resolve_shard_spec
 
     assert resolve_shard_spec(str(wds)) == str(wds / "test" / "0.tar")
-    with pytest.raises(KeyError, match="needs `dataset`"):
+    with pytest.raises(ConfigError, match="needs `dataset`"):
         resolve_names(ZeroShotConfig(data=config.data, classnames=str(folder / "en_classnames.json")))
 
 
