@@ -126,12 +126,16 @@ def share_with_zero3(module: nn.Module, *params) -> None:
 
     Under ZeRO-3 a parameter is gathered for the forward of the module that owns it and may be
     partitioned again when that forward returns; projecting patch tokens with the tower's
-    projection after the child returns needs it registered as external to the parent.
+    projection after the child returns needs it registered as external to the parent: the
+    parent's hooks then gather it with the parent's own and keep it until the parent returns
+    (and again for its backward). Outside ZeRO-3 the registration is an unused attribute.
+
+    `deepspeed.zero` is an attribute of the deepspeed package (`deepspeed.runtime.zero`), not an
+    importable module: `from deepspeed.zero import ...` raises ImportError, which once made this
+    a silent no-op (the tower's proj partitioned again before the tower used it).
     """
-    try:
-        from deepspeed.zero import register_external_parameter
-    except ImportError:  # pragma: no cover - deepspeed is a core dependency
-        return
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
     for param in params:
         if isinstance(param, nn.Parameter):
             register_external_parameter(module, param)

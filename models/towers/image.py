@@ -197,6 +197,10 @@ class TimmTower(ImageTower):
         width = self.trunk.num_features
         self.proj = nn.Linear(width, embed_dim, bias=False)
         self.num_prefix = int(getattr(self.trunk, "num_prefix_tokens", 0))
+        # The tower calls the trunk's forward_features / forward_head, not the trunk itself, so
+        # the trunk's ZeRO-3 hooks never run: its own parameters (a ViT's cls_token, pos_embed)
+        # are gathered with the tower's. Its submodules are called, and gather their own.
+        share_with_zero3(self, *self.trunk.parameters(recurse=False))
         if config.lock:
             from open_clip.timm_model import TimmModel
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlp.data_pipelines.volume_transforms import DEFAULT_HU_WINDOW, VolumePreprocess
-from vlp.models.towers.base import IMAGE_TOWERS, ImageTower, TowerConfig
+from vlp.models.towers.base import IMAGE_TOWERS, ImageTower, TowerConfig, share_with_zero3
 
 
 def patchify(volumes: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
@@ -128,6 +128,12 @@ class MonaiViT3D(ImageTower):
         if config.token_proj == "separate":
             self.token_proj = nn.Linear(config.hidden_size, embed_dim, bias=False)
         self.grad_checkpointing = False
+        # The masked pass reads the patch embedding's conv weights and position embeddings
+        # without calling those modules (a matmul on the kept patches): under ZeRO-3 they are
+        # gathered with the tower's own parameters instead.
+        embedding = self.vit.patch_embedding
+        share_with_zero3(self, embedding.patch_embeddings.weight, embedding.patch_embeddings.bias,
+                         embedding.position_embeddings)
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -169,7 +175,14 @@ class MonaiViT3D(ImageTower):
         in MAE, so each token knows where it sits. Compute falls with the mask ratio: the patch
         embedding runs on the K patches only (MONAI's conv, whose kernel equals its stride, as a
         matmul on `patchify`), the blocks' linear layers cost K / P of the full pass and attention
-        (K / P)^2. Measured: benchmarks/masked_volume_step.py."""
+        (K / P)^2. Measured: benchmarks/masked_volume_step.py.
+
+        A call of the tower (`forward(volumes, visible)`), not a method call: ZeRO-3 gathers a
+        module's parameters in the hooks around its call, and this pass reads the tower's own
+        (cls_token, the shared patch embedding)."""
+        return self(volumes, visible=visible)
+
+    def _masked(self, volumes: torch.Tensor, visible: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check(volumes)
         embedding = self.vit.patch_embedding
         conv = embedding.patch_embeddings  # Conv3d(1, W_h, kernel = stride = patch_size)
@@ -182,7 +195,11 @@ class MonaiViT3D(ImageTower):
         token_proj = self.token_proj if self.config.token_proj == "separate" else self.proj
         return {"visible_image_tokens": token_proj(tokens)}
 
-    def forward(self, volumes: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, volumes: torch.Tensor, visible: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """volumes (B, 1, H, W, D) -> the full pass; with visible (B, K), the masked pass
+        (`encode_visible`)."""
+        if visible is not None:
+            return self._masked(volumes, visible)
         pooled, tokens = self.features(volumes)
         token_proj = self.token_proj if self.config.token_proj == "separate" else self.proj
         return {"image_embed": self.proj(pooled), "image_tokens": token_proj(tokens)}
