@@ -174,13 +174,6 @@ def test_every_evaluator_on_two_zero3_ranks_with_uneven_shards_equals_one_proces
 
 
 @pytest.mark.slow  # 2 gloo ranks, a DeepSpeed engine per evaluator
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "open: the towers now work outside engine.forward (alignment and ct pass), but heads' methods "
-    "called outside their own forward read partitioned parameters or run collectives the idle rank "
-    "does not: hierarchy's reduce calls the meru head's lift_text (scalars() reads the head's own "
-    "parameters, never gathered), and grounding's per_batch runs head.patch_map on the rank with "
-    "data while the idle rank runs only tower forwards (rank 0 waits in the head's all-gather, "
-    "rank 1 in lockstep's all-reduce)"))
 def test_every_evaluator_on_a_real_zero3_engine_with_uneven_shards_equals_one_process(cases, tmp_path):
     """One 2-rank pair for every evaluator; rank 1 reads no eval data. A rank out of lockstep
     waits in a collective the other never joins: an error after DIST_TIMEOUT_S, not a pass."""

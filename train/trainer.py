@@ -7,12 +7,13 @@ small object of its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -203,9 +204,30 @@ def run_evaluators(evaluators: list[Evaluator], engine: Engine, env: DistEnv, ru
         rank=env.rank, world_size=env.world_size, device=env.device, dtype=next(model.parameters()).dtype,
         out_dir=run_dir / "plots" if env.is_main else None, step=step,
     )
-    for evaluator in due:
-        results.update(evaluator.run(model, context))
+    with whole_weights(engine):
+        for evaluator in due:
+            results.update(evaluator.run(model, context))
     return results
+
+
+@contextlib.contextmanager
+def whole_weights(engine: Engine) -> Iterator[None]:
+    """Under ZeRO-3, every weight gathered once on every rank, with the engine's per-module hooks
+    lifted, for as long as the evaluators run (DeepSpeed's `unwrap_model_for_generation`).
+
+    Evaluators call towers and heads outside the engine's forward (`encode_image`, a head's
+    `patch_map` or `lift_text`), and ZeRO-3's hooks gather a weight only around its own module's
+    call: a head's scalars read in `reduce`, or a rank that runs out of eval batches while another
+    still calls a head, would fail or hang. The cost is one full copy of the weights per rank
+    during evaluation (bf16 ViT-B/16 CLIP: 0.3 GB). The harness's lockstep stays, for the
+    collectives the evaluators run themselves."""
+    if engine.zero_optimization_stage() != 3:
+        yield
+        return
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(engine):
+        yield
 
 
 def train(config: ExperimentConfig, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
