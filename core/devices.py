@@ -59,18 +59,30 @@ def no_cuda_reason(environ: Mapping[str, str] = os.environ) -> str:
             "is false (the NVIDIA driver is missing or too old)")
 
 
+def gpu_expected(environ: Mapping[str, str] = os.environ) -> bool:
+    """True where this process looks meant to have a GPU: the NVIDIA kernel driver is loaded, or
+    the launcher assigned GPUs (CUDA_VISIBLE_DEVICES / SLURM_JOB_GPUS naming a device)."""
+    assigned = any(environ.get(key, "").strip() not in ("", "-1", "none", "NoDevFiles")
+                   for key in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS"))
+    return assigned or os.path.exists("/proc/driver/nvidia/version")
+
+
 def compute_device(requested: DeviceRequest = "auto", local_rank: int = 0,
                    environ: Mapping[str, str] = os.environ, announce: bool = True) -> torch.device:
     """The device this rank computes on (no side effects; `use_compute_device` applies it).
 
-    auto: CUDA when torch sees a GPU, else CPU with a log line saying so (rank 0, `announce`).
+    auto: CUDA when torch sees a GPU, else CPU, with a log line saying so where a GPU was expected
+    (`gpu_expected`; rank 0, `announce`).
     cuda without one, or more local ranks than visible GPUs: `DeviceError`."""
     if requested == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         if requested == "cuda":
             raise DeviceError(f"train.device=cuda: no CUDA device: {no_cuda_reason(environ)}")
-        if announce and environ.get("RANK", "0") == "0":  # one line per run, not per rank
+        # Said where a GPU should have been (an NVIDIA driver on the machine, or GPUs assigned to
+        # the job), so a GPU job that falls back to the CPU does not do so without a word; on a
+        # machine without GPUs, CPU training is what `auto` means and needs no line.
+        if announce and environ.get("RANK", "0") == "0" and gpu_expected(environ):  # one line per run
             print(f"[vlp] train.device=auto: no CUDA device ({no_cuda_reason(environ)}); training on CPU",
                   file=sys.stderr, flush=True)
         return torch.device("cpu")

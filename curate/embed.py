@@ -254,7 +254,7 @@ class ShardRows:
 # ------------------------------------------------------------------ the command
 def rank_and_world(environ: Optional[dict] = None) -> tuple[int, int, int]:
     """(rank, local rank, world size) as `vlp train` reads them (RANK / LOCAL_RANK / WORLD_SIZE,
-    Slurm's SLURM_PROCID and friends mapped by `fill_env`). A Slurm array task, where no launcher
+    else Slurm's SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS). A Slurm array task, where no launcher
     set RANK, is rank (array index - first index) * SLURM_NTASKS + SLURM_PROCID of
     SLURM_ARRAY_TASK_COUNT * SLURM_NTASKS: ranks never talk, so array tasks can split the shards."""
     env = os.environ if environ is None else environ
@@ -262,10 +262,14 @@ def rank_and_world(environ: Optional[dict] = None) -> tuple[int, int, int]:
         index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
         tasks, task = int(env.get("SLURM_NTASKS", 1)), int(env.get("SLURM_PROCID", 0))
         return index * tasks + task, int(env.get("SLURM_LOCALID", 0)), int(env.get("SLURM_ARRAY_TASK_COUNT", 1)) * tasks
-    from vlp.train.distributed import fill_env
-
-    fill_env()
-    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    # Read, never written: `fill_env` would leave RANK / MASTER_PORT in this process's environment
+    # for every later subprocess (ranks of embed never talk, so no rendezvous is needed).
+    if "RANK" in env:
+        rank = int(env["RANK"])
+        return rank, int(env.get("LOCAL_RANK", rank)), int(env.get("WORLD_SIZE", 1))
+    if "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env.get("SLURM_NTASKS", 1))
+    return 0, 0, 1
 
 
 def embed_shards(spec: str, model_path: Path, out: Path, *, batch_size: int = 256, workers: int = 2,

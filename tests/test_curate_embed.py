@@ -4,7 +4,6 @@ another model's or another shard set's embeddings, bad input, and the curated sh
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -233,21 +232,11 @@ def test_curate_writes_shards_manifest_and_report(tmp_path, shards, model_dir):
 
 
 def test_command_line(tmp_path, shards, model_dir, capsys):
-    """Both commands through vlp's own parser and error handling (the parser built as
-    `vlp.cli.build_parser` builds it, plus `vlp.curate.commands.add_parser`): exit 0 with a JSON
-    line, and bad input as one line with exit 2."""
+    """Both commands through vlp's own command line (`vlp.cli.main`): exit 0 with a JSON line,
+    and bad input as one line with exit 2."""
     import vlp.cli
-    from vlp.curate import commands
 
-    def run(argv):
-        parser = vlp.cli.build_parser()
-        commands.add_parser(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)))
-        original = vlp.cli.build_parser
-        vlp.cli.build_parser = lambda: parser
-        try:
-            return vlp.cli.main(argv)
-        finally:
-            vlp.cli.build_parser = original
+    run = vlp.cli.main
 
     emb = tmp_path / "emb"
     assert run(["embed", spec(shards), "--model", str(model_dir), "--out", str(emb), "--workers", "0"]) == 0

@@ -39,12 +39,20 @@ def test_cpu_is_cpu_whatever_is_visible(gpus):
     assert compute_device("cpu", 3, {}) == torch.device("cpu")
 
 
-def test_auto_without_cuda_trains_on_cpu_and_says_so(gpus, capsys):
+def test_auto_without_cuda_trains_on_cpu_and_says_so_where_a_gpu_was_expected(gpus, capsys):
     gpus(0)
-    assert compute_device("auto", 0, {"RANK": "0"}) == torch.device("cpu")
+    assigned = {"RANK": "0", "CUDA_VISIBLE_DEVICES": "0"}  # the job was given a GPU torch cannot use
+    assert compute_device("auto", 0, assigned) == torch.device("cpu")
     assert "no CUDA device" in capsys.readouterr().err
-    assert compute_device("auto", 1, {"RANK": "1"}) == torch.device("cpu")
+    assert compute_device("auto", 1, {**assigned, "RANK": "1"}) == torch.device("cpu")
     assert capsys.readouterr().err == ""  # one line per run, from rank 0
+
+
+def test_auto_on_a_machine_without_gpus_trains_on_cpu_quietly(gpus, capsys, monkeypatch):
+    gpus(0)
+    monkeypatch.setattr(devices.os.path, "exists", lambda path: False)  # no NVIDIA driver loaded
+    assert compute_device("auto", 0, {"RANK": "0"}) == torch.device("cpu")
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("built_for, environ, reason", [

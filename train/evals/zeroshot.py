@@ -192,7 +192,8 @@ class ZeroShot(Evaluator):
         # Each extra template set is one more full pass with its own classifier: the images are
         # re-encoded per set (the scoring loop stays as it is), so the cost grows with the sets.
         for name, templates in load_template_sets(self.config.template_sets).items():
-            scored = ZeroShot(self.config.model_copy(update={"templates": templates})).run(model, context)
+            # template_sets=None: the set is scored once, not again by its own copy (an endless recursion).
+            scored = ZeroShot(self.config.model_copy(update={"templates": templates, "template_sets": None})).run(model, context)
             results.update({f"{key}@templates={name}": value for key, value in scored.items()
                             if not key.endswith("samples")})
         return results
