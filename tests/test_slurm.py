@@ -300,7 +300,7 @@ def test_job_runs_the_submitting_vlp_from_a_shell_without_the_venv(tmp_path):
                                   f"output_dir={tmp_path / 'runs'}", "train.steps=5"],
                                  cwd=tmp_path, entry=[str(entry)], env=env)
     script = (run_dir / "slurm" / "job.sbatch").read_text()
-    assert re.search(rf"^VLP=\({re.escape(str(venv_bin))}/python3?(\.\d+)? -m vlp\.train\.cli\)$", script, re.M), script
+    assert re.search(rf"^VLP=\({re.escape(str(venv_bin))}/python3?(\.\d+)? -m vlp\.cli\)$", script, re.M), script
     state = wait_final(job_id, run_dir, timeout_s=600)
     assert state == "COMPLETED", log_of(run_dir, job_id)[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 5
