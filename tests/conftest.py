@@ -16,6 +16,26 @@ import yaml
 
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 
+# What an in-process `vlp train` / `vlp eval` leaves behind for the next test: the rendezvous
+# variables `fill_env` sets (inherited by every later subprocess, which would then all bind one
+# MASTER_PORT) and a live process group.
+_RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_rendezvous_left_behind():
+    before = {key: os.environ.get(key) for key in _RENDEZVOUS}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
 
 def read_tar(path) -> dict:
     """{key: {ext: bytes}} of one shard, read with plain tarfile (independent of our writer and loader)."""

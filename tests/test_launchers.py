@@ -39,7 +39,8 @@ def test_deepspeed_launcher_local_rank_flag_starts_a_run(tmp_path, digits_dir, f
         assert not any("mfu" in r for r in steps)
     else:
         assert all(0 < r["mfu"] < 1 for r in steps)
-    assert "no CUDA device" in proc.stderr  # train.device auto fell back to CPU and said so
+    # train.device auto fell back to the CPU; whether it says so depends on the machine (only
+    # where a GPU was expected), which tests/test_devices.py checks with the decision faked.
 
 
 def test_local_rank_flag_must_agree_with_the_environment(tmp_path, digits_dir):
