@@ -135,9 +135,10 @@ def build_engine(config: ExperimentConfig, model: VLPModel, load_universal: bool
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, tr))
     if config.deepspeed.zero_stage == 3 and any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
         # nn.MultiheadAttention reads out_proj's weight and bias without calling out_proj, so the
-        # per-module hooks of ZeRO-3 never gather them: a tower called outside the engine's own
-        # forward (every evaluator) fails with "mat2 must be a matrix". As leaves, each attention
-        # module gathers all its parameters, its children's included, when it runs.
+        # per-module hooks of ZeRO-3 never gather them ("mat2 must be a matrix" once they are
+        # partitioned: weights above DeepSpeed's persistence threshold, in training and eval
+        # alike). As leaves, each attention module gathers all its parameters, its children's
+        # included, when it runs.
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, [torch.nn.MultiheadAttention])
