@@ -163,6 +163,7 @@ def test_every_evaluator_has_an_example():
 
 
 @pytest.mark.slow  # 2 gloo ranks, every evaluator
+@pytest.mark.nightly  # 46 s; the real ZeRO-3 engine case below runs by default
 def test_every_evaluator_on_two_zero3_ranks_with_uneven_shards_equals_one_process(cases):
     two = run_ranks(_on_rank, WORLD, cases, timeout=240)
     for name, options in cases.items():

@@ -310,7 +310,7 @@ def itertools_count(limit):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("new_world", [1, 3])
+@pytest.mark.parametrize("new_world", [1, pytest.param(3, marks=pytest.mark.nightly)])
 def test_two_ranks_resumed_on_other_world_sizes_read_each_key_once(tmp_path, new_world):
     import shutil
 

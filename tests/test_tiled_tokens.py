@@ -477,7 +477,7 @@ def test_local_images_equal_reference_on_one_rank(name, block):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.nightly)])
 def test_local_images_equal_reference_on_gloo_ranks(world):
     """Tiled and dense, filip and ct_align, on 2 and 3 real ranks (on 3 the middle rank aligns
     no sentence and still takes part in every collective)."""
