@@ -6,12 +6,14 @@ eval datasets. A sample that fails a check raises `BadSample` and is counted, no
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data._utils.collate import default_collate
@@ -21,6 +23,31 @@ from vlp.data_pipelines.decode import IMAGE_EXTENSIONS, PIL_MAX_IMAGE_PIXELS, de
 from vlp.data_pipelines.gpu_decode import collate_planned, plan_jpeg
 from vlp.data_pipelines.seeds import seeded, stable_seed
 from vlp.data_pipelines.text import caption_sentences, sample_sub_captions
+
+
+# A reinforced sample (`vlp shards reinforce`) carries a frozen model's embeddings of itself in
+# these tar members; the batch holds them under these keys (the distill and compat heads read them).
+TEACHER_IMAGE_MEMBER, TEACHER_TEXT_MEMBER, TEACHER_META_MEMBER = "teacher_image.npy", "teacher_text.npy", "teacher.json"
+TEACHER_IMAGE, TEACHER_TEXT, TEACHER_SCALE = "teacher_image_embed", "teacher_text_embed", "teacher_logit_scale"
+
+
+def read_teacher(sample: dict) -> Optional[tuple[np.ndarray, np.ndarray, float]]:
+    """(image (E,), text (E,) float16 embeddings, logit scale) of a reinforced sample, None for a
+    plain one; BadSample("missing_field") when its members are incomplete or unreadable."""
+    present = [name in sample for name in (TEACHER_IMAGE_MEMBER, TEACHER_TEXT_MEMBER, TEACHER_META_MEMBER)]
+    if not any(present):
+        return None
+    if not all(present):
+        raise BadSample("missing_field")
+    try:
+        image = np.load(io.BytesIO(sample[TEACHER_IMAGE_MEMBER]), allow_pickle=False)
+        text = np.load(io.BytesIO(sample[TEACHER_TEXT_MEMBER]), allow_pickle=False)
+        scale = float(json.loads(sample[TEACHER_META_MEMBER])["logit_scale"])
+    except (ValueError, KeyError, TypeError, OSError):
+        raise BadSample("missing_field") from None
+    if image.ndim != 1 or image.shape != text.shape:
+        raise BadSample("missing_field")
+    return image, text, scale
 
 
 def error_marker(message: str) -> dict:
@@ -110,7 +137,7 @@ class SamplePipeline:
             except ValueError:
                 meta = {}
         return {"image": image, "caption": caption, "label": label, "key": sample["__key__"], "meta": meta,
-                "url": sample.get("__url__", ""), "parent": parent}
+                "url": sample.get("__url__", ""), "parent": parent, "teacher": read_teacher(sample)}
 
     def _image(self, sample: dict, preprocess: Callable, seed: int = 0) -> Any:
         if self.wants_sample:
@@ -146,7 +173,9 @@ class SamplePipeline:
         "key", "caption", "meta": B each, "bad": {reason: count skipped before it}, "bad_shards"},
         plus "parent_caption"/"parent_text" (B, 1, L), "sub_text" (B, K, L) and "sentences"
         (B, S, L) with "sentence_mask" (B, S) when configured. With `decode_on_device`, "image"
-        holds only the worker-decoded samples, with "jpeg" and "crop" (`gpu_decode.collate_planned`)."""
+        holds only the worker-decoded samples, with "jpeg" and "crop" (`gpu_decode.collate_planned`).
+        Reinforced samples add TEACHER_IMAGE / TEACHER_TEXT (B, E) float16 and TEACHER_SCALE (B,),
+        row i sample i, when every sample of the batch carries them."""
         captions = [item["caption"] for item in items]
         images = [item["image"] for item in items]
         batch = {
@@ -160,6 +189,11 @@ class SamplePipeline:
             "bad": {reason: bad.get(reason, 0) for reason in BAD_REASONS},
             "bad_shards": sorted(bad_shards),
         }
+        teachers = [item.get("teacher") for item in items]
+        if teachers and all(teacher is not None for teacher in teachers):
+            batch[TEACHER_IMAGE] = torch.from_numpy(np.stack([t[0] for t in teachers]).astype(np.float16))  # (B, E)
+            batch[TEACHER_TEXT] = torch.from_numpy(np.stack([t[1] for t in teachers]).astype(np.float16))
+            batch[TEACHER_SCALE] = torch.tensor([t[2] for t in teachers], dtype=torch.float32)  # (B,)
         if self.parent_caption_key:
             batch["parent_caption"] = [item["parent"] for item in items]
             batch["parent_text"] = self.tokenizer(batch["parent_caption"])[:, None]  # (B, 1, L)
