@@ -152,6 +152,15 @@ def cmd_shards_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards_reinforce(args: argparse.Namespace) -> int:
+    from vlp.curate.reinforce import reinforce_shards
+
+    summary = reinforce_shards(args.shards, Path(args.teacher), Path(args.out), batch_size=args.batch_size,
+                               workers=args.workers, device=args.device, precision=args.precision)
+    print(json.dumps(summary))
+    return 0
+
+
 # ---------------------------------------------------------------- eval / export
 def cmd_eval(args: argparse.Namespace) -> int:
     from vlp.core.config import validate
@@ -221,6 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--option", "-o", action="append", default=[], help="key=value for the source")
     b.set_defaults(func=cmd_shards_build)
+    r = shards_sub.add_parser(
+        "reinforce", help="SHARDS again with a frozen teacher's image and caption embeddings in every sample",
+        description="Write every good sample of SHARDS into --out (same format, sizes.json) with the embeddings of "
+                    "--teacher beside it, for the distill / compat heads' from_shards mode; resumable per shard, "
+                    "ranks from RANK/WORLD_SIZE or a Slurm array. docs/distill.md")
+    r.add_argument("shards", help="shard spec (brace ranges, '::' lists) or a folder of .tar shards")
+    r.add_argument("--teacher", required=True, help="a vlp export, run folder or checkpoint")
+    r.add_argument("--out", required=True, help="folder for the new shards (not the input folder)")
+    r.add_argument("--batch-size", type=int, default=256)
+    r.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding samples")
+    r.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    r.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype of the teacher's towers")
+    r.set_defaults(func=cmd_shards_reinforce)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint or export")
     p.add_argument("task", help="zeroshot, linear_probe, alignment, retrieval, grounding, ct, hierarchy")
