@@ -31,6 +31,7 @@ from vlp.data_pipelines.sources import SOURCES
 from vlp.export import EXPORTERS
 from vlp.models.config import ModelConfig, tagged_union
 from vlp.models.heads import HEADS
+from vlp.models.objective import beyond_pooled
 from vlp.train.evals import EVALUATORS
 
 
@@ -78,6 +79,11 @@ class TrainConfig(Strict):
     # (safetensors, open_clip); `--resume` still restores everything and wins over it.
     init_from: Optional[str] = None
     init_strict: bool = True
+    # How deepspeed.grad_accum micro-batches make one step (vlp.train.grad_cache, docs/large_batch.md):
+    # contrastive: every head's loss over all grad_accum x ranks x batch_size pairs (GradCache:
+    # pass 1 caches the pooled embeddings without grad, pass 2 re-runs each micro-batch against
+    # the cached rest); plain: DeepSpeed's own, each micro-batch's loss sees its own negatives only.
+    accumulate: Literal["contrastive", "plain"] = "contrastive"
 
     @model_validator(mode="after")
     def _warmup_within_run(self):
@@ -222,6 +228,16 @@ class ExperimentConfig(Strict):
             users = [name for name in heads if embed_key in needs[name]]
             if users and not value:
                 raise ValueError(f"model.heads.{users[0]} needs {field} {wanted} (it reads batch['{batch_key}'])")
+        return self
+
+    @model_validator(mode="after")
+    def _heads_can_be_cached(self):
+        if self.train.accumulate != "contrastive" or self.deepspeed.grad_accum == 1:
+            return self
+        for name, keys in beyond_pooled(self.model.heads_dict()).items():
+            raise ValueError(f"train.accumulate: contrastive caches pooled embeddings only, and head {name} reads "
+                             f"{', '.join(keys)}; set train.accumulate: plain (each micro-batch its own negatives) "
+                             f"or deepspeed.grad_accum: 1")
         return self
 
     @model_validator(mode="after")

@@ -34,6 +34,7 @@ from vlp.train.data import ensure_eval_data, ensure_train_data
 from vlp.train.distributed import DistEnv, init_distributed
 from vlp.train.engine import Engine
 from vlp.train.evals import Evaluator
+from vlp.train.grad_cache import build_accumulation
 from vlp.train.metrics import MetricsLogger, plot_loss_curves
 from vlp.train.monitors import BadSampleTally, NonFiniteGuard, StepTelemetry, ThroughputMeter
 from vlp.train.schedule import itstime, lr_multiplier
@@ -311,16 +312,17 @@ def run_loop(
     # fp16: DeepSpeed's loss scaler skips overflowing steps itself, so the flag is read at log time.
     nonfinite = NonFiniteGuard(tr.max_nonfinite_steps, state, metrics.log, checkpointer.latest_tag,
                                deferred=config.deepspeed.precision == "fp16")
+    # Plain: one micro-batch per iteration. Contrastive: the step's grad_accum micro-batches per
+    # iteration, the loss over all of them, so a stop signal is only read at a step's end.
+    accumulation = build_accumulation(engine, tr.accumulate, env.device, env.is_main)
     results: dict[str, Any] = {}
     stop_reason = None
     while state.step < tr.steps:
-        out = engine(throughput.next_batch(stream))
-        if nonfinite.skip(out):
+        out = accumulation.forward(lambda: throughput.next_batch(stream))
+        if nonfinite.skip(out):  # contrastive: the whole accumulated step, known before any backward
             continue
-        engine.backward(out["loss"])
-        grad_norm = clip_gradients(engine, config)
-        engine.step()
-        throughput.add(global_batch)
+        grad_norm = accumulation.backward_and_step(out, lambda: clip_gradients(engine, config))
+        throughput.add(global_batch * accumulation.micro_batches)
         if not engine.is_gradient_accumulation_boundary() and engine.global_steps == state.step:
             continue
         state.step = engine.global_steps
