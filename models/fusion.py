@@ -24,7 +24,7 @@ tell the decoder which findings the report names). For a downstream user it is t
 Cost per pair, with L tokens, P patches and width D: the attention's projections 2 L D^2 + 2 P D^2
 multiply-adds (queries and output on L tokens, keys and values on P), its scores and weighted sum
 2 L P D, the instance terms D^2 + 4 D. At the ct_simcrop size (L = 94 positions, the longest
-report, P = 16 visible patches, D = 64) that is about 1.1 M multiply-adds forward, against about
+report, P = 16 visible patches, D = 32) that is about 0.35 M multiply-adds forward, against about
 38 M for one volume's full encoder pass (64 patches, 4 layers, width 128).
 """
 

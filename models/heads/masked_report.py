@@ -34,7 +34,7 @@ position, and both buffers are in the state dict, so a resumed run draws the uni
 masks. A caller may pass its own masks as batch["masked_report"] (B, L) bool (tests do).
 
 Vocabulary of the softmax (`vocabulary`): "full" scores every id of the tokenizer (30522 for
-MiniLM: about 2 M multiply-adds per masked token at decoder_dim 64); "batch" scores only the ids
+MiniLM: about 1 M multiply-adds per masked token at decoder_dim 32); "batch" scores only the ids
 that occur in the global batch's reports (the union over ranks, so the loss does not depend on
 the world size), a sampled softmax whose negatives are the batch's own words: the loss then asks
 "which of the words these reports use", which is what ties a masked finding to the volume.
