@@ -29,7 +29,7 @@ Both outputs are then compared key by key (cosine of the float16 embeddings), wh
 ran the same model on the same pixels and tokens.
 
     python benchmarks/embed_throughput.py --quick      # smoke: about a minute on 2 idle cores
-    python benchmarks/embed_throughput.py              # the measurement: 2048 samples, 2 repeats
+    python benchmarks/embed_throughput.py              # the measurement: 2048 samples, 2 repeats, ~15 min
 
 Prints one JSON line. A side that cannot run reports its exact error in that line.
 """
