@@ -31,7 +31,7 @@ ran the same model on the same pixels and tokens.
     python benchmarks/embed_throughput.py --quick      # smoke: about a minute on 2 idle cores
     python benchmarks/embed_throughput.py              # the measurement: 2048 samples, 2 repeats, ~15 min
 
-Prints one JSON line. A side that cannot run reports its exact error in that line.
+Prints one JSON line. A side that cannot run reports its exact error there, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     if not failed:
         report["agreement"] = agreement(args.data / "out-vlp", args.data / "out-clip_retrieval")
     print(json.dumps(report))
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
