@@ -269,3 +269,26 @@ def test_online_teacher_gets_no_optimizer_state_and_no_partition_under_zero(tmp_
     for stage, row in zip([0, 1, 2, 3], per_stage):
         assert row["trainable"] <= row["state"] <= row["trainable"] + 64, (stage, row)
         assert not row["teacher_partitioned"] and row["teacher_grads"] == 0, (stage, row)
+
+
+def test_vlp_train_distills_online_from_an_export(tmp_path, digits_dir, teacher_dir):
+    """A few steps of `vlp train` with `teacher: {export: ...}`: the trainer attaches the teacher
+    (`vlp.train.frozen.attach_frozen_models` in `train.trainer.build_model`) and the distill loss
+    is logged; the run's checkpoint holds nothing of the teacher."""
+    import json
+
+    from conftest import run_vlp
+
+    path = tiny_config(tmp_path, digits_dir, name="online", train={"steps": 3, "checkpoint_every": 0}, evals=[])
+    tree = yaml.safe_load(path.read_text())
+    tree["model"]["heads"] = {"clip": {}, "distill": {"teacher": {"export": str(teacher_dir)}}}
+    tree["export"] = ["safetensors"]
+    path.write_text(yaml.safe_dump(tree))
+    run_vlp("train", path)
+    run = tmp_path / "runs" / "online"
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row for row in logged if "loss/distill" in row and row["loss/distill"] > 0]
+    from safetensors.torch import load_file
+
+    names = load_file(str(run / "export" / "safetensors" / "model.safetensors"))
+    assert [name for name in names if name.startswith("objective.heads.distill.")] == ["objective.heads.distill.logit_scale"]
