@@ -292,3 +292,24 @@ def test_vlp_train_distills_online_from_an_export(tmp_path, digits_dir, teacher_
 
     names = load_file(str(run / "export" / "safetensors" / "model.safetensors"))
     assert [name for name in names if name.startswith("objective.heads.distill.")] == ["objective.heads.distill.logit_scale"]
+
+
+def test_an_open_clip_teacher_by_name(tmp_path):
+    """`teacher: {open_clip: {name}}` builds open_clip's model (random weights without `pretrained`)
+    with its own logit scale; a student with open_clip's tokenizer and image input passes the checks."""
+    from vlp.models.config import validate_model_config
+    from vlp.models.dual_encoder import VLPModel
+    from vlp.train.frozen import load_frozen_model
+
+    frozen = load_frozen_model(FrozenModelConfig(open_clip={"name": "ViT-B-32"}), "model.heads.distill.teacher")
+    assert frozen.embed_dim == 512 and frozen.logit_scale == pytest.approx(1 / 0.07, rel=1e-6)
+    student = VLPModel(validate_model_config({
+        "embed_dim": 512, "heads": {"clip": {}},
+        "image": {"type": "open_clip_vit", "image_size": 224, "patch_size": 32, "width": 32, "layers": 1, "head_width": 16},
+        "text": {"type": "open_clip_text", "context_length": 77, "width": 32, "heads": 2, "layers": 1}}))
+    frozen.check_against(student, same_width=True)
+    with pytest.raises(ConfigError, match="its tokenizer differs"):
+        frozen.check_against(VLPModel(validate_model_config({
+            "embed_dim": 512, "heads": {"clip": {}},
+            "image": {"type": "open_clip_vit", "image_size": 224, "patch_size": 32, "width": 32, "layers": 1, "head_width": 16},
+            "text": {"type": "open_clip_text", "context_length": 16, "width": 32, "heads": 2, "layers": 1}})), False)
