@@ -16,6 +16,7 @@ from torch.testing import assert_close
 
 from vlp.core.errors import DataError
 from vlp.train import segment as seg
+from vlp.train import segment_cli
 
 CLASSES = ["nodule", "cyst", "calcification", "mass", "fat"]
 
@@ -33,7 +34,7 @@ def _vlp_config(image: dict):
     return load_config(tree=tree)
 
 
-def _export(tmp_path, **image) -> "Path":
+def _export(tmp_path, **image):
     from vlp.export import export_model
     from vlp.models.dual_encoder import VLPModel
 
@@ -201,7 +202,7 @@ def _shard_without_a_mask(lesions, tmp_path):
 def test_a_sample_without_a_mask_is_one_line_naming_it_and_exit_2(tmp_path, lesions, capsys):
     bad = _shard_without_a_mask(lesions, tmp_path)
     path = _segment_config(tmp_path, _export(tmp_path), lesions)
-    code = seg.main([str(path), f"data.test={bad}"])
+    code = segment_cli.main([str(path), f"data.test={bad}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "sample test000002 has no mask.npy" in err[0] and str(bad) in err[0]
@@ -209,7 +210,7 @@ def test_a_sample_without_a_mask_is_one_line_naming_it_and_exit_2(tmp_path, lesi
 
 def test_a_bad_variant_names_the_key(tmp_path, lesions, capsys):
     path = _segment_config(tmp_path, _export(tmp_path), lesions)
-    assert seg.main([str(path), "model.variant=pretrain"]) == 2
+    assert segment_cli.main([str(path), "model.variant=pretrain"]) == 2
     assert "model.variant" in capsys.readouterr().err
 
 

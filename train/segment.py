@@ -29,7 +29,6 @@ of a kind outside `data.classes`, is a `DataError` naming the shard and the samp
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -436,51 +435,3 @@ def compare(config: SegmentConfig, seeds: list[int], variants: list[str], overwr
         summary["pretrained_minus_scratch"] = round(table["pretrained"]["mean"] - table["scratch"]["mean"], 4)
         summary["largest_stdev"] = max(table[v]["stdev"] for v in ("pretrained", "scratch"))
     return summary
-
-
-# ------------------------------------------------------------------------------ command line
-def segment_command(args: argparse.Namespace) -> int:
-    config = load_segment_config(args.config, args.overrides)
-    args.run_dir = config.run_dir
-    if args.seeds:
-        print(json.dumps(compare(config, args.seeds, args.variants, args.overwrite)))
-    else:
-        print(json.dumps({"run_dir": str(config.run_dir), **segment(config, overwrite=args.overwrite)}))
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    """Add `segment` to vlp's subcommands."""
-    parser = subparsers.add_parser(
-        "segment", help="fine-tune MONAI's UNETR on CT lesion masks from a vlp 3-D ViT (Dice per class)",
-        description="Segmentation fine-tune (docs/ct.md, Segmentation): results.json, metrics.jsonl and "
-                    "plots/prediction.png in runs/NAME; with --seeds, every variant for every seed and the spread.")
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same run folder")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None,
-                        help="run every --variants for each seed and print mean and spread of dice_mean")
-    parser.add_argument("--variants", nargs="+", default=["pretrained", "scratch", "frozen"],
-                        choices=["pretrained", "scratch", "frozen"])
-    parser.set_defaults(func=segment_command)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m vlp.train.segment CONFIG ...` until `vlp segment` is wired into vlp's command line."""
-    import sys
-
-    from vlp.core.errors import VlpInputError
-
-    parser = argparse.ArgumentParser(prog="vlp")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(["segment", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except VlpInputError as error:
-        print(f"vlp: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

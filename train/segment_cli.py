@@ -1,0 +1,59 @@
+"""`vlp segment` on the command line: `add_parser(subparsers)` adds it; `python -m
+vlp.train.segment_cli CONFIG ...` runs it until it is wired into `vlp`.
+
+Kept apart from `segment.py` so that building vlp's parser imports neither torch nor MONAI (as
+`vlp.curate.commands`): the handler imports the fine-tune when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def segment_command(args: argparse.Namespace) -> int:
+    from vlp.train.segment import compare, load_segment_config, segment
+
+    config = load_segment_config(args.config, args.overrides)
+    args.run_dir = config.run_dir
+    if args.seeds:
+        print(json.dumps(compare(config, args.seeds, args.variants, args.overwrite)))
+    else:
+        print(json.dumps({"run_dir": str(config.run_dir), **segment(config, overwrite=args.overwrite)}))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Add `segment` to vlp's subcommands."""
+    parser = subparsers.add_parser(
+        "segment", help="fine-tune MONAI's UNETR on CT lesion masks from a vlp 3-D ViT (Dice per class)",
+        description="Segmentation fine-tune (docs/ct.md, Segmentation): results.json, metrics.jsonl and "
+                    "plots/prediction.png in runs/NAME; with --seeds, every variant for every seed and the spread.")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same run folder")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="run every --variants for each seed and print mean and spread of dice_mean")
+    parser.add_argument("--variants", nargs="+", default=["pretrained", "scratch", "frozen"],
+                        choices=["pretrained", "scratch", "frozen"])
+    parser.set_defaults(func=segment_command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vlp.train.segment_cli CONFIG ...`: `vlp segment` with vlp's exit codes (2: bad input, one line)."""
+    import sys
+
+    from vlp.core.errors import VlpInputError
+
+    parser = argparse.ArgumentParser(prog="vlp")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(["segment", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except VlpInputError as error:
+        print(f"vlp: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
