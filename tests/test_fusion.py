@@ -71,3 +71,39 @@ def test_a_patch_that_matches_a_word_gets_its_attention():
     patches[0, 3] = text[0, 2]
     out = fusion(text, mask, patches, volume)
     assert int(out.attention[0, 2].argmax()) == 3
+
+
+def test_the_fused_representation_survives_a_safetensors_export(tmp_path):
+    """docs/ct.md's downstream path: export the whole model, load it back, fuse whole reports."""
+    import yaml
+    from conftest import DEMO_CONFIG
+
+    from vlp.export import export_model
+    from vlp.models.dual_encoder import VLPModel
+    from vlp.train.config import load_config
+    from vlp.train.weights import load_model
+
+    tree = yaml.safe_load(DEMO_CONFIG.read_text())
+    tree["model"] = {"embed_dim": 16,
+                     "image": {"type": "monai_vit3d", "roi": [16, 16, 16], "patch_size": [8, 8, 8], "hidden_size": 16,
+                               "mlp_dim": 32, "num_layers": 1, "num_heads": 2, "spacing": None},
+                     "text": {"type": "open_clip_text", "context_length": 16, "width": 16, "heads": 2, "layers": 1},
+                     "heads": {"ct_contrastive": {}, "masked_report": {"vocab_size": 49408, "decoder_dim": 16,
+                                                                       "decoder_heads": 2}}}
+    tree["evals"], tree["export"] = [], []
+    config = load_config(tree=tree)
+    torch.manual_seed(0)
+    model = VLPModel(config.model).eval()
+    export_model(model, config, tmp_path / "export", "safetensors")
+    loaded, _ = load_model(tmp_path / "export")
+    volumes = torch.randn(2, 1, 16, 16, 16)
+    ids = model.text.tokenizer()(["A small nodule in the right upper region.", "No focal lesion."])
+    outputs = []
+    for net in (model, loaded):
+        with torch.no_grad():
+            image = net.encode_image(volumes)
+            fusion, _ = net.objective.heads["masked_report"].fuse(image["image_embed"], image["image_tokens"], ids)
+        outputs.append(fusion)
+    assert outputs[0].pooled.shape == (2, 16)
+    assert_close(outputs[1].pooled, outputs[0].pooled)
+    assert_close(outputs[1].attention, outputs[0].attention)
