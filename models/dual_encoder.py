@@ -35,6 +35,11 @@ class VLPModel(nn.Module):
         self.masking_heads = [head for head in self.objective.heads.values() if "visible_image_tokens" in head.needs]
         if len(self.masking_heads) > 1:
             raise ConfigError("model.heads: at most one head may need the masked pass (visible_image_tokens)")
+        # A head that needs "masked_text_tokens" (masked_report, text_input: tower) gives the token
+        # ids of the masked report (`masked_text`); the text tower encodes them once more.
+        self.text_masking_heads = [head for head in self.objective.heads.values() if "masked_text_tokens" in head.needs]
+        if len(self.text_masking_heads) > 1:
+            raise ConfigError("model.heads: at most one head may need the masked text pass (masked_text_tokens)")
         reads = set(self.objective.needs) | set(self.objective.gathered_keys)
         self.needs_full_image = not self.masking_heads or bool(reads & {"image_embed", "image_tokens", "image_normed"})
         if config.open_clip is not None:
@@ -74,6 +79,9 @@ class VLPModel(nn.Module):
             encoded["image_visible"] = visible.to(batch["image"].device)
             encoded.update(self.image.encode_visible(batch["image"], encoded["image_visible"]))
         encoded.update(self.encode_text(batch["text"]))
+        if self.text_masking_heads:
+            masked = self.encode_text(self.text_masking_heads[0].masked_text(batch))  # (B, L) ids, masked words = pad
+            encoded["masked_text_tokens"], encoded["masked_text_mask"] = masked["text_tokens"], masked["text_mask"]
         for embed_key, batch_key in EXTRA_TEXT.items():
             if embed_key in self.objective.needs:
                 groups = batch[batch_key]  # (B, K, L)

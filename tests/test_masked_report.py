@@ -274,3 +274,48 @@ def test_vlp_train_of_ct_simcrop_resumes_bit_for_bit_and_feeds_segmentation(tmp_
     (tmp_path / "seg.yaml").write_text(yaml.safe_dump(segment_tree))
     out = seg.segment(seg.load_segment_config(tmp_path / "seg.yaml"))
     assert out["variant"] == "pretrained" and "dice_mean" in out
+
+
+@pytest.mark.parametrize("text", ["hf_text", "open_clip_text"])
+def test_text_input_tower_runs_the_masked_report_through_the_models_text_tower(text):
+    """`text_input: tower` through VLPModel (ct_simcrop shrunk): the model runs the masked report
+    through its own text tower once more; a frozen MiniLM gets no gradient (its projection does),
+    a trainable open_clip text tower gets one in its transformer."""
+    import yaml
+
+    from vlp.models.dual_encoder import VLPModel
+    from vlp.train.config import load_config
+
+    tree = yaml.safe_load(open("configs/ct_simcrop.yaml"))
+    tree["data"] = {"train": [{"urls": "x.tar"}], "sentences": 4}
+    tree["evals"] = []
+    tree["export"] = []
+    tree["model"]["image"].update(roi=[16, 16, 16], hidden_size=16, mlp_dim=32, num_layers=1, num_heads=2)
+    tree["model"]["embed_dim"] = 16
+    tree["model"]["heads"]["masked_report"].update(text_input="tower")
+    if text == "hf_text":
+        from vlp.models.towers.text import minilm_path
+
+        try:
+            minilm_path()
+        except FileNotFoundError as error:
+            pytest.skip(str(error))
+        tree["model"]["text"] = {"type": "hf_text", "path": "minilm", "context_length": 32, "freeze": True, "proj": "mlp"}
+    else:
+        tree["model"]["text"] = {"type": "open_clip_text", "context_length": 32, "width": 16, "heads": 2, "layers": 1}
+        tree["model"]["heads"]["masked_report"]["vocab_size"] = 49408
+    torch.manual_seed(0)
+    model = VLPModel(load_config(tree=tree).model).train()
+    tok = model.text.tokenizer()
+    reports = ["A small nodule in the right anterior upper region. No cyst.", "No focal lesion is identified."]
+    sentences = tok([s for r in reports for s in (r.split(". ") + [""] * 4)[:4]]).view(2, 4, -1)
+    batch = {"image": torch.randn(2, 1, 16, 16, 16), "text": tok(reports), "sentences": sentences,
+             "sentence_mask": sentences[..., 1] != 0, "caption": reports, "key": ["a", "b"]}
+    out = model(batch)
+    assert torch.isfinite(out["logging"]["loss/masked_report"])
+    out["loss"].backward()
+    graded = {n for n, p in model.text.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    if text == "hf_text":
+        assert not any(n.startswith("model.") for n in graded) and any(n.startswith("proj") for n in graded)
+    else:
+        assert any("transformer" in n for n in graded), graded
