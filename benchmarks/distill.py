@@ -114,7 +114,10 @@ def main() -> None:
                 vlp("demo")
             teacher, reinforced = DEMO_EXPORT, REINFORCED
         if not (reinforced / "sizes.json").is_file() or args.quick:
-            vlp("shards", "reinforce", TRAIN_SHARDS, "--teacher", str(teacher), "--out", str(reinforced), "--workers", "0")
+            from vlp.curate.reinforce import reinforce_shards  # in this process: one interpreter start less
+
+            reinforce_shards(str(ROOT / TRAIN_SHARDS), teacher, reinforced, workers=0, rank=0, world_size=1,
+                             show_progress=False)
         runs = scratch / "runs"
         offline_urls = f"data.train.0.urls={reinforced}/digits-train-{{000000..000002}}.tar"
         arms = {
