@@ -39,6 +39,39 @@ def test_distill_loss_equals_open_clip_distill_clip_loss_in_value_and_gradient()
         assert_close(got, want, **TOL)
 
 
+def _rank_case(rank: int, world_size: int) -> dict:
+    """Each rank slices the same global features and runs ours (gathered by vlp's collectives)
+    and open_clip's DistillClipLoss(local_loss=True, gather_with_grad=True) on its rows; -> the
+    loss and the gradients of its features and of the student's scale, as numpy arrays."""
+    from vlp.core.collectives import gather_no_grad, gather_with_grad
+
+    rows = slice(rank * 3, (rank + 1) * 3)
+    image, text = _unit(3 * world_size, 16, seed=10)[rows], _unit(3 * world_size, 16, seed=11)[rows]
+    teacher_image, teacher_text = _unit(3 * world_size, 24, seed=12)[rows], _unit(3 * world_size, 24, seed=13)[rows]
+    teacher_scale = torch.tensor(60.0)
+    out = {}
+    for name in ("ours", "open_clip"):
+        leaves = [image.clone().requires_grad_(), text.clone().requires_grad_(), torch.tensor(11.0, requires_grad=True)]
+        if name == "ours":
+            loss = distill_loss(*leaves, teacher_image, teacher_text, teacher_scale,
+                                gathered_image=gather_with_grad(leaves[0]), gathered_text=gather_with_grad(leaves[1]),
+                                gathered_teacher_image=gather_no_grad(teacher_image),
+                                gathered_teacher_text=gather_no_grad(teacher_text), rank=rank)
+        else:
+            loss = DistillClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)(
+                *leaves, teacher_image, teacher_text, teacher_scale, output_dict=True)["distill_loss"]
+        out[name] = [t.detach().numpy() for t in (loss, *torch.autograd.grad(loss, leaves))]
+    return out
+
+
+def test_distill_loss_matches_open_clip_on_two_gloo_ranks():
+    from dist_utils import run_ranks
+
+    for rank, results in enumerate(run_ranks(_rank_case, 2)):
+        for ours, theirs, what in zip(results["ours"], results["open_clip"], ("loss", "image", "text", "scale")):
+            assert_close(torch.from_numpy(ours), torch.from_numpy(theirs), **TOL, msg=lambda m: f"rank {rank} {what}: {m}")
+
+
 def test_distill_loss_is_tinyclip_affinity_mimicking_and_logs_the_kl():
     """TinyCLIP's ClipSoftLoss: cross-entropy against the teacher's softmax, written here with
     F.cross_entropy's probability targets; the logged KL is torch's kl_div of the same rows."""
