@@ -23,6 +23,7 @@ import yaml
 
 from vlp.core.errors import ConfigError, VlpInputError
 from vlp.curate import commands as curate_commands
+from vlp.train import segment_cli
 from vlp.slurm import status, submit
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_parser(sub)
     status.add_parser(sub)
     curate_commands.add_parser(sub)  # vlp embed, vlp curate
+    segment_cli.add_parser(sub)  # vlp segment
     return parser
 
 

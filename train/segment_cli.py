@@ -1,5 +1,5 @@
-"""`vlp segment` on the command line: `add_parser(subparsers)` adds it; `python -m
-vlp.train.segment_cli CONFIG ...` runs it until it is wired into `vlp`.
+"""`vlp segment` on the command line: `add_parser(subparsers)` adds it to vlp's parser (cli/);
+`python -m vlp.train.segment_cli CONFIG ...` runs the same command on its own.
 
 Kept apart from `segment.py` so that building vlp's parser imports neither torch nor MONAI (as
 `vlp.curate.commands`): the handler imports the fine-tune when it runs."""
