@@ -19,7 +19,9 @@ def model_without_pretrained(model_tree: dict) -> dict:
     model_tree = dict(model_tree)
     for key in ("open_clip", "image", "text"):
         section = model_tree.get(key)
-        if isinstance(section, dict) and (key == "open_clip" or section.get("type") == "open_clip"):
+        # Every tower's `pretrained` names weights only (open_clip tag or file, timm overlay file),
+        # except hf_text's, a synonym of `path`: the folder its architecture and tokenizer come from.
+        if isinstance(section, dict) and section.get("type") != "hf_text":
             model_tree[key] = {k: v for k, v in section.items() if k != "pretrained"}
     return model_tree
 

@@ -290,3 +290,24 @@ def test_export_round_trip_then_init_from(tmp_path):
     broken = VLPModel(experiment({**model, "embed_dim": 16}).model)
     with pytest.raises(Exception, match="train.init_from|size mismatch"):
         init_from(broken, str(export))
+
+
+def test_rebuilding_a_run_drops_every_weight_source_but_the_hf_folder():
+    """load_model and frozen teachers rebuild a model from its saved config, then read the state
+    dict: an open_clip tag, an open_clip or timm weights file may be gone by then (another
+    machine, an expired cache), so `pretrained` goes; hf_text's names the folder the architecture
+    and tokenizer come from, so it stays."""
+    from vlp.export.frozen import model_without_pretrained
+    from vlp.train.weights import without_pretrained_weights
+
+    model = {"open_clip": {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
+             "image": {"type": "timm", "model_name": "vit_tiny_patch16_224", "pretrained": "/gone/model.safetensors"},
+             "text": {"type": "hf_text", "pretrained": "/models/minilm"}}
+    stripped = model_without_pretrained(model)
+    assert stripped["open_clip"] == {"name": "ViT-B-32"}
+    assert stripped["image"] == {"type": "timm", "model_name": "vit_tiny_patch16_224"}
+    assert stripped["text"] == {"type": "hf_text", "pretrained": "/models/minilm"}
+    assert model["image"]["pretrained"] == "/gone/model.safetensors"  # the caller's tree is not edited
+    for image_type in ("open_clip", "open_clip_vit"):
+        tree = {"seed": 1, "model": {"image": {"type": image_type, "pretrained": "/gone/open_clip_model.safetensors"}}}
+        assert "pretrained" not in without_pretrained_weights(tree)["model"]["image"]

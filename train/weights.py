@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from vlp.export import MODEL_CARD, ExportError, export_model, read_export
+from vlp.export.frozen import model_without_pretrained
 from vlp.train.checkpoint import resolve_checkpoint
 from vlp.train.checkpoint_io import CheckpointReadError, consolidate
 from vlp.train.config import ExperimentConfig, load_config
@@ -81,14 +82,10 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def without_pretrained_weights(tree: dict) -> dict:
-    """The config tree with open_clip's `pretrained` removed: the state dict read next replaces
-    those weights, so rebuilding must not need the tag's Hugging Face cache or the file again."""
-    model = dict(tree.get("model") or {})
-    for key in ("open_clip", "image", "text"):
-        section = model.get(key)
-        if isinstance(section, dict) and (key == "open_clip" or section.get("type") == "open_clip"):
-            model[key] = {k: v for k, v in section.items() if k != "pretrained"}
-    return {**tree, "model": model}
+    """The config tree without the towers' `pretrained` weight sources (`model_without_pretrained`):
+    the state dict read next replaces those weights, so rebuilding needs neither the tag's Hugging
+    Face cache nor the file again."""
+    return {**tree, "model": model_without_pretrained(tree.get("model") or {})}
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, ExperimentConfig]:
