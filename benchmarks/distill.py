@@ -101,6 +101,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="step times only, random teacher, 16 steps an arm")
     parser.add_argument("--steps", type=int, default=None, help="steps per timed arm (default 16 quick, 200 full)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--quality", nargs="+", choices=["online", "offline"], default=["online", "offline"],
+                        help="distilled arms trained over --seeds beside the student alone (offline reads the teacher's "
+                             "embeddings of each image's eval view, written once; online runs it on every augmented batch)")
     args = parser.parse_args()
     steps = args.steps or (16 if args.quick else 200)
     with tempfile.TemporaryDirectory(prefix="vlp_distill_bench_") as scratch:
@@ -131,7 +134,7 @@ def main() -> None:
     line = {"benchmark": "distill", "quick": args.quick, "steps_per_arm": steps, "batch": 64, "teacher": str(teacher) if not args.quick else "random, demo architecture",
             "step_time": arms, "offline_within_1.1x": arms["offline"]["over_alone"] <= 1.1}
     if not args.quick:
-        line["quality"] = quality(args.seeds, [ALONE, ONLINE, OFFLINE])
+        line["quality"] = quality(args.seeds, [ALONE] + [{"online": ONLINE, "offline": OFFLINE}[arm] for arm in args.quality])
     import torch
 
     line["threads"] = torch.get_num_threads()
