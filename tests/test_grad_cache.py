@@ -230,6 +230,55 @@ def test_dropout_masks_are_drawn_alike_in_both_passes(one_rank, monkeypatch, rep
         assert max(gaps.values()) > 1e-4
 
 
+class LossScalingEngine:
+    """A test double of DeepSpeed's engine under fp16: backward multiplies the loss by a loss
+    scale and divides it by gradient_accumulation_steps, as DeepSpeed's scaler does (a CPU has no
+    fp16 DeepSpeed to run)."""
+
+    def __init__(self, module, accumulation_steps: int, loss_scale: float) -> None:
+        self.module, self.steps, self.loss_scale, self.micro_steps = module, accumulation_steps, loss_scale, 0
+
+    def __call__(self, batch):
+        return self.module(batch)
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.steps
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.steps == 0
+
+    def backward(self, loss):
+        (loss * self.loss_scale / self.steps).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+
+
+def test_the_loss_scale_is_divided_out_of_the_cached_gradients():
+    """The leaves' gradients carry the fp16 loss scale; the probe divides it out. With a scale
+    of 1024 the accumulated gradient is 1024 x the dense batch's, as DeepSpeed's unscaling expects."""
+    from vlp.train import grad_cache
+    from vlp.train.config import load_config
+    from vlp.train.trainer import build_model
+
+    tree = experiment(HEADS["mix"])
+    tree["train"]["batch_size"] = MICRO
+    config = load_config(tree=tree)
+    torch.manual_seed(0)
+    model = build_model(config)
+    dense_model = copy.deepcopy(model)
+    parts = [micro_batch(model.text.tokenizer(), 0, 0, index) for index in range(ACCUM)]
+    dense_model({key: torch.cat([part[key] for part in parts]) for key in parts[0]})["loss"].backward()
+
+    engine = LossScalingEngine(model, ACCUM, loss_scale=1024.0)
+    accumulation = grad_cache.CachedAccumulation(engine, torch.device("cpu"))
+    stream = iter(parts)
+    accumulation.backward_and_step(accumulation.forward(lambda: next(stream)), lambda: None)
+    assert engine.micro_steps == ACCUM
+    for (name, param), reference in zip(model.named_parameters(), dense_model.parameters()):
+        torch.testing.assert_close(param.grad / 1024.0, reference.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("heads,key", [({"flair": {}}, "image_tokens"), ({"clip": {}, "filip": {}}, "text_tokens")],
                          ids=["flair", "filip"])
 def test_a_head_that_needs_tokens_is_refused_in_one_line(heads, key):
