@@ -209,9 +209,9 @@ def main(argv: list[str] | None = None) -> None:
         for mode in MODES:
             if k == 1 and mode != "cached":
                 continue  # at k = 1 every way is the dense step of b
-            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), BENCH_PORT=str(free_port()))
-            proc = subprocess.run([sys.executable, __file__, "--child", model_name, str(k), mode, "--steps", str(steps)],
-                                  capture_output=True, text=True, env=env, cwd=ROOT)
+            env = dict(os.environ, BENCH_PORT=str(free_port()))
+            child = [sys.executable, __file__, "--child", model_name, str(k), mode, "--steps", str(steps)]
+            proc = subprocess.run(child, capture_output=True, text=True, env=env, cwd=ROOT)
             if proc.returncode != 0:
                 raise SystemExit(f"case k={k} {mode} failed:\n{proc.stderr[-3000:]}")
             cases.append(json.loads(proc.stdout.strip().splitlines()[-1]))

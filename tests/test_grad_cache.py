@@ -398,5 +398,6 @@ def test_nonfinite_whole_batch_loss_skips_the_accumulated_step(tmp_path, digits_
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in steps)
     # Three steps of two micro-batches trained, after the two of the skipped step were consumed.
-    state = json.loads((tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000003" / "client_state.json").read_text())["train_state"]
+    client = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000003" / "client_state.json"
+    state = json.loads(client.read_text())["train_state"]
     assert state["batch_in_epoch"] == 8 and state["samples_seen"] == 3 * 16

@@ -41,6 +41,7 @@ from vlp.models.objective import CACHED_PASS, Capture, ConcatenatedBatch, Replay
 from vlp.train.engine import Engine
 
 Batch = dict[str, Any]
+Clip = Callable[[], Optional[torch.Tensor]]  # the trainer's clipping: the gradient norm at the boundary, or None
 
 
 class Accumulation(Protocol):
@@ -50,7 +51,7 @@ class Accumulation(Protocol):
 
     def forward(self, next_batch: Callable[[], Batch]) -> dict[str, Any]: ...
 
-    def backward_and_step(self, out: dict[str, Any], clip: Callable[[], Optional[torch.Tensor]]) -> Optional[torch.Tensor]: ...
+    def backward_and_step(self, out: dict[str, Any], clip: Clip) -> Optional[torch.Tensor]: ...
 
 
 class PlainAccumulation:
@@ -64,7 +65,7 @@ class PlainAccumulation:
     def forward(self, next_batch: Callable[[], Batch]) -> dict[str, Any]:
         return self.engine(next_batch())
 
-    def backward_and_step(self, out: dict[str, Any], clip: Callable[[], Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    def backward_and_step(self, out: dict[str, Any], clip: Clip) -> Optional[torch.Tensor]:
         self.engine.backward(out["loss"])
         grad_norm = clip()
         self.engine.step()
@@ -122,7 +123,7 @@ class CachedAccumulation:
         self._pending = (batches, states, rest, sizes)
         return out
 
-    def backward_and_step(self, out: dict[str, Any], clip: Callable[[], Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    def backward_and_step(self, out: dict[str, Any], clip: Clip) -> Optional[torch.Tensor]:
         """The whole-batch backward, then pass 2; k engine steps (the last one the boundary).
         Returns the gradient norm `clip` gave at the boundary (None where DeepSpeed clips)."""
         if self._pending is None:
@@ -134,14 +135,14 @@ class CachedAccumulation:
         self.engine.backward(k * (out["loss"] + _probe(probe)))
         grad_norm = clip()
         self.engine.step()
-        # d loss / d embedding of micro-batches 1..k-1: the leaves' gradients carry the factor the
-        # engine applied to what it was given (loss scale; gas division undone by k), the probe's.
-        scale = probe.grad
-        grads = {key: (leaf.grad.float() / scale).split(sizes) for key, leaf in rest.items()}
+        # d loss / d embedding of micro-batches 1..k-1: every gradient of what the engine was
+        # given carries one factor (k, the engine's 1 / k, the fp16 loss scale), the probe's.
+        grads = {key: (leaf.grad.float() / probe.grad).split(sizes) for key, leaf in rest.items()}
         del rest
         for index, (batch, state) in enumerate(zip(batches[1:], states[1:])):
+            role = Replay({key: parts[index] for key, parts in grads.items()})
             with state.replay():
-                replayed = self.engine({**batch, CACHED_PASS: Replay({key: parts[index] for key, parts in grads.items()})})
+                replayed = self.engine({**batch, CACHED_PASS: role})
             self.engine.backward(k * replayed["loss"])
             grad_norm = clip()
             self.engine.step()
@@ -149,8 +150,8 @@ class CachedAccumulation:
 
 
 def _probe(probe: torch.Tensor) -> torch.Tensor:
-    """0 in value, gradient 1 with respect to `probe`: after the backward, probe.grad is exactly
-    the factor the engine multiplied the loss by before differentiating."""
+    """0 in value, gradient 1 with respect to `probe`: added to a loss, probe.grad after the
+    backward is the factor every gradient of that loss was multiplied by on the way."""
     return probe - probe.detach()
 
 
