@@ -33,6 +33,8 @@ HEADS = {
     "meru": {"meru": {}},
     "mix": {"clip": {"weight": 1.0}, "siglip": {"weight": 0.5}, "align_uniform": {"weight": 0.3}},
     "matryoshka": {"clip": {"matryoshka": {"dims": [8, 16, 32]}}},
+    # A third pooled key, cached with the two embeddings: the parent captions' (B, 1, E).
+    "meru_parents": {"meru": {"parent_weight": 0.5}},
 }
 
 
@@ -40,7 +42,7 @@ def experiment(heads: dict, **sections) -> dict:
     """A tiny CLIP experiment tree (32-wide one-layer towers); the data section is never read."""
     tree = yaml.safe_load(DEMO.read_text())
     tree.update(name="grad_cache", evals=[], export=[])
-    tree["data"] = {"train": [{"urls": "unused-{000..001}.tar"}], "workers": 0}
+    tree["data"] = {"train": [{"urls": "unused-{000..001}.tar"}], "workers": 0, "parent_caption_key": "parent.txt"}
     tree["model"]["embed_dim"] = 32
     tree["model"]["image"].update(width=32, layers=1, head_width=16)
     tree["model"]["text"].update(width=32, layers=1, heads=2, context_length=16)
@@ -59,7 +61,8 @@ def micro_batch(tokenizer, step: int, rank: int, index: int) -> dict:
     generator = torch.Generator().manual_seed(1000 * step + 100 * rank + index)
     digits = torch.randint(0, 10, (MICRO,), generator=generator)
     return {"image": torch.randn(MICRO, 3, 32, 32, generator=generator),
-            "text": tokenizer([f"a photo of the digit {int(d)}" for d in digits])}
+            "text": tokenizer([f"a photo of the digit {int(d)}" for d in digits]),
+            "parent_text": tokenizer(["a digit" if d < 5 else "a number" for d in digits])[:, None]}  # (B, 1, L)
 
 
 def train_steps(rank: int, world_size: int, tree: dict, mode: str, break_scaling: bool = False) -> dict:
