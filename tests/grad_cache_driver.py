@@ -1,8 +1,9 @@
 """Run `vlp` with events injected into cached accumulation (used by tests/test_grad_cache.py).
 
-VLP_SIGNAL_AT_CALL=6     SIGUSR1 to this process at that call (1-based) of the objective's
-                         forward: with grad_accum 2 a step makes four (two captures, the whole
-                         batch, one replay), so 6 lands between the two captures of step 2
+VLP_SIGNAL_AT_CALL=4     SIGUSR1 to this process at that call (1-based) of the objective's
+                         forward: with grad_accum 2 a step makes three (the capture of
+                         micro-batch 1, the whole batch, one replay), so 4 lands in step 2's
+                         pass 1, before any of its backwards
 VLP_NAN_AT_HEAD_CALL=1   the clip head returns a NaN loss on that call; under cached
                          accumulation heads run once per step, on the whole accumulated batch
 """

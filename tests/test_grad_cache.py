@@ -181,9 +181,11 @@ def test_a_lost_k_factor_is_caught(one_rank):
 
 
 def _reference_grads(model, parts) -> dict:
-    """Every micro-batch forwarded with grad in turn (the RNG drawn in the same order as pass 1),
-    one loss over all of them, one backward: GradCache's result without its memory saving."""
-    encoded = [model.encode(part) for part in parts]
+    """Every micro-batch forwarded with grad, drawing the RNG in cached accumulation's order
+    (pass 1 over micro-batches 1..k-1, then micro-batch 0), one loss over all of them in batch
+    order, one backward: GradCache's result without its memory saving."""
+    encoded = [model.encode(part) for part in parts[1:]]
+    encoded.insert(0, model.encode(parts[0]))
     keys = model.objective.cached_keys
     whole = {key: torch.cat([features[key] for features in encoded]) for key in keys}
     model.objective.loss(whole, {})["loss"].backward()
@@ -369,9 +371,9 @@ def test_signal_mid_accumulation_stops_at_a_step_boundary_and_resumes_exactly(tm
     full = _run(["train", config, "name=full"], {})
     assert full.returncode == 0, full.stderr[-3000:]
     assert "train.accumulate: contrastive: 2 micro-batches per step" in full.stdout
-    # Objective calls per step with k = 2: two captures, the whole batch, one replay. Call 6 is
-    # the second capture of step 2: SIGUSR1 arrives in the middle of its accumulation.
-    stopped = _run(["train", config, "name=cut"], {"VLP_SIGNAL_AT_CALL": "6"})
+    # Objective calls per step with k = 2: the capture of micro-batch 1, the whole batch, one
+    # replay. Call 4 is step 2's capture: SIGUSR1 arrives in the middle of its accumulation.
+    stopped = _run(["train", config, "name=cut"], {"VLP_SIGNAL_AT_CALL": "4"})
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped at step 2 on USR1" in stopped.stdout
     cut = tmp_path / "runs" / "cut"

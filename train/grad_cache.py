@@ -7,9 +7,9 @@ each contrastive loss sees only its own micro-batch's negatives (batch_size x ra
 `--accum-freq`): the loss of every head sees all grad_accum x ranks x batch_size pairs and the
 update equals one step on that whole batch. With k = grad_accum micro-batches per rank:
 
-  1. pass 1: each micro-batch through the engine's forward without grad, keeping only its
-     pooled embeddings (`objective.Capture`) and the RNG state it started from;
-  2. the step's one loss: micro-batch 0 again with grad, its fresh embeddings followed by the
+  1. pass 1: micro-batches 1..k-1 through the engine's forward without grad, keeping only their
+     pooled embeddings (`objective.Capture`) and the RNG state each started from;
+  2. the step's one loss: micro-batch 0 with grad (forwarded once), its embeddings followed by the
      cached ones of micro-batches 1..k-1 as leaves (`objective.WholeBatch`), gathered across
      ranks as a dense k x batch_size batch would be. Its backward gives the towers their
      gradient through micro-batch 0, every head parameter (logit scale, SigLIP bias, MERU's
@@ -26,8 +26,8 @@ fp16 loss scale, which a probe term measures (`_probe`) so that the leaves' grad
 back to d loss / d embedding whatever DeepSpeed's scaler holds.
 
 The whole-batch loss is known after pass 1, before any backward: a non-finite one skips the
-whole accumulated step. Cost (docs/large_batch.md): one extra forward per micro-batch without
-grad, the step's k input batches and its pooled embeddings held across the step.
+whole accumulated step. Cost (docs/large_batch.md): k - 1 extra forwards without grad per
+step, the step's k input batches and its pooled embeddings held across the step.
 """
 
 from __future__ import annotations
@@ -99,28 +99,29 @@ class CachedAccumulation:
         self.micro_batches = int(engine.gradient_accumulation_steps())
         if self.micro_batches < 2:
             raise ValueError("cached accumulation needs gradient_accumulation_steps >= 2")
-        # Between forward and backward_and_step: the batches, their RNG states, the leaves and
-        # the rows each of micro-batches 1..k-1 holds.
+        # Between forward and backward_and_step, for micro-batches 1..k-1: the batches, their
+        # pass-1 RNG states, the leaves and the rows each holds.
         self._pending: Optional[tuple[list[Batch], list[RngSnapshot], dict[str, torch.Tensor], list[int]]] = None
 
     def forward(self, next_batch: Callable[[], Batch]) -> dict[str, Any]:
-        """Pass 1 over the step's k micro-batches, then the whole-batch forward: returns its
-        {"loss", "logging"} (the loss over all k x ranks x batch_size pairs), backward pending."""
-        batches, states, cached = [], [], []
+        """Pass 1 over micro-batches 1..k-1, then the whole-batch forward with micro-batch 0 live:
+        returns its {"loss", "logging"} (over all k x ranks x batch_size pairs), backward pending.
+
+        Micro-batch 0 is forwarded once, with grad, after the others' captures: a capture of it
+        would only be recomputed, and drawing its masks last keeps every micro-batch's RNG
+        stream its own (a replay of micro-batch 0 from pass 1's first state would share it)."""
+        batches = [next_batch() for _ in range(self.micro_batches)]
+        states, cached = [], []
         with torch.no_grad():
-            for _ in range(self.micro_batches):
-                batch = next_batch()
+            for batch in batches[1:]:
                 states.append(RngSnapshot(self.device))
                 cached.append(self.engine({**batch, CACHED_PASS: Capture()})["features"])
-                batches.append(batch)
         # (R, ...) per key, the rows of micro-batches 1..k-1 in order; their .grad is filled by
         # the whole-batch backward.
-        rest = {key: torch.cat([features[key] for features in cached[1:]]).requires_grad_()
-                for key in cached[0]}
-        with states[0].replay():
-            out = self.engine({**batches[0], CACHED_PASS: WholeBatch(rest, ConcatenatedBatch(batches))})
-        sizes = [len(next(iter(features.values()))) for features in cached[1:]]
-        self._pending = (batches, states, rest, sizes)
+        rest = {key: torch.cat([features[key] for features in cached]).requires_grad_() for key in cached[0]}
+        out = self.engine({**batches[0], CACHED_PASS: WholeBatch(rest, ConcatenatedBatch(batches))})
+        sizes = [len(next(iter(features.values()))) for features in cached]
+        self._pending = (batches[1:], states, rest, sizes)
         return out
 
     def backward_and_step(self, out: dict[str, Any], clip: Clip) -> Optional[torch.Tensor]:
@@ -128,7 +129,7 @@ class CachedAccumulation:
         Returns the gradient norm `clip` gave at the boundary (None where DeepSpeed clips)."""
         if self._pending is None:
             raise RuntimeError("backward_and_step without a forward")
-        batches, states, rest, sizes = self._pending
+        replays, states, rest, sizes = self._pending
         self._pending = None
         k = self.micro_batches
         probe = torch.zeros((), device=out["loss"].device, requires_grad=True)
@@ -139,7 +140,7 @@ class CachedAccumulation:
         # given carries one factor (k, the engine's 1 / k, the fp16 loss scale), the probe's.
         grads = {key: (leaf.grad.float() / probe.grad).split(sizes) for key, leaf in rest.items()}
         del rest
-        for index, (batch, state) in enumerate(zip(batches[1:], states[1:])):
+        for index, (batch, state) in enumerate(zip(replays, states)):
             role = Replay({key: parts[index] for key, parts in grads.items()})
             with state.replay():
                 replayed = self.engine({**batch, CACHED_PASS: role})
