@@ -34,6 +34,7 @@ from vlp.train.data import ensure_eval_data, ensure_train_data
 from vlp.train.distributed import DistEnv, init_distributed
 from vlp.train.engine import Engine
 from vlp.train.evals import Evaluator
+from vlp.train.frozen import attach_frozen_models
 from vlp.train.grad_cache import build_accumulation
 from vlp.train.metrics import MetricsLogger, plot_loss_curves
 from vlp.train.monitors import BadSampleTally, NonFiniteGuard, StepTelemetry, ThroughputMeter
@@ -170,6 +171,9 @@ def build_model(config: ExperimentConfig) -> VLPModel:
     model = VLPModel(config.model)
     if config.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    # A distill teacher or a compat old model: loaded frozen, kept outside the module tree, so the
+    # engine neither partitions nor optimizes it (before build_engine; no-op without such heads).
+    attach_frozen_models(model)
     return model
 
 
