@@ -96,14 +96,15 @@ def model_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(out: Path) -> Optional[dict]:
-    path = Path(out) / MANIFEST
+def read_manifest(out: Path, name: str = MANIFEST, what: str = "vlp embed") -> Optional[dict]:
+    """The manifest `name` of an earlier run of `what` into `out` (None when there is none)."""
+    path = Path(out) / name
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text())
     except ValueError:
-        raise DataError(f"{path}: not a vlp embed manifest (unreadable JSON)") from None
+        raise DataError(f"{path}: not a {what} manifest (unreadable JSON)") from None
 
 
 def check_manifest(found: dict, wanted: dict, where: Path) -> None:
@@ -315,7 +316,7 @@ def embed_shards(spec: str, model_path: Path, out: Path, *, batch_size: int = 25
     totals: Counter = Counter()
     bad: Counter = Counter()
     started = time.perf_counter()
-    bar = _progress_bar(todo, show_progress)
+    bar = progress_bar(todo, show_progress)
     with torch.no_grad():
         for batch in loader:
             shard = batch["shard"]
@@ -352,7 +353,8 @@ def embed_shards(spec: str, model_path: Path, out: Path, *, batch_size: int = 25
             "seconds": round(elapsed, 3), "samples_per_s": round(totals["samples"] / elapsed, 1) if elapsed else None}
 
 
-def _progress_bar(todo: list[tuple[int, str]], show: bool) -> Any:
+def progress_bar(todo: list[tuple[int, str]], show: bool, desc: str = "vlp embed") -> Any:
+    """A progress bar over the samples of the (index, url) shards still to do (None: not shown)."""
     if not show or not todo:
         return None
     from vlp.data_pipelines.shards import progress
@@ -362,4 +364,4 @@ def _progress_bar(todo: list[tuple[int, str]], show: bool) -> Any:
         total = sum(shard_sizes([url for _, url in todo]))
     except Exception:  # noqa: BLE001 - a damaged shard cannot be counted: a bar without a total
         total = None
-    return progress(None, total=total, unit="sample", desc="vlp embed")
+    return progress(None, total=total, unit="sample", desc=desc)

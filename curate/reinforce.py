@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -44,8 +44,8 @@ from torch.utils.data import DataLoader
 
 from vlp.core.errors import DataError
 from vlp.core.files import atomic_write
-from vlp.curate.embed import (FORMAT_VERSION, ShardBatches, check_manifest, model_digest, rank_and_world,
-                              shard_urls, shards_digest)
+from vlp.curate.embed import (FORMAT_VERSION, ShardBatches, check_manifest, model_digest, progress_bar,
+                              rank_and_world, read_manifest, shard_urls, shards_digest)
 from vlp.data_pipelines.collate import (TEACHER_IMAGE_MEMBER, TEACHER_META_MEMBER, TEACHER_TEXT_MEMBER,
                                         SamplePipeline)
 from vlp.data_pipelines.tar_reader import is_local, local_path, read_samples
@@ -146,7 +146,7 @@ def reinforce_shards(spec: str, teacher: Path, out: Path, *, batch_size: int = 2
               "shards": [local_path(url) if is_local(url) else url for url in urls], "shards_digest": shards_digest(urls),
               "embed_dim": frozen.embed_dim, "logit_scale": frozen.logit_scale,
               "embeddings": "L2-normalised float16, teacher eval transform"}
-    found = read_manifest_file(out)
+    found = read_manifest(out, MANIFEST, "vlp shards reinforce")
     if found is not None:
         check_manifest(found, wanted, out)
     else:
@@ -169,7 +169,7 @@ def reinforce_shards(spec: str, teacher: Path, out: Path, *, batch_size: int = 2
     bad: Counter = Counter()
     totals: Counter = Counter()
     started = time.perf_counter()
-    bar = progress_bar(todo, show_progress)
+    bar = progress_bar(todo, show_progress, "vlp shards reinforce")
     with torch.no_grad():
         for batch in loader:
             shard = batch["shard"]
@@ -201,27 +201,3 @@ def reinforce_shards(spec: str, teacher: Path, out: Path, *, batch_size: int = 2
             "samples": totals["samples"], "left_out": dict(sorted(bad.items())), "embed_dim": frozen.embed_dim,
             "logit_scale": round(frozen.logit_scale, 4), "seconds": round(elapsed, 3),
             "samples_per_s": round(totals["samples"] / elapsed, 1) if elapsed else None}
-
-
-def read_manifest_file(out: Path) -> Optional[dict]:
-    """The manifest of an earlier run into `out` (None when there is none)."""
-    path = Path(out) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise DataError(f"{path}: not a vlp shards reinforce manifest (unreadable JSON)") from None
-
-
-def progress_bar(todo: list[tuple[int, str]], show: bool) -> Any:
-    if not show or not todo:
-        return None
-    from vlp.data_pipelines.shards import progress
-    from vlp.data_pipelines.sharding import shard_sizes
-
-    try:
-        total = sum(shard_sizes([url for _, url in todo]))
-    except Exception:  # noqa: BLE001 - a damaged shard cannot be counted: a bar without a total
-        total = None
-    return progress(None, total=total, unit="sample", desc="vlp shards reinforce")
