@@ -253,6 +253,16 @@ class ShardRows:
 
 
 # ------------------------------------------------------------------ the command
+def shard_loader(model: torch.nn.Module, todo: list[tuple[int, str]], batch_size: int, workers: int,
+                 compute: torch.device) -> DataLoader:
+    """Batches of the (index, url) shards in `todo`, decoded and tokenized for `model`'s eval view
+    in `workers` processes; a batch never spans two shards (ShardBatches)."""
+    pipeline = SamplePipeline(preprocess=model.image.preprocess(train=False), tokenizer=model.text.tokenizer(),
+                              batch_size=batch_size)
+    return DataLoader(ShardBatches(pipeline, todo), batch_size=None, num_workers=workers,
+                      prefetch_factor=2 if workers else None, pin_memory=compute.type == "cuda")
+
+
 def rank_and_world(environ: Optional[dict] = None) -> tuple[int, int, int]:
     """(rank, local rank, world size) as `vlp train` reads them (RANK / LOCAL_RANK / WORLD_SIZE,
     else Slurm's SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS). A Slurm array task, where no launcher
@@ -307,10 +317,7 @@ def embed_shards(spec: str, model_path: Path, out: Path, *, batch_size: int = 25
     model.to(compute)
     head = scoring_head(model)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    pipeline = SamplePipeline(preprocess=model.image.preprocess(train=False), tokenizer=model.text.tokenizer(),
-                              batch_size=batch_size)
-    loader = DataLoader(ShardBatches(pipeline, todo), batch_size=None, num_workers=workers,
-                        prefetch_factor=2 if workers else None, pin_memory=compute.type == "cuda")
+    loader = shard_loader(model, todo, batch_size, workers, compute)
     readers = max(workers, 1)
     pending: dict[int, ShardRows] = {}
     totals: Counter = Counter()

@@ -40,14 +40,12 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from vlp.core.errors import DataError
 from vlp.core.files import atomic_write
-from vlp.curate.embed import (FORMAT_VERSION, ShardBatches, check_manifest, model_digest, progress_bar,
-                              rank_and_world, read_manifest, shard_urls, shards_digest)
-from vlp.data_pipelines.collate import (TEACHER_IMAGE_MEMBER, TEACHER_META_MEMBER, TEACHER_TEXT_MEMBER,
-                                        SamplePipeline)
+from vlp.curate.embed import (FORMAT_VERSION, check_manifest, model_digest, progress_bar, rank_and_world,
+                              read_manifest, shard_loader, shard_urls, shards_digest)
+from vlp.data_pipelines.collate import TEACHER_IMAGE_MEMBER, TEACHER_META_MEMBER, TEACHER_TEXT_MEMBER
 from vlp.data_pipelines.tar_reader import is_local, local_path, read_samples
 
 MANIFEST = "reinforce.json"
@@ -159,10 +157,7 @@ def reinforce_shards(spec: str, teacher: Path, out: Path, *, batch_size: int = 2
     compute = use_compute_device(compute_device(device, local_rank, announce=False))
     model.to(compute)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    pipeline = SamplePipeline(preprocess=model.image.preprocess(train=False), tokenizer=model.text.tokenizer(),
-                              batch_size=batch_size)
-    loader = DataLoader(ShardBatches(pipeline, todo), batch_size=None, num_workers=workers,
-                        prefetch_factor=2 if workers else None, pin_memory=compute.type == "cuda")
+    loader = shard_loader(model, todo, batch_size, workers, compute)
     readers = max(workers, 1)
     pending: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     done_readers: Counter = Counter()
