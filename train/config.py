@@ -335,14 +335,19 @@ def read_yaml(path: str | Path) -> dict:
     return tree
 
 
+def apply_overrides(tree: dict, overrides: list[str] | None) -> dict:
+    """Apply `dotted.key=value` overrides to a raw config tree in place (and return it)."""
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return tree
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, tree: dict | None = None
 ) -> ExperimentConfig:
     """Read, override and validate an experiment; raises `ConfigError` naming the bad key."""
     source = str(path) if path is not None else "config"
-    tree = read_yaml(path) if tree is None else tree
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
+    tree = apply_overrides(read_yaml(path) if tree is None else tree, overrides)
     return validate(ExperimentConfig, tree, source)
 
 

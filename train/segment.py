@@ -48,7 +48,7 @@ from vlp.data_pipelines.sharding import expand_urls
 from vlp.data_pipelines.sources.ct_lesions import LESION_KINDS
 from vlp.data_pipelines.tar_reader import read_shard
 from vlp.models.towers.volume import MonaiViT3DConfig
-from vlp.train.config import parse_overrides, read_yaml, _set_dotted
+from vlp.train.config import apply_overrides, read_yaml
 
 MONAI_CONFIG = "monai_vit_config.json"
 MONAI_WEIGHTS = "monai_vit.safetensors"
@@ -111,10 +111,7 @@ def load_segment_config(path: str | Path, overrides: list[str] | None = None) ->
     """Read, override (`dotted.key=value`) and validate; `ConfigError` naming the bad key."""
     if not Path(path).is_file():
         raise InputNotFound(f"segmentation config {path} does not exist")
-    tree = read_yaml(path)
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
-    return validate(SegmentConfig, tree, str(path))
+    return validate(SegmentConfig, apply_overrides(read_yaml(path), overrides), str(path))
 
 
 # ------------------------------------------------------------------------------ encoder
