@@ -6,6 +6,7 @@ What it builds (offline, under --data, reused by a later run with the same optio
     digits/            `vlp shards build digits` (train / test split)
     scoring/           the other half of the train split, clean: the scoring model's data
     clean/             the pool: half of the train split, captions as built
+    oracle/            what a perfect filter keeps: each noisy/ shard without its planted samples
     noisy/             the pool with planted noise, labels.json {key: kind} and copied_from.json
                        {duplicate's key: original's key}:
                        swapped (caption of another class), junk (random letters), empty
@@ -26,7 +27,7 @@ and the filters' seconds.
     python benchmarks/curation.py --data /tmp/vlp-curation     # the measurement (trains 2 models)
     python benchmarks/curation.py --dedup-bench 1000000 --skip-noise   # dedup at 10^6 embeddings
 
-The downstream comparison (the demo trained on clean/, noisy/ and curated-separate/ at the same
+The downstream comparison (the demo trained on clean/, noisy/, oracle/ and curated-separate/ at the same
 step budget, three seeds) is a set of `vlp train` commands: docs/curation.md lists them.
 """
 
@@ -69,7 +70,10 @@ def build_data(data: Path, fractions: dict[str, float], seed: int) -> dict:
     stamp = {"fractions": fractions, "seed": seed, "version": 3}
     stamp_file = data / "noisy" / "planted.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-        return json.loads((data / "noisy" / "labels.json").read_text())
+        labels = json.loads((data / "noisy" / "labels.json").read_text())
+        if not (data / "oracle" / "sizes.json").is_file():  # a folder from before oracle/ existed
+            write_oracle(data, labels)
+        return labels
     if not (data / "digits" / "sizes.json").is_file():
         build("digits", data / "digits", shard_size=400)
     train = sorted((data / "digits").glob("digits-train-*.tar"))
@@ -123,8 +127,35 @@ def build_data(data: Path, fractions: dict[str, float], seed: int) -> dict:
     write_shards((member(s) for s in pool + copies), data / "noisy", "noisy", max_count=250)
     (data / "noisy" / "labels.json").write_text(json.dumps(labels, indent=0, sort_keys=True))
     (data / "noisy" / "copied_from.json").write_text(json.dumps(copied_from, indent=0, sort_keys=True))
+    write_oracle(data, labels)
     stamp_file.write_text(json.dumps(stamp))
     return labels
+
+
+def write_oracle(data: Path, labels: dict[str, str]) -> None:
+    """oracle/: every noisy/ shard with its planted samples left out, members in their order. The
+    downstream runs train on it as the ceiling of filtering: right pairs only, nothing restored."""
+    import tarfile
+
+    from vlp.core.files import atomic_write
+
+    out = data / "oracle"
+    out.mkdir(exist_ok=True)
+    for old in out.glob("*"):
+        old.unlink()
+    sizes = {}
+    for index, path in enumerate(sorted((data / "noisy").glob("noisy-*.tar"))):
+        with tarfile.open(path) as source:
+            members = [m for m in source.getmembers() if m.name.split(".", 1)[0] not in labels]
+            if not members:
+                continue
+            name = f"oracle-{index:06d}.tar"
+            with tarfile.open(out / f".{name}.tmp", "w") as tar:
+                for member in members:
+                    tar.addfile(member, source.extractfile(member))
+            (out / f".{name}.tmp").rename(out / name)
+            sizes[name] = len({m.name.split(".", 1)[0] for m in members})
+    atomic_write(out / "sizes.json", json.dumps(sizes, indent=1, sort_keys=True))
 
 
 def retouched_png(data: bytes, rng: random.Random) -> bytes:
