@@ -139,12 +139,21 @@ def near_duplicate_drops(image: np.ndarray, alive: np.ndarray, config: DedupFilt
     index = build_index(vectors, config)
     radius = float(config.threshold) - 1e-6  # faiss keeps similarities strictly above the radius
     earlier: list[np.ndarray] = []  # per sample (position among `rows`), its neighbours before it
+    bar = None
+    if len(rows) > query_block:  # minutes to hours at 10^6 and more on a few cores: show it
+        from vlp.data_pipelines.shards import progress
+
+        bar = progress(None, total=len(rows), unit="query", desc="vlp curate: near duplicates")
     for start in range(0, len(rows), query_block):
         lims, _, found = index.range_search(vectors[start:start + query_block], radius)
+        if bar is not None:
+            bar.update(len(lims) - 1)
         for offset in range(len(lims) - 1):
             position = start + offset
             neighbours = found[lims[offset]:lims[offset + 1]]
             earlier.append(np.sort(neighbours[neighbours < position]))
+    if bar is not None:
+        bar.close()
     kept = np.zeros(len(rows), bool)
     for position, neighbours in enumerate(earlier):
         kept_neighbours = neighbours[kept[neighbours]] if len(neighbours) else neighbours

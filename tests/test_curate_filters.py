@@ -80,7 +80,7 @@ def test_near_duplicates_greedy_in_order(index):
     assert of.tolist() == [-1, 0, -1, -1, 2]
 
 
-def test_near_duplicates_kept_copy_is_the_earliest_alive():
+def test_near_duplicates_kept_copy_is_the_earliest_alive(capsys):
     image = np.array([unit(0), unit(1), unit(2), unit(90)], np.float16)
     config = DedupFilter(threshold=0.99)
     drops, of = filters.near_duplicate_drops(image, np.array([False, True, True, True]), config)
@@ -88,8 +88,10 @@ def test_near_duplicates_kept_copy_is_the_earliest_alive():
     assert of.tolist() == [-1, -1, 1, -1]
     # The same set in another order of visits keeps the earliest of that order: determinism is
     # the (shard, offset) order, not the index's internals.
+    assert "near duplicates" not in capsys.readouterr().err  # one query block: no bar
     again, _ = filters.near_duplicate_drops(image, np.array([False, True, True, True]), config, query_block=1)
     assert again.tolist() == drops.tolist()
+    assert "vlp curate: near duplicates" in capsys.readouterr().err  # several blocks: progress shown
 
 
 # ------------------------------------------------------------------ MetaCLIP balancing
