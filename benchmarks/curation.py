@@ -229,7 +229,7 @@ def score_case(data: Path, case: str, model: Path, labels: dict, config: Path) -
 
 
 # ------------------------------------------------------------------ dedup at scale
-def dedup_bench(count: int, dim: int, seed: int = 0) -> dict:
+def dedup_bench(count: int, dim: int, seed: int = 0, nprobe: int = 16) -> dict:
     """Near-duplicate removal over `count` synthetic L2-normalised embeddings (1% planted copies
     with small noise): seconds and the process's peak resident memory growth."""
     from vlp.curate.config import DedupFilter
@@ -245,10 +245,10 @@ def dedup_bench(count: int, dim: int, seed: int = 0) -> dict:
     del base
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    drops, _ = near_duplicate_drops(image, np.ones(count, bool), DedupFilter(threshold=0.95))
+    drops, _ = near_duplicate_drops(image, np.ones(count, bool), DedupFilter(threshold=0.95, nprobe=nprobe))
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"count": count, "dim": dim, "seconds": round(seconds, 2), "dropped": int(drops.sum()),
+    return {"count": count, "dim": dim, "nprobe": nprobe, "seconds": round(seconds, 2), "dropped": int(drops.sum()),
             "planted": len(planted), "embeddings_mib": round(image.nbytes / 2**20, 1),
             "peak_rss_growth_mib": round((after - before) / 1024, 1), "peak_rss_mib": round(after / 1024, 1)}
 
@@ -264,6 +264,7 @@ def main() -> None:
         parser.add_argument(f"--{kind.replace('_', '-')}", type=float, default=default, help=f"fraction of the pool ({default})")
     parser.add_argument("--dedup-bench", type=int, default=0, help="also time dedup on N synthetic embeddings")
     parser.add_argument("--dim", type=int, default=512, help="dimension of the synthetic embeddings")
+    parser.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query (curate.dedup.nprobe)")
     parser.add_argument("--skip-noise", action="store_true", help="only the dedup benchmark")
     parser.add_argument("--quick", action="store_true", help="smoke mode: 10 training steps, dedup at 5,000")
     args = parser.parse_args()
@@ -287,7 +288,7 @@ def main() -> None:
             zeroshot = json.loads((model / "results.json").read_text()).get("zeroshot_top1")
             line[case]["scoring_model_zeroshot_top1"] = zeroshot
     if args.dedup_bench:
-        line["dedup"] = dedup_bench(args.dedup_bench, args.dim, args.seed)
+        line["dedup"] = dedup_bench(args.dedup_bench, args.dim, args.seed, args.nprobe)
     print(json.dumps(line))
 
 
