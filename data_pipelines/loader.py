@@ -95,6 +95,10 @@ class TrainLoader:
         self._epoch_value = torch.zeros((), dtype=torch.long).share_memory_()
         self._workers: Optional[DataLoader] = None
 
+    def close(self) -> None:
+        """Shut down the workers kept across epochs (a later `iterate` starts new ones)."""
+        self._workers = None
+
     @property
     def batches_per_epoch(self) -> Optional[int]:
         """Batches every rank yields per epoch (equal on all ranks); None in resampled mode."""

@@ -355,6 +355,10 @@ def run_loop(
             if signalled is not None and state.step < tr.steps:
                 stop_reason = signalled
                 break
+    # The data workers stop here, not at some later garbage collection, and leave the CPU to the
+    # final checkpoint and export.
+    stream.close()
+    loader.close()
 
     if stop_reason is not None:
         checkpointer.save(engine, state)
