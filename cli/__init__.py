@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Optional
 
 import yaml
 
+from vlp.core.config import OVERRIDE_WORD
 from vlp.core.errors import ConfigError, VlpInputError
 from vlp.curate import commands as curate_commands
 from vlp.train import segment_cli
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+_OVERRIDE = OVERRIDE_WORD
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -20,6 +20,9 @@ from vlp.core.registry import nearest
 
 M = TypeVar("M", bound=BaseModel)
 
+# A command-line word that is a `dotted.key=value` override (vlp train CONFIG train.steps=5).
+OVERRIDE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
 
 class Strict(BaseModel):
     """A pydantic model that forbids unknown keys and non-finite numbers."""

@@ -108,6 +108,8 @@ def test_missing_required_section(tmp_path):
     (["train", "c.yaml", "a.b=1", "--nproc", "2", "c=2", "--resume", "latest", "d.e=[1, 2]"], ["a.b=1", "c=2", "d.e=[1, 2]"]),
     (["demo", "--steps", "3", "train.lr=0.1", "--out", "runs/x", "seed=1"], ["train.lr=0.1", "seed=1"]),
     (["submit", "c.yaml", "--dry-run", "train.steps=5", "--nodes", "2"], ["train.steps=5"]),
+    # after a list option's values (argparse hands --seeds every word up to the next flag)
+    (["segment", "c.yaml", "--seeds", "0", "1", "model.encoder=x", "--variants", "scratch", "b=2"], ["model.encoder=x", "b=2"]),
 ])
 def test_overrides_anywhere_among_the_flags(argv, overrides):
     """People type `vlp train CONFIG --overwrite train.steps=5`; argparse alone refuses it."""

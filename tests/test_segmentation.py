@@ -223,3 +223,20 @@ def test_the_shipped_segmentation_configs_validate():
     for path in found:
         config = seg.load_segment_config(path)
         assert config.data.classes == CLASSES and config.model.variant == "pretrained"
+
+
+def test_overrides_may_follow_the_seeds_and_variants():
+    """`vlp segment CONFIG --seeds 0 1 2 model.encoder=DIR` (as docs/ct.md writes it) used to fail:
+    argparse took the override for a seed (`invalid int value`)."""
+    from vlp import cli
+
+    parser = cli.build_parser()
+    args = cli.parse_command_line(parser, ["segment", "c.yaml", "--seeds", "0", "1", "2", "model.encoder=runs/x/export/monai"])
+    assert (args.seeds, args.variants, args.overrides) == ([0, 1, 2], ["pretrained", "scratch", "frozen"],
+                                                           ["model.encoder=runs/x/export/monai"])
+    args = cli.parse_command_line(parser, ["segment", "c.yaml", "a=1", "--variants", "scratch", "frozen", "b=2"])
+    assert (args.seeds, args.variants, args.overrides) == (None, ["scratch", "frozen"], ["a=1", "b=2"])
+    for bad in (["--seeds", "x"], ["--variants", "pretrain"], ["--seeds", "a=1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.parse_command_line(parser, ["segment", "c.yaml", *bad])
+        assert exit_info.value.code == 2

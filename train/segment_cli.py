@@ -22,6 +22,39 @@ def segment_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class ValuesThenOverrides(argparse.Action):
+    """A list option (`nargs="+"`) after which overrides may follow: argparse hands a list option
+    every word up to the next flag, so in `--seeds 0 1 2 model.encoder=DIR` the override would be
+    taken for a seed. Here `key=value` words go to `overrides` and the rest are checked with
+    `convert` (type) and `allowed` (choices)."""
+
+    def __init__(self, *args, convert=str, allowed=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.convert, self.allowed = convert, allowed
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from vlp.core.config import OVERRIDE_WORD
+
+        items = []
+        for word in values:
+            if OVERRIDE_WORD.match(word):
+                namespace.overrides = [*(getattr(namespace, "overrides", None) or []), word]
+                continue
+            try:
+                item = self.convert(word)
+            except ValueError:
+                parser.error(f"argument {option_string}: invalid value: {word!r}")
+            if self.allowed is not None and item not in self.allowed:
+                parser.error(f"argument {option_string}: invalid choice: {word!r} (choose from {', '.join(self.allowed)})")
+            items.append(item)
+        if not items:
+            parser.error(f"argument {option_string}: expected at least one value")
+        setattr(namespace, self.dest, items)
+
+
+VARIANTS = ("pretrained", "scratch", "frozen")
+
+
 def add_parser(subparsers) -> None:
     """Add `segment` to vlp's subcommands."""
     parser = subparsers.add_parser(
@@ -31,10 +64,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same run folder")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+    parser.add_argument("--seeds", nargs="+", action=ValuesThenOverrides, convert=int, default=None, metavar="SEED",
                         help="run every --variants for each seed and print mean and spread of dice_mean")
-    parser.add_argument("--variants", nargs="+", default=["pretrained", "scratch", "frozen"],
-                        choices=["pretrained", "scratch", "frozen"])
+    parser.add_argument("--variants", nargs="+", action=ValuesThenOverrides, allowed=VARIANTS, default=list(VARIANTS),
+                        metavar="VARIANT", help=f"any of {', '.join(VARIANTS)} (default: all)")
     parser.set_defaults(func=segment_command)
 
 
@@ -47,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlp")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
-    args = parser.parse_args(["segment", *(sys.argv[1:] if argv is None else argv)])
+    from vlp.cli import parse_command_line
+
+    args = parse_command_line(parser, ["segment", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
     except VlpInputError as error:
