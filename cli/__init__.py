@@ -20,7 +20,7 @@ from typing import Optional
 
 import yaml
 
-from vlp.core.config import OVERRIDE_WORD
+from vlp.core.config import parse_command_line
 from vlp.core.errors import ConfigError, VlpInputError
 from vlp.curate import commands as curate_commands
 from vlp.train import segment_cli
@@ -270,26 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
     curate_commands.add_parser(sub)  # vlp embed, vlp curate
     segment_cli.add_parser(sub)  # vlp segment
     return parser
-
-
-_OVERRIDE = OVERRIDE_WORD
-
-
-def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """`parser.parse_args`, except that dotted overrides may come anywhere among the flags
-    (`vlp train CONFIG --overwrite train.steps=5`), as people type them.
-
-    argparse fills `overrides` (nargs="*") with the words right after CONFIG and leaves any later
-    ones over; `parse_intermixed_args` would collect them but refuses subparsers. So: parse what
-    is known, then take every leftover that looks like `key=value` as an override, in order,
-    where the subcommand has overrides; anything else (an unknown flag) is still an error, exit 2."""
-    args, leftovers = parser.parse_known_args(argv)
-    if hasattr(args, "overrides"):
-        args.overrides = [*args.overrides, *(word for word in leftovers if _OVERRIDE.match(word))]
-        leftovers = [word for word in leftovers if not _OVERRIDE.match(word)]
-    if leftovers:
-        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
-    return args
 
 
 def cmd_deepspeed(argv: list[str]) -> int:

@@ -3,11 +3,14 @@ tree is validated: `validate(schema, tree, source)`.
 
 An unknown key, a wrong type, NaN or infinity fails at load, before any work starts, as a
 `ConfigError` naming the dotted key path (`model.heads.clipp: unknown key. Did you mean
-"clip"?`); pydantic's `ValidationError` never leaves this module.
+"clip"?`); pydantic's `ValidationError` never leaves this module. Dotted overrides on a command
+line (`train.steps=5`) are recognised here too (`OVERRIDE_WORD`, `parse_command_line`), so every
+command that takes them (vlp's own CLI and `python -m vlp.train.segment_cli`) reads them alike.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import types
 import typing
@@ -22,6 +25,23 @@ M = TypeVar("M", bound=BaseModel)
 
 # A command-line word that is a `dotted.key=value` override (vlp train CONFIG train.steps=5).
 OVERRIDE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser.parse_args`, except that dotted overrides may come anywhere among the flags
+    (`vlp train CONFIG --overwrite train.steps=5`), as people type them.
+
+    argparse fills `overrides` (nargs="*") with the words right after CONFIG and leaves any later
+    ones over; `parse_intermixed_args` would collect them but refuses subparsers. So: parse what
+    is known, then take every leftover that looks like `key=value` as an override, in order,
+    where the subcommand has overrides; anything else (an unknown flag) is still an error, exit 2."""
+    args, leftovers = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *(word for word in leftovers if OVERRIDE_WORD.match(word))]
+        leftovers = [word for word in leftovers if not OVERRIDE_WORD.match(word)]
+    if leftovers:
+        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    return args
 
 
 class Strict(BaseModel):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from vlp.core.config import OVERRIDE_WORD, parse_command_line
+
 
 def segment_command(args: argparse.Namespace) -> int:
     from vlp.train.segment import compare, load_segment_config, segment
@@ -33,8 +35,6 @@ class ValuesThenOverrides(argparse.Action):
         self.convert, self.allowed = convert, allowed
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        from vlp.core.config import OVERRIDE_WORD
-
         items = []
         for word in values:
             if OVERRIDE_WORD.match(word):
@@ -80,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlp")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
-    from vlp.cli import parse_command_line
-
     args = parse_command_line(parser, ["segment", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
